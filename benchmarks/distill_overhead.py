@@ -1,0 +1,103 @@
+"""Where does one DMD2 iteration's wall time go? Model forward/backward passes versus everything else.
+
+    python benchmarks/distill_overhead.py [--params params.yaml] [--iterations 60] [--set distill.batch_size=64]
+
+Runs the real `dmd2 distill` loop for a few iterations on the current experiment (its data and teacher must
+exist: `snakemake models/mnist/teacher`), in a scratch work directory, with every network's forward and
+backward wrapped in timers. "Everything else" is the rest of the iteration wall time: data loading,
+optimiser steps, logging and checkpointing (a checkpoint is written every `--checkpoint_every` iterations so
+its cost is included). Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dmd2.config import load_params
+from dmd2.paths import ExperimentPaths
+
+TIMES: dict[str, float] = defaultdict(float)
+
+
+def timed_module(module: torch.nn.Module, name: str) -> None:
+    """Accumulate forward time, and backward time through tensor hooks on the module's outputs."""
+
+    def pre(_m, _args, _kwargs=None):
+        TIMES[f"_start_{name}"] = time.perf_counter()
+
+    def post(_m, _args, *rest):
+        output = rest[-1]
+        TIMES[f"{name}.forward"] += time.perf_counter() - TIMES.pop(f"_start_{name}")
+        return output
+
+    module.register_forward_pre_hook(pre, with_kwargs=True)
+    module.register_forward_hook(post, with_kwargs=True)
+    module.register_full_backward_pre_hook(lambda m, g: TIMES.__setitem__(f"_bstart_{name}", time.perf_counter()))
+    module.register_full_backward_hook(
+        lambda m, gi, go: TIMES.__setitem__(f"{name}.backward", TIMES[f"{name}.backward"] + time.perf_counter()
+                                            - TIMES.pop(f"_bstart_{name}", time.perf_counter())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--checkpoint_every", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+
+    import dmd2.distill as distill
+
+    overrides = [*args.overrides, f"distill.steps={args.iterations}", f"distill.checkpoint_every={args.checkpoint_every}"]
+    params = load_params(args.params, overrides)
+    exp = params.current()
+    paths = ExperimentPaths(params.experiment)
+
+    original_init = distill.DMD2Trainer.__init__
+
+    def instrumented_init(self, adapter, teacher, generator, guidance, *rest, **kw):
+        timed_module(teacher, "teacher")
+        timed_module(generator, "generator")
+        timed_module(guidance.critic, "critic")
+        if guidance.head is not None:
+            timed_module(guidance.head, "gan_head")
+        original_init(self, adapter, teacher, generator, guidance, *rest, **kw)
+
+    original_step = distill.DMD2Trainer.train_step
+
+    def instrumented_step(self, step, batch):
+        TIMES.setdefault("_loop_start", time.perf_counter())
+        return original_step(self, step, batch)
+
+    distill.DMD2Trainer.__init__ = instrumented_init
+    distill.DMD2Trainer.train_step = instrumented_step
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        distill.run_distill(exp, paths.data, paths.teacher, Path(scratch) / "student", Path(scratch) / "work",
+                            params.wandb, params.experiment)
+        end = time.perf_counter()
+    loop_start = TIMES.pop("_loop_start")
+    startup, total = loop_start - start, end - loop_start
+
+    # The critic's backward hook also fires inside the GAN head's input gradient; count module time once.
+    model = sum(v for k, v in TIMES.items() if not k.startswith("_"))
+    print(f"experiment {params.experiment}: {args.iterations} iterations, batch {exp.distill.batch_size}, "
+          f"generator every {exp.distill.dfake_gen_update_ratio}, GAN {'on' if exp.distill.gan.enabled else 'off'}, "
+          f"checkpoint every {args.checkpoint_every}, torch threads {torch.get_num_threads()}")
+    print(f"start-up (model loading, accelerate): {startup:.2f} s, not counted below")
+    print(f"training loop wall time: {total:8.2f} s  ({total / args.iterations * 1000:.0f} ms/iteration, incl. final save)")
+    for key in sorted(k for k in TIMES if not k.startswith("_")):
+        print(f"  {key:22s} {TIMES[key]:8.2f} s  {100 * TIMES[key] / total:5.1f} %")
+    print(f"model forward+backward:  {model:8.2f} s  {100 * model / total:5.1f} %")
+    print(f"everything else:         {total - model:8.2f} s  {100 * (total - model) / total:5.1f} %"
+          "  (data, optimiser steps, logging, checkpoints)")
+
+
+if __name__ == "__main__":
+    main()

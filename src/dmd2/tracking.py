@@ -1,0 +1,85 @@
+"""Training logs: `metrics.jsonl` always, wandb when `wandb.mode` says so (never required)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from dmd2.config import WandbConfig
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, lines past the resumed step are dropped so the log has no duplicates."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Wandb:
+    """A thin wrapper: a no-op when mode is 'disabled' or on non-main ranks."""
+
+    def __init__(self, cfg: WandbConfig, stage: str, experiment: str, config: dict[str, Any], enabled: bool = True):
+        self.run = None
+        self.cfg = cfg
+        if cfg.mode == "disabled" or not enabled:
+            return
+        import wandb
+
+        Path(cfg.dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name or f"{experiment}-{stage}",
+                              dir=cfg.dir, mode=cfg.mode, config=config, job_type=stage, reinit="finish_previous")
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(record, step=step)
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        if self.run is not None and self.cfg.log_images:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def log_checkpoint(self, path: str | Path, name: str) -> None:
+        if self.run is not None and self.cfg.log_checkpoints:
+            import wandb
+
+            artifact = wandb.Artifact(name, type="checkpoint")
+            artifact.add_dir(str(path))
+            self.run.log_artifact(artifact)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def hardware_summary() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "device": "cpu", "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
+    return info
+
+
+def write_stage_record(path: str | Path, stage: str, started: float, **extra: Any) -> None:
+    """`stage.json` beside a stage's outputs: wall time, hardware and whatever the stage adds (read by the report)."""
+    record = {"stage": stage, "wall_s": round(time.time() - started, 2), "finished_unix": round(time.time(), 1),
+              "hardware": hardware_summary(), **extra}
+    Path(path).write_text(json.dumps(record, indent=2))

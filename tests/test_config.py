@@ -1,0 +1,79 @@
+"""Configuration: typed, validated, with errors that name the key, the expectation and the closest key."""
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import REPO
+
+from dmd2.cli import main
+from dmd2.config import ConfigError, DistillConfig, apply_override, load_params, parse_params
+
+
+def test_repository_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.experiment == "mnist"
+    assert params.current().distill.denoising_timesteps == [999]
+
+
+def raw_params():
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_misspelt_key_names_path_and_closest_key():
+    raw = raw_params()
+    raw["mnist"]["distill"]["stpes"] = 10
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert "mnist.distill.stpes" in message and "did you mean 'steps'" in message
+
+
+def test_wrong_type_names_path_and_expectation():
+    raw = raw_params()
+    raw["mnist"]["teacher"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"mnist\.teacher\.lr: .*number"):
+        parse_params(raw)
+
+
+def test_unknown_top_level_key_and_missing_experiment_block():
+    raw = raw_params()
+    raw["wandbb"] = {}
+    with pytest.raises(ConfigError, match="did you mean 'wandb'"):
+        parse_params(raw)
+    raw = raw_params()
+    raw["experiment"] = "cifar10"
+    with pytest.raises(ConfigError, match="no block"):
+        parse_params(raw)
+
+
+def test_overrides_are_yaml_typed_and_relative_to_the_experiment():
+    raw = raw_params()
+    apply_override(raw, "distill.steps=7")
+    apply_override(raw, "mnist.distill.denoising_timesteps=[999, 499]")
+    apply_override(raw, "wandb.mode=offline")
+    params = parse_params(raw)
+    assert params.current().distill.steps == 7
+    assert params.current().distill.denoising_timesteps == [999, 499]
+    assert params.wandb.mode == "offline"
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(ValueError, match="decreasing"):
+        DistillConfig(denoising_timesteps=[249, 999])
+    with pytest.raises(ValueError, match="min_step_percent"):
+        DistillConfig(min_step_percent=0.9, max_step_percent=0.1)
+
+
+def test_cli_exits_nonzero_with_the_message(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = CliRunner().invoke(main, ["prepare-data", "--params", str(tmp_path / "params.yaml"),
+                                       "--set", "data.resolutoin=8"])
+    assert result.exit_code == 2
+    assert "mnist.data.resolutoin" in result.output and "did you mean 'resolution'" in result.output
+
+
+def test_every_stage_documents_its_options():
+    for stage in ["prepare-data", "teacher", "distill", "generate", "fid-reference", "evaluate", "report"]:
+        result = CliRunner().invoke(main, [stage, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.output

@@ -1,0 +1,72 @@
+"""EDM formulas against hand-computed values."""
+
+import math
+
+import torch
+
+from dmd2.adapters import EDMAdapter
+from dmd2.config import UNetConfig
+from dmd2.edm import edm_loss_weight, heun_nfe, heun_sample, karras_sigmas
+from dmd2.networks import EDMPrecond, UNet
+
+
+class Spy(torch.nn.Module):
+    """Records what EDMPrecond feeds the raw network; returns a constant F = 1."""
+
+    def forward(self, x, c_noise, labels, return_bottleneck=False):
+        self.x, self.c_noise = x, c_noise
+        return torch.ones_like(x)
+
+
+def test_preconditioning_coefficients():
+    spy = Spy()
+    d = EDMPrecond(spy, sigma_data=0.5)
+    x = torch.full((1, 1, 1, 1), 2.0)
+    out = d(x, torch.tensor([1.0]))
+    # σ = 1, σ_d = 0.5: c_skip = 0.25/1.25 = 0.2, c_out = 0.5/√1.25, c_in = 1/√1.25, c_noise = ln(1)/4 = 0
+    assert math.isclose(out.item(), 0.2 * 2.0 + 0.5 / math.sqrt(1.25), rel_tol=1e-6)
+    assert math.isclose(spy.x.item(), 2.0 / math.sqrt(1.25), rel_tol=1e-6)
+    assert spy.c_noise.item() == 0.0
+
+
+def test_karras_table_endpoints_and_adapter_indexing():
+    s = karras_sigmas(1000)
+    assert math.isclose(s[0].item(), 80.0, rel_tol=1e-9) and math.isclose(s[-1].item(), 0.002, rel_tol=1e-9)
+    assert (s[:-1] > s[1:]).all()
+    adapter = EDMAdapter()
+    assert math.isclose(adapter.sigma(torch.tensor([999])).item(), 80.0, rel_tol=1e-6)
+    assert math.isclose(adapter.sigma(torch.tensor([0])).item(), 0.002, rel_tol=1e-5)
+    # the DM loss range 20…980 spans σ ≈ 0.0032 … 72 (method notes §2.2)
+    assert 0.003 < adapter.sigma(torch.tensor([20])).item() < 0.0034
+    assert 71.5 < adapter.sigma(torch.tensor([980])).item() < 72.5
+
+
+def test_loss_weight_is_lambda_of_edm():
+    assert math.isclose(edm_loss_weight(torch.tensor(0.5), 0.5).item(), 0.5 / 0.0625, rel_tol=1e-6)
+
+
+def test_one_heun_step_is_one_denoiser_call_at_sigma_max():
+    torch.manual_seed(0)
+    net = EDMPrecond(UNet(UNetConfig(channels=8, channel_mult=[1]), 1, 8, 0)).eval()
+    noise = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        direct = net(noise * 80, torch.full((2,), 80.0), None)
+    torch.testing.assert_close(heun_sample(net, noise, None, 1), direct, rtol=1e-5, atol=1e-5)
+    assert heun_nfe(1) == 1 and heun_nfe(18) == 35
+
+
+def test_heun_is_a_second_order_solver_of_the_probability_flow_ode():
+    # Data N(0, s²): the exact denoiser is x·s²/(s²+σ²), and the ODE scales x by √(s²+σ²)/√(s²+80²),
+    # so noise·80 must end at noise·80·s/√(s²+80²). Heun's error shrinks ~4x per doubling of the steps.
+    s = 0.5
+
+    class Exact(torch.nn.Module):
+        def forward(self, x, sigma, cond=None):
+            sig = sigma.reshape(-1, 1, 1, 1).double()
+            return (x.double() * s**2 / (s**2 + sig**2)).float()
+
+    z = torch.ones(1, 1, 1, 1)
+    exact = 80 * s / math.sqrt(s**2 + 80**2)
+    errors = [abs(heun_sample(Exact(), z, None, n).item() - exact) for n in (32, 64, 128)]
+    assert errors[2] < 2e-3 * exact
+    assert 3.0 < errors[0] / errors[1] < 5.0 and 3.0 < errors[1] / errors[2] < 5.0, errors

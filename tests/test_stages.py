@@ -1,0 +1,93 @@
+"""The real stages on a tiny configuration: data → teacher → distill, resume equivalence and crash recovery."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny import write_tiny_params
+
+from dmd2.checkpoint import list_checkpoints
+from dmd2.cli import main
+
+
+def run(root: Path, *args: str) -> None:
+    result = CliRunner().invoke(main, [*args, "--params", str(root / "params.yaml"), "--root", str(root)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Data and a (tiny) teacher, shared by the tests below; they copy it before distilling."""
+    root = tmp_path_factory.mktemp("prepared")
+    write_tiny_params(root)
+    run(root, "prepare-data")
+    run(root, "teacher")
+    return root
+
+
+def fresh_copy(prepared: Path, dest: Path, **overrides) -> Path:
+    import shutil
+
+    for name in ("data", "models"):
+        shutil.copytree(prepared / name, dest / name)
+    write_tiny_params(dest, **overrides)
+    return dest
+
+
+def student_weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "models/mnist/student/model.safetensors")
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_teacher_outputs_the_normalised_format(prepared):
+    teacher = prepared / "models/mnist/teacher"
+    assert {"model.safetensors", "config.json", "metrics.jsonl", "stage.json"} <= {p.name for p in teacher.iterdir()}
+    # teacher training resumes too: rerunning with more steps continues from its checkpoint
+    assert [p.name for p in list_checkpoints(prepared / "work/mnist/teacher/checkpoints")][-1] == "ckpt-0000006"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("timesteps", [[999], [999, 499]], ids=["1step", "2step-backsim"])
+def test_resume_is_bit_identical(prepared, tmp_path, timesteps):
+    one_go = fresh_copy(prepared, tmp_path / "a", distill={"denoising_timesteps": timesteps})
+    run(one_go, "distill")
+    split = fresh_copy(prepared, tmp_path / "b", distill={"denoising_timesteps": timesteps, "steps": 3})
+    run(split, "distill")
+    write_tiny_params(split, distill={"denoising_timesteps": timesteps})  # steps back to 6: resume from ckpt 3
+    run(split, "distill")
+    assert_identical(student_weights(one_go), student_weights(split))
+    log = (split / "work/mnist/distill/metrics.jsonl").read_text().splitlines()
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_continues_identically(prepared, tmp_path):
+    reference = fresh_copy(prepared, tmp_path / "ref", distill={"checkpoint_every": 1, "steps": 12})
+    run(reference, "distill")
+    victim = fresh_copy(prepared, tmp_path / "victim", distill={"checkpoint_every": 1, "steps": 12})
+    cmd = [sys.executable, "-m", "dmd2.cli", "distill", "--params", str(victim / "params.yaml"), "--root", str(victim)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    ckpts = victim / "work/mnist/distill/checkpoints"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if any(p.name.startswith(".ckpt") or p.name >= "ckpt-0000004" for p in ckpts.glob("*ckpt-*")):
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (victim / "models/mnist/student").exists(), "killed too late: the run had finished"
+    run(victim, "distill")  # the same command again resumes from the last complete checkpoint
+    assert_identical(student_weights(reference), student_weights(victim))

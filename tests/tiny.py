@@ -1,0 +1,32 @@
+"""A tiny version of the default experiment, for integration tests (seconds per stage on 2 cores)."""
+
+from pathlib import Path
+
+import yaml
+from conftest import REPO
+
+TINY = {
+    "teacher": {"unet": {"channels": 8, "channel_mult": [1, 2]}, "steps": 6, "batch_size": 16, "log_every": 2,
+                "checkpoint_every": 3, "warmup_steps": 2, "sampler": {"num_steps": 3}},
+    "distill": {"steps": 6, "batch_size": 8, "dfake_gen_update_ratio": 2, "warmup_steps": 2, "log_every": 1,
+                "checkpoint_every": 3},
+    "eval": {"num_samples": 40, "batch_size": 20, "teacher_steps": [1, 3], "grid_per_class": 2, "latency_repeats": 2,
+             "classifier": {"width": 8, "feature_dim": 16, "steps": 10, "batch_size": 32}},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def write_tiny_params(directory: Path, **overrides: dict) -> Path:
+    """The repository's params.yaml with the mnist block shrunk (and any stage overrides merged in)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["mnist"] = merge(params["mnist"], TINY)
+    params["mnist"] = merge(params["mnist"], overrides)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

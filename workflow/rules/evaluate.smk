@@ -1,0 +1,59 @@
+rule fid_reference:
+    message:
+        "Feature classifier and cached FID reference statistics for {EXP}"
+    input:
+        train=rules.prepare_data.output.train,
+        heldout=rules.prepare_data.output.heldout,
+    output:
+        reference=directory(f"models/{EXP}/fid_reference"),
+    params:
+        classifier=block("eval")["classifier"],
+        fid=block("eval")["fid"],
+    threads: workflow.cores  # torch uses every core; two such jobs side by side thrash
+    log:
+        f"logs/{EXP}/fid_reference.log",
+    shell:
+        "dmd2 fid-reference > {log} 2>&1"
+
+
+rule evaluate:
+    message:
+        "Scoring teacher and student of {EXP}"
+    input:
+        teacher=rules.teacher.output.model,
+        student=rules.distill.output.student,
+        reference=rules.fid_reference.output.reference,
+        heldout=rules.prepare_data.output.heldout,
+    output:
+        metrics=report(f"results/{EXP}/metrics.json", category="Metrics"),
+        samples=report(directory(f"results/{EXP}/samples"), patterns=["{name}.png"], category="Samples"),
+        plots=directory(f"results/{EXP}/plots"),
+        record=f"results/{EXP}/stage.json",
+    params:
+        eval=block("eval"),
+    threads: workflow.cores  # torch uses every core; two such jobs side by side thrash
+    log:
+        f"logs/{EXP}/evaluate.log",
+    shell:
+        "dmd2 evaluate > {log} 2>&1"
+
+
+rule report:
+    message:
+        "Writing results/{EXP}/report.html"
+    input:
+        metrics=rules.evaluate.output.metrics,
+        samples=rules.evaluate.output.samples,
+        plots=rules.evaluate.output.plots,
+        record=rules.evaluate.output.record,
+        teacher=rules.teacher.output.model,
+        student=rules.distill.output.student,
+        data=rules.prepare_data.output.record,
+    output:
+        html=report(f"results/{EXP}/report.html", category="Report"),
+    params:
+        experiment=config[EXP],
+    log:
+        f"logs/{EXP}/report.log",
+    shell:
+        "dmd2 report > {log} 2>&1"
