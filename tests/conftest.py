@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -13,3 +15,17 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (gmm.py, …)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """Real data and a tiny trained teacher, built once by the real stages; tests copy it (tiny.fresh_copy)."""
+    from tiny import run, write_tiny_params
+
+    root = tmp_path_factory.mktemp("prepared")
+    write_tiny_params(root)
+    run(root, "prepare-data")
+    run(root, "teacher")
+    return root
+# Subprocesses (snakemake, dvc, dmd2, accelerate) come from the same environment as the tests.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"

@@ -87,6 +87,7 @@ def change_distill_steps(root: Path) -> None:
 
 
 SNAKEMAKE = ("snakemake", "--cores", "2", "--workflow-profile", "workflow/profiles/default")
+ALL_STAGES = {"prepare_data", "teacher", "launch_config", "distill", "fid_reference", "evaluate", "report"}
 DOWNSTREAM_OF_DISTILL = {"distill", "evaluate", "report"}
 
 
@@ -98,7 +99,7 @@ def snakemake_ran(output: str) -> set[str]:
 def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
     root = project_copy(tmp_path / "smk")
     out, _ = sh(root, *SNAKEMAKE)
-    assert snakemake_ran(out) == {"prepare_data", "teacher", "distill", "fid_reference", "evaluate", "report"}
+    assert snakemake_ran(out) == ALL_STAGES
     assert (root / "results/mnist/report.html").exists() and (root / "results/mnist/metrics.json").exists()
 
     out, seconds = sh(root, *SNAKEMAKE)
@@ -117,7 +118,7 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
     sh(root, "dvc", "init", "-q")
     out, _ = sh(root, "dvc", "repro")
     ran = set(re.findall(r"Running stage '(\w+)'", out))
-    assert ran == {"prepare_data", "teacher", "distill", "fid_reference", "evaluate", "report"}
+    assert ran == ALL_STAGES
     metrics, _ = sh(root, "dvc", "metrics", "show", "--json")
     assert "results/mnist/metrics.json" in metrics
 
@@ -128,5 +129,5 @@ def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
     out, _ = sh(root, "dvc", "repro")
     assert set(re.findall(r"Running stage '(\w+)'", out)) == DOWNSTREAM_OF_DISTILL
     dag, _ = sh(root, "dvc", "dag", "--md")
-    for stage in ("prepare_data", "teacher", "distill", "fid_reference", "evaluate", "report"):
+    for stage in ALL_STAGES:
         assert stage in dag

@@ -11,35 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny import write_tiny_params
+from tiny import fresh_copy, run, write_tiny_params
 
 from dmd2.checkpoint import list_checkpoints
 from dmd2.cli import main
-
-
-def run(root: Path, *args: str) -> None:
-    result = CliRunner().invoke(main, [*args, "--params", str(root / "params.yaml"), "--root", str(root)],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """Data and a (tiny) teacher, shared by the tests below; they copy it before distilling."""
-    root = tmp_path_factory.mktemp("prepared")
-    write_tiny_params(root)
-    run(root, "prepare-data")
-    run(root, "teacher")
-    return root
-
-
-def fresh_copy(prepared: Path, dest: Path, **overrides) -> Path:
-    import shutil
-
-    for name in ("data", "models"):
-        shutil.copytree(prepared / name, dest / name)
-    write_tiny_params(dest, **overrides)
-    return dest
 
 
 def student_weights(root: Path) -> dict[str, torch.Tensor]:
@@ -91,3 +66,24 @@ def test_sigkill_mid_run_then_rerun_continues_identically(prepared, tmp_path):
     assert not (victim / "models/mnist/student").exists(), "killed too late: the run had finished"
     run(victim, "distill")  # the same command again resumes from the last complete checkpoint
     assert_identical(student_weights(reference), student_weights(victim))
+
+
+def test_seed_cli_surface_config_save_every_and_wandb_offline(prepared, tmp_path):
+    root = fresh_copy(prepared, tmp_path / "seed")
+    (root / "my.yaml").write_text("steps: 4\nwandb:\n  project: dmd2-test\n")
+    run(root, "distill", "--config", str(root / "my.yaml"), "--save_every", "2", "--wandb_mode", "offline",
+        "--wandb_dir", str(root / "wb"), "--wandb_run_name", "seed-surface", "--wandb_log_every", "1")
+    ckpts = [p.name for p in list_checkpoints(root / "work/mnist/distill/checkpoints")]
+    assert ckpts == ["ckpt-0000002", "ckpt-0000004"]
+    assert list((root / "wb").rglob("offline-run-*")), "wandb wrote no offline run"
+    # --resume_from_checkpoint: restart from step 2, dropping the later checkpoint, and finish again
+    run(root, "distill", "--config", str(root / "my.yaml"), "--resume_from_checkpoint",
+        str(root / "work/mnist/distill/checkpoints/ckpt-0000002"))
+    assert (root / "models/mnist/student/model.safetensors").exists()
+
+
+def test_generate_writes_per_class_grid(prepared, tmp_path):
+    result = CliRunner().invoke(main, ["generate", "--model", str(prepared / "models/mnist/teacher"),
+                                       "--output_dir", str(tmp_path / "g"), "--num_samples", "2", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "g").glob("0*.png"))) == 20 and (tmp_path / "g/grid.png").exists()

@@ -1,8 +1,10 @@
 """A tiny version of the default experiment, for integration tests (seconds per stage on 2 cores)."""
 
+import shutil
 from pathlib import Path
 
 import yaml
+from click.testing import CliRunner
 from conftest import REPO
 
 TINY = {
@@ -30,3 +32,20 @@ def write_tiny_params(directory: Path, **overrides: dict) -> Path:
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def run(root: Path, *args: str) -> None:
+    """A `dmd2` stage in-process, on the project in `root`."""
+    from dmd2.cli import main
+
+    result = CliRunner().invoke(main, [*args, "--params", str(root / "params.yaml"), "--root", str(root)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def fresh_copy(prepared: Path, dest: Path, **overrides: dict) -> Path:
+    """A new project with the prepared data and teacher, and tiny params with `overrides`."""
+    for name in ("data", "models"):
+        shutil.copytree(prepared / name, dest / name, ignore=shutil.ignore_patterns("student"))
+    write_tiny_params(dest, **overrides)
+    return dest

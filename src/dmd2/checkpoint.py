@@ -73,6 +73,9 @@ def checkpoint_step(path: str | Path) -> int:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     path = Path(path)
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); pick a ckpt-XXXXXXX directory "
+                                "written by `dmd2 teacher` or `dmd2 distill`")
     models = {f.stem: load_file(f) for f in path.glob("*.safetensors")}
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     meta = json.loads((path / "meta.json").read_text())

@@ -77,7 +77,7 @@ def _seed_surface(stage: str):
                          help=f"YAML of {stage} keys (or a params-style file); --set still overrides it."),
             click.option("--save_every", type=int, help=f"Checkpoint every N iterations ({stage}.checkpoint_every)."),
             click.option("--resume_from_checkpoint", type=click.Path(exists=True, file_okay=False),
-                         help="Start from this checkpoint directory instead of the latest one in work/."),
+                         help="Resume from this checkpoint directory instead of the latest one in work/.  [default: latest]"),
             click.option("--wandb_mode", type=click.Choice(["disabled", "offline", "online"]), help="wandb.mode"),
             click.option("--wandb_project", help="wandb.project"),
             click.option("--wandb_run_name", help="wandb.run_name"),
@@ -129,23 +129,6 @@ def _config_file_overrides(path: str | None, stage: str) -> list[str]:
     return out
 
 
-def _resume_into(work: Path, checkpoint: str | None) -> None:
-    """--resume_from_checkpoint: copy the chosen checkpoint into the stage's checkpoint folder as the latest."""
-    if not checkpoint:
-        return
-    import shutil
-
-    from dmd2.checkpoint import list_checkpoints
-
-    src = Path(checkpoint)
-    dst = work / "checkpoints" / src.name
-    if src.resolve() != dst.resolve():
-        for newer in list_checkpoints(work / "checkpoints"):
-            if newer.name > src.name:
-                shutil.rmtree(newer)
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-
-
 @main.command()
 @_seed_surface("teacher")
 @_common
@@ -155,8 +138,8 @@ def teacher(params: Params, name: str, paths: ExperimentPaths, resume_from_check
     from dmd2.tracking import write_stage_record
 
     started = time.time()
-    _resume_into(paths.work("teacher"), resume_from_checkpoint)
-    summary = train_teacher(params.current(name), paths.data, paths.teacher, paths.work("teacher"), params.wandb, name)
+    summary = train_teacher(params.current(name), paths.data, paths.teacher, paths.work("teacher"), params.wandb, name,
+                            resume_from=_path(resume_from_checkpoint))
     write_stage_record(paths.teacher / "stage.json", "teacher", started, **summary)
 
 
@@ -168,17 +151,33 @@ def distill(params: Params, name: str, paths: ExperimentPaths, resume_from_check
     from accelerate import Accelerator
 
     from dmd2.distill import run_distill
+    from dmd2.launch import relaunch_if_needed
     from dmd2.tracking import write_stage_record
 
     started = time.time()
+    launch = params.current(name).launch
+    if relaunch_if_needed(launch, paths.launch_config, sys.argv[1:]):
+        write_stage_record(paths.student / "stage.json", "distill", started, num_processes=launch.world_size,
+                           num_machines=launch.num_machines, distributed=launch.distributed)
+        return
     acc = Accelerator(cpu=not _cuda())
-    if acc.is_main_process:
-        _resume_into(paths.work("distill"), resume_from_checkpoint)
-    acc.wait_for_everyone()
     summary = run_distill(params.current(name), paths.data, paths.teacher, paths.student, paths.work("distill"),
-                          params.wandb, name, acc)
+                          params.wandb, name, acc, resume_from=_path(resume_from_checkpoint))
     if acc.is_main_process:
         write_stage_record(paths.student / "stage.json", "distill", started, num_processes=acc.num_processes, **summary)
+
+
+@main.command("launch-config")
+@_common
+def launch_config(params: Params, name: str, paths: ExperimentPaths) -> None:
+    """Write configs/<exp>/accelerate.yaml for the cluster shape in `launch:` (validated by accelerate)."""
+    from dmd2.launch import write_launch_config
+
+    click.echo(f"wrote {write_launch_config(params.current(name).launch, paths.launch_config)}")
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _cuda() -> bool:

@@ -162,11 +162,62 @@ class EvalConfig(Strict):
     clip: CLIPConfig = Field(default_factory=CLIPConfig)
 
 
+# ---------------------------------------------------------------------------------------------------- launch
+
+
+class FSDPConfig(Strict):
+    version: Literal[1, 2] = Field(2, description="FSDP1 (torch FullyShardedDataParallel) or FSDP2 (fully_shard)")
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"] = "FULL_SHARD"
+    auto_wrap_policy: Literal["SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP", "NO_WRAP"] = "SIZE_BASED_WRAP"
+    min_num_params: int = Field(50_000_000, ge=1, description="SIZE_BASED_WRAP threshold (the original uses 5e7)")
+    transformer_layer_cls_to_wrap: list[str] = Field(default_factory=list, description="for TRANSFORMER_BASED_WRAP")
+    state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = "SHARDED_STATE_DICT"
+    activation_checkpointing: bool = False
+    cpu_ram_efficient_loading: bool = False
+
+
+class SlurmConfig(Strict):
+    nodes: int | None = Field(None, ge=1, description="nodes to allocate (default: launch.num_machines)")
+    partition: str | None = None
+    account: str | None = None
+    runtime_minutes: int = Field(60, ge=1)
+    mem_mb: int = Field(8000, ge=100)
+    cpus_per_task: int = Field(2, ge=1)
+
+
+class LaunchConfig(Strict):
+    """The cluster shape of the distill stage (the original's per-node FSDP config script, generalised)."""
+
+    distributed: Literal["no", "ddp", "fsdp"] = "no"
+    num_machines: int = Field(1, ge=1)
+    processes_per_machine: int = Field(1, ge=1, description="usually the GPUs per node")
+    gpus_per_machine: int = Field(0, ge=0, description="0 = CPU (gloo)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate's; DMD2 autocasts itself")
+    main_process_port: int = Field(29500, ge=1024, le=65535, description="base port; Slurm adds job id % 1000")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> LaunchConfig:
+        if self.distributed == "no" and self.num_machines * self.processes_per_machine > 1:
+            raise ValueError("several processes need distributed: ddp or fsdp")
+        if self.distributed == "fsdp" and self.fsdp.version == 2 and self.fsdp.sharding_strategy in (
+                "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"):
+            raise ValueError(f"fsdp.sharding_strategy {self.fsdp.sharding_strategy} needs fsdp.version: 1 "
+                             "(FSDP2 expresses it with a device mesh; NO_SHARD is plain ddp)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.num_machines * self.processes_per_machine
+
+
 class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
 class WandbConfig(Strict):

@@ -93,24 +93,41 @@ def write_lmdb(path: str | Path, images: np.ndarray, labels: np.ndarray, meta: d
         txn.put(META_KEY, json.dumps(full_meta, sort_keys=True).encode())
     env.sync()
     env.close()
+    _forget(path)  # an environment this process had open on the old file would be stale
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------- read
 
+_ENVS: dict[tuple[str, int], lmdb.Environment] = {}
+
+
+def _open(path: Path) -> lmdb.Environment:
+    """One read-only environment per file and process (lmdb refuses a second open in the same process, and
+    an environment must not cross a fork: forked DataLoader workers open their own)."""
+    key = (str(path.resolve()), os.getpid())
+    if key not in _ENVS:
+        for inherited in [k for k in _ENVS if k[0] == key[0]]:  # a parent's handle, copied by fork
+            _ENVS.pop(inherited).close()  # lock=False: closing it here leaves the parent's untouched
+        _ENVS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    return _ENVS[key]
+
+
+def _forget(path: Path) -> None:
+    env = _ENVS.pop((str(path.resolve()), os.getpid()), None)
+    if env is not None:
+        env.close()
+
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / "data.mdb").exists():
         raise DataError(f"LMDB {path} not found (no {path / 'data.mdb'}); run `dmd2 prepare-data` to build it")
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
-    try:
-        with env.begin() as txn:
-            raw = txn.get(META_KEY)
-            entries = env.stat()["entries"]
-    finally:
-        env.close()
+    env = _open(path)
+    with env.begin() as txn:
+        raw = txn.get(META_KEY)
+        entries = env.stat()["entries"]
     if raw is None:
         raise DataError(f"LMDB {path} has no {META_KEY.decode()} record: it was not written by `dmd2 prepare-data` "
                         "or the write was interrupted; delete it and run `dmd2 prepare-data` again")
@@ -134,8 +151,6 @@ class LMDBImageDataset(torch.utils.data.Dataset):
         if expect_shape is not None and tuple(expect_shape) != self.shape:
             raise DataError(f"LMDB {self.path} holds images of shape {self.shape}, but the configuration expects "
                             f"{tuple(expect_shape)}; rerun `dmd2 prepare-data` after changing data.resolution")
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return self.meta["count"]
@@ -144,14 +159,8 @@ class LMDBImageDataset(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return int(self.meta.get("num_classes", 0))
 
-    def _txn_env(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():  # one environment per process
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
-            self._pid = os.getpid()
-        return self._env
-
     def raw(self, index: int) -> tuple[np.ndarray, int]:
-        with self._txn_env().begin() as txn:
+        with _open(self.path).begin() as txn:
             image = txn.get(f"image/{index:08d}".encode())
             label = txn.get(f"label/{index:08d}".encode())
         if image is None or label is None:
@@ -171,29 +180,26 @@ class LMDBImageDataset(torch.utils.data.Dataset):
         return np.stack([x for x, _ in items]), np.array([y for _, y in items], dtype=np.int64)
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
-
-    def __getstate__(self) -> dict[str, Any]:  # never pickle an open environment into a worker
-        state = self.__dict__.copy()
-        state["_env"], state["_pid"] = None, None
-        return state
+        _forget(self.path)
 
 
 class RandomBatches:
     """Endless random batches drawn by a dedicated generator, so the data position is one RNG state to resume.
 
-    With several processes each rank gets its own stream (seed + rank): the global batch is the union.
+    With several processes every rank draws the indices of the whole global batch (the same generator state
+    everywhere) and reads only its own slice: the data a run sees does not depend on the number of ranks.
     """
 
-    def __init__(self, dataset: LMDBImageDataset, batch_size: int, seed: int, rank: int = 0):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    def __init__(self, dataset: LMDBImageDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+        self.dataset, self.batch_size, self.rank, self.world = dataset, batch_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(len(self.dataset), (self.batch_size,), generator=self.generator)
-        return self.dataset.batch(index)
+        per_rank = self.batch_size // self.world
+        return self.dataset.batch(index[self.rank * per_rank : (self.rank + 1) * per_rank])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}

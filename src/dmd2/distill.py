@@ -28,20 +28,45 @@ from dmd2.networks import GANHead
 from dmd2.teacher import warmup_schedule
 
 
+class GlobalBatchRandom:
+    """Random draws made for the *global* batch on every rank, then sliced to this rank's part.
+
+    Every rank seeds the same generator, so a run's randomness, and therefore its result up to floating-point
+    reduction order, does not depend on how many processes share the batch; resuming on a different number of
+    ranks continues the same stream.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def _mine(self, full: torch.Tensor, n: int, device) -> torch.Tensor:
+        return full[self.rank * n : (self.rank + 1) * n].to(device)
+
+    def randn(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
+        return self._mine(torch.randn((n * self.world, *shape)), n, device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape[0], tuple(x.shape[1:]), x.device).to(x.dtype)
+
+    def randint(self, low: int, high: int, n: int, device) -> torch.Tensor:
+        return self._mine(torch.randint(low, high, (n * self.world,)), n, device)
+
+
 class Guidance(nn.Module):
     """The trainable side of DMD2: the fake-score critic plus the GAN head on its bottleneck.
 
     One module with one forward per critic turn, so DDP/FSDP see a single forward before each backward.
     """
 
-    def __init__(self, adapter: DenoiserAdapter, critic: nn.Module, head: nn.Module | None, cfg: DistillConfig):
+    def __init__(self, adapter: DenoiserAdapter, critic: nn.Module, head: nn.Module | None, cfg: DistillConfig,
+                 draw: GlobalBatchRandom | None = None):
         super().__init__()
         self.adapter, self.critic, self.head, self.cfg = adapter, critic, head, cfg
+        self.draw = draw or GlobalBatchRandom()
 
     def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None = None, real_cond: Any = None) -> dict[str, torch.Tensor]:
-        n, T = fake.shape[0], self.adapter.num_train_timesteps
-        t = torch.randint(0, T, (n,), device=fake.device)  # the critic learns the full range
-        out = {"loss_fake": self.adapter.fake_score_loss(self.critic, fake, t, cond, torch.randn_like(fake))}
+        t = self.draw.randint(0, self.adapter.num_train_timesteps, fake.shape[0], fake.device)  # the full range
+        out = {"loss_fake": self.adapter.fake_score_loss(self.critic, fake, t, cond, self.draw.randn_like(fake))}
         if self.head is not None and real is not None:
             logits_real = self.logits(real, real_cond)
             logits_fake = self.logits(fake, cond)
@@ -51,8 +76,8 @@ class Guidance(nn.Module):
 
     def logits(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
         """Diffusion-GAN: noise at t ~ U{0..max-1}, classify the critic's bottleneck features."""
-        t = torch.randint(0, self.cfg.gan.diffusion_max_timestep, (x.shape[0],), device=x.device)
-        x_t = self.adapter.add_noise(x, torch.randn_like(x), t)
+        t = self.draw.randint(0, self.cfg.gan.diffusion_max_timestep, x.shape[0], x.device)
+        x_t = self.adapter.add_noise(x, self.draw.randn_like(x), t)
         _, features = self.adapter.predict_x0(self.critic, x_t, t, cond, return_bottleneck=True)
         return self.head(features)
 
@@ -73,6 +98,7 @@ class DMD2Trainer:
     def __init__(self, adapter: DenoiserAdapter, teacher: nn.Module, generator: nn.Module, guidance: Guidance,
                  cfg: DistillConfig, sample_shape: tuple[int, ...], accelerator: Accelerator):
         self.adapter, self.cfg, self.shape, self.acc = adapter, cfg, sample_shape, accelerator
+        self.draw = guidance.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
         self.teacher = teacher.requires_grad_(False).eval().to(accelerator.device)
         if cfg.gradient_checkpointing:
             for net in (generator, guidance.critic):
@@ -109,7 +135,7 @@ class DMD2Trainer:
     def generator_input(self, n: int, cond: Any, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The (x_t, t) the generator is trained on this iteration."""
         steps = self.cfg.denoising_timesteps
-        z = torch.randn((n, *self.shape), device=self.acc.device)
+        z = self.draw.randn(n, self.shape, self.acc.device)
         if len(steps) == 1:
             t = self._full(n, steps[0])
             return self.adapter.generator_input(z, t), t
@@ -121,13 +147,13 @@ class DMD2Trainer:
             with torch.no_grad(), self._autocast():
                 for i in range(k):
                     x0 = self.adapter.predict_x0(self.generator, x_t, self._full(n, steps[i]), cond).float()
-                    x_t = self.adapter.add_noise(x0, torch.randn_like(x0), self._full(n, steps[i + 1]))
+                    x_t = self.adapter.add_noise(x0, self.draw.randn_like(x0), self._full(n, steps[i + 1]))
             return x_t, self._full(n, steps[k])
         if real is None:
             raise ValueError("multi-step training without backward_simulation forward-noises real data: "
                              "enable distill.gan (which loads real batches) or set distill.backward_simulation: true")
-        t = torch.tensor(steps, device=self.acc.device)[torch.randint(len(steps), (n,), device=self.acc.device)]
-        x_t = self.adapter.add_noise(real, torch.randn_like(real), t)
+        t = torch.tensor(steps, device=self.acc.device)[self.draw.randint(0, len(steps), n, self.acc.device)]
+        x_t = self.adapter.add_noise(real, self.draw.randn_like(real), t)
         pure = (t == steps[0]).reshape(-1, *[1] * len(self.shape))
         return torch.where(pure, self.adapter.generator_input(z, t), x_t), t
 
@@ -156,10 +182,10 @@ class DMD2Trainer:
         if compute_generator:
             guidance = self.guidance_module
             guidance.requires_grad_(False)  # only the critic and head; the teacher stays frozen throughout
-            t_dm = torch.randint(self.dm_range[0], self.dm_range[1] + 1, (n,), device=x.device)
+            t_dm = self.draw.randint(self.dm_range[0], self.dm_range[1] + 1, n, x.device)
             with self._autocast():
                 loss_dm, dm_stats = distribution_matching_loss(self.adapter, self.teacher, guidance.critic, x, batch.cond,
-                                                               t_dm, torch.randn_like(x), cfg.real_guidance_scale)
+                                                               t_dm, self.draw.randn_like(x), cfg.real_guidance_scale)
                 loss_g = cfg.dm_loss_weight * loss_dm
                 if guidance.head is not None:
                     loss_gan_g = gan_generator_loss(guidance.logits(x, batch.cond))
@@ -231,8 +257,10 @@ def build_guidance(adapter: DenoiserAdapter, teacher: nn.Module, cfg: DistillCon
 
 
 def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_dir: Path, work_dir: Path,
-                wandb_cfg: WandbConfig, experiment: str, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Distil `teacher_dir` into a student in `out_dir`; rerunning the same command resumes from `work_dir`."""
+                wandb_cfg: WandbConfig, experiment: str, accelerator: Accelerator | None = None,
+                resume_from: Path | None = None) -> dict[str, Any]:
+    """Distil `teacher_dir` into a student in `out_dir`; rerunning the same command resumes from `work_dir`
+    (or from `resume_from`, a checkpoint directory)."""
     from dmd2.tracking import MetricsLog, Wandb
 
     cfg = exp.distill
@@ -245,26 +273,23 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     shape = (tcfg["in_channels"], tcfg["resolution"], tcfg["resolution"])
     real = None
     if cfg.gan.enabled or (len(cfg.denoising_timesteps) > 1 and not cfg.backward_simulation):
-        real = RandomBatches(open_split(data_dir, "train", exp.data.resolution), per_rank, cfg.seed, acc.process_index)
+        real = RandomBatches(open_split(data_dir, "train", exp.data.resolution), cfg.batch_size, cfg.seed,
+                             rank=acc.process_index, world=acc.num_processes)
 
-    torch.manual_seed(cfg.seed + acc.process_index)
+    torch.manual_seed(cfg.seed)  # the same on every rank: see GlobalBatchRandom
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     spatial = tcfg["resolution"] // 2 ** (len(tcfg["unet"]["channel_mult"]) - 1)
     guidance = build_guidance(adapter, teacher, cfg, spatial)
     trainer = DMD2Trainer(adapter, teacher, generator, guidance, cfg, shape, acc)
 
     ckpt_dir, step, elapsed = work_dir / "checkpoints", 0, 0.0
-    latest = latest_checkpoint(ckpt_dir)
+    latest = resume_from or latest_checkpoint(ckpt_dir)
     if latest is not None:
         models, state, meta = load_checkpoint(latest)
         trainer.load(models, state["optim"])
-        rank_state = state["ranks"].get(str(acc.process_index))
-        if rank_state is not None and meta.get("num_processes") == acc.num_processes:
-            set_rng_state(rank_state["rng"])
-            if real is not None:
-                real.load_state_dict(rank_state["data"])
-        else:  # a different number of ranks: fresh, distinct streams from the resumed step
-            torch.manual_seed(cfg.seed + 7919 * meta["step"] + acc.process_index)
+        set_rng_state(state["rng"])  # one stream for all ranks (GlobalBatchRandom), whatever their number
+        if real is not None:
+            real.load_state_dict(state["data"])
         step, elapsed = meta["step"], meta.get("train_seconds", 0.0)
         acc.print(f"resuming distillation from {latest} (iteration {step})")
 
@@ -273,18 +298,21 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     tracker = Wandb(wandb_cfg, "distill", experiment, to_dict(cfg), enabled=main)
     num_classes = tcfg["label_dim"]
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True, mininterval=2, disable=not main)
-    t0 = time.time()
+    t0, last_generator = time.time(), {}
     while step < cfg.steps:
-        labels = torch.randint(num_classes, (per_rank,)).to(acc.device) if num_classes else None
+        labels = trainer.draw.randint(0, num_classes, per_rank, acc.device) if num_classes else None
         batch = Batch(per_rank, adapter.encode_conditions(labels))
         if real is not None:
             x_real, y_real = real.next()
             batch.real, batch.real_cond = x_real.to(acc.device), adapter.encode_conditions(y_real.to(acc.device))
         metrics = trainer.train_step(step, batch)
+        if "loss_dm" in metrics:  # generator turns are every N-th iteration; log their latest values
+            last_generator = {k: v for k, v in metrics.items() if k not in ("loss_fake", "loss_guidance")}
+        metrics = {**last_generator, **metrics}
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, **metrics, "time_s": round(elapsed + time.time() - t0, 2)}
+            record = {"step": step, **_mean_over_ranks(metrics, acc), "time_s": round(elapsed + time.time() - t0, 2)}
             log.write(record)
             tracker.log(record, step)
             bar.set_postfix(dm=f"{metrics.get('loss_dm', float('nan')):.3g}", fake=f"{metrics['loss_fake']:.3g}")
@@ -304,16 +332,21 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     return summary
 
 
+def _mean_over_ranks(metrics: dict[str, float], acc: Accelerator) -> dict[str, float]:
+    """Per-rank batch means → global batch means (equal per-rank batches), so logs do not depend on the world size."""
+    if acc.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = acc.reduce(torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=acc.device), "mean")
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
 def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, real: RandomBatches | None,
           train_seconds: float, keep_last: int) -> None:
-    """Every rank contributes its RNG and data position; rank 0 writes."""
-    mine = {"rng": rng_state(), "data": real.state_dict() if real is not None else {}}
-    ranks = [mine]
-    if acc.num_processes > 1:
-        ranks = [None] * acc.num_processes
-        torch.distributed.all_gather_object(ranks, mine)
+    """Rank 0 writes; every rank holds the same RNG and data state, so one copy resumes any number of ranks."""
     if acc.is_main_process:
-        state = {"optim": trainer.optimizer_states(), "ranks": {str(i): r for i, r in enumerate(ranks)}}
+        state = {"optim": trainer.optimizer_states(), "rng": rng_state(),
+                 "data": real.state_dict() if real is not None else {}}
         save_checkpoint(ckpt_dir, step, trainer.model_states(), state,
                         {"train_seconds": train_seconds, "num_processes": acc.num_processes}, keep_last)
     acc.wait_for_everyone()

@@ -20,6 +20,10 @@ class ExperimentPaths:
         return self.root / "data" / self.experiment
 
     @property
+    def launch_config(self) -> Path:
+        return self.root / "configs" / self.experiment / "accelerate.yaml"
+
+    @property
     def teacher(self) -> Path:
         return self.root / "models" / self.experiment / "teacher"
 

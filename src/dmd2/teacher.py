@@ -30,7 +30,7 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
 
 
 def train_teacher(exp: ExperimentConfig, data_dir: Path, out_dir: Path, work_dir: Path, wandb_cfg: WandbConfig,
-                  experiment: str) -> dict[str, Any]:
+                  experiment: str, resume_from: Path | None = None) -> dict[str, Any]:
     from dmd2.tracking import MetricsLog, Wandb
 
     cfg = exp.teacher
@@ -47,7 +47,7 @@ def train_teacher(exp: ExperimentConfig, data_dir: Path, out_dir: Path, work_dir
 
     step, elapsed = 0, 0.0
     ckpt_dir = work_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir)
+    latest = resume_from or latest_checkpoint(ckpt_dir)
     if latest is not None:
         models, state, meta = load_checkpoint(latest)
         denoiser.load_state_dict(models["model"])

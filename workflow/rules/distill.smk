@@ -1,15 +1,34 @@
+rule launch_config:
+    message:
+        "Writing the accelerate launch configuration of {EXP}"
+    output:
+        config=f"configs/{EXP}/accelerate.yaml",
+    params:
+        launch=block("launch"),
+    log:
+        f"logs/{EXP}/launch_config.log",
+    shell:
+        "dmd2 launch-config > {log} 2>&1"
+
+
 rule distill:
     message:
         "DMD2 distillation of {EXP} (rerun to resume from work/{EXP}/distill)"
     input:
         teacher=rules.teacher.output.model,
         train=rules.prepare_data.output.train,
+        launch=rules.launch_config.output.config,
     output:
         student=directory(f"models/{EXP}/student"),
     params:
         distill=block("distill"),
-    threads: workflow.cores  # torch uses every core; two such jobs side by side thrash
+    threads: heavy_threads()
+    resources:
+        **distill_resources(),
     log:
         f"logs/{EXP}/distill.log",
     shell:
+        # `dmd2 distill` starts launch.num_machines × processes_per_machine processes itself: through
+        # `accelerate launch` locally, or one srun task per machine inside a Slurm job (the `mpi` resource
+        # makes the Slurm executor run this command directly in the allocation, so that srun works).
         "dmd2 distill > {log} 2>&1"

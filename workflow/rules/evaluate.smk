@@ -9,7 +9,7 @@ rule fid_reference:
     params:
         classifier=block("eval")["classifier"],
         fid=block("eval")["fid"],
-    threads: workflow.cores  # torch uses every core; two such jobs side by side thrash
+    threads: heavy_threads()
     log:
         f"logs/{EXP}/fid_reference.log",
     shell:
@@ -31,7 +31,7 @@ rule evaluate:
         record=f"results/{EXP}/stage.json",
     params:
         eval=block("eval"),
-    threads: workflow.cores  # torch uses every core; two such jobs side by side thrash
+    threads: heavy_threads()
     log:
         f"logs/{EXP}/evaluate.log",
     shell:

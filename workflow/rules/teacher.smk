@@ -7,7 +7,7 @@ rule teacher:
         model=directory(f"models/{EXP}/teacher"),
     params:
         teacher=block("teacher"),
-    threads: workflow.cores  # torch uses every core; two such jobs side by side thrash
+    threads: heavy_threads()
     log:
         f"logs/{EXP}/teacher.log",
     shell:
