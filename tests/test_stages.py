@@ -87,3 +87,25 @@ def test_generate_writes_per_class_grid(prepared, tmp_path):
                                        "--output_dir", str(tmp_path / "g"), "--num_samples", "2", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "g").glob("0*.png"))) == 20 and (tmp_path / "g/grid.png").exists()
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(prepared, tmp_path):
+    root = fresh_copy(prepared, tmp_path / "opts", distill={"mixed_precision": "bf16", "gradient_checkpointing": True,
+                                                            "steps": 2})
+    run(root, "distill")
+    last = (root / "work/mnist/distill/metrics.jsonl").read_text().splitlines()[-1]
+    assert '"loss_fake"' in last and "NaN" not in last
+
+
+def test_a_nan_loss_stops_with_the_last_good_checkpoint_intact(prepared, tmp_path):
+    root = fresh_copy(prepared, tmp_path / "nan", distill={"steps": 3, "checkpoint_every": 1})
+    run(root, "distill")
+    write_tiny_params(root, distill={"steps": 6, "checkpoint_every": 1, "generator_lr": 1e30, "guidance_lr": 1e30})
+    from dmd2.cli import main
+
+    result = CliRunner().invoke(main, ["distill", "--params", str(root / "params.yaml"), "--root", str(root)])
+    assert isinstance(result.exception, FloatingPointError), result.output
+    assert "last good checkpoint is intact" in str(result.exception)
+    latest = list_checkpoints(root / "work/mnist/distill/checkpoints")[-1]
+    weights = load_file(latest / "generator.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())

@@ -156,6 +156,10 @@ def distill(params: Params, name: str, paths: ExperimentPaths, resume_from_check
 
     started = time.time()
     launch = params.current(name).launch
+    if launch.distributed == "fsdp":
+        raise ConfigError("launch.distributed: fsdp: `dmd2 launch-config` writes FSDP configs, but the distillation "
+                          "loop is not sharded yet (it would run unsharded and lose optimiser state); use "
+                          "launch.distributed: ddp")
     if relaunch_if_needed(launch, paths.launch_config, sys.argv[1:]):
         write_stage_record(paths.student / "stage.json", "distill", started, num_processes=launch.world_size,
                            num_machines=launch.num_machines, distributed=launch.distributed)
@@ -221,7 +225,7 @@ def evaluate(params: Params, name: str, paths: ExperimentPaths) -> None:
 
 @main.command("evaluate-folder")
 @click.option("--folder", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to watch.")
-@click.option("--output", "output_file", default=None, help="JSON-lines file (default: <folder>/fid_curve.jsonl).")
+@click.option("--output", "output_file", default=None, help="JSON-lines file (default: fid_curve.jsonl beside the folder).")
 @click.option("--watch/--once", default=False, show_default=True, help="Keep waiting for new checkpoints.")
 @click.option("--poll_seconds", default=30.0, show_default=True, help="Wait between scans when watching.")
 @_common

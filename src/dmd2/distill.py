@@ -323,13 +323,19 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
 
     summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
     if main:
-        sigmas = adapter.sigma(torch.tensor(cfg.denoising_timesteps)).tolist()
-        student_cfg = {**tcfg, "kind": "student", "generator": {"timesteps": cfg.denoising_timesteps, "sigmas": sigmas},
+        student_cfg = {**student_model_config(tcfg, cfg),
                        "source": {"type": "dmd2", "teacher": str(teacher_dir), "iterations": cfg.steps}}
         save_model(out_dir, acc.unwrap_model(trainer.generator), student_cfg,
                    extra_files={"metrics.jsonl": (work_dir / "metrics.jsonl").read_text()})
     acc.wait_for_everyone()
     return summary
+
+
+def student_model_config(teacher_config: dict[str, Any], cfg: DistillConfig) -> dict[str, Any]:
+    """The student's model config: the teacher's, plus the generator's timesteps and their σ."""
+    adapter = EDMAdapter.from_model_config(teacher_config, cfg.num_train_timesteps)
+    sigmas = adapter.sigma(torch.tensor(cfg.denoising_timesteps)).tolist()
+    return {**teacher_config, "kind": "student", "generator": {"timesteps": list(cfg.denoising_timesteps), "sigmas": sigmas}}
 
 
 def _mean_over_ranks(metrics: dict[str, float], acc: Accelerator) -> dict[str, float]:

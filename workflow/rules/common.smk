@@ -33,7 +33,10 @@ def distill_resources():
 
 
 def heavy_threads():
-    """Torch stages take every core: two of them side by side oversubscribe the cores and thrash."""
+    """Torch stages take every core of a local run (two side by side oversubscribe the cores and thrash);
+    a cluster job gets launch.slurm.cpus_per_task, the same number on the submit host and inside the job."""
+    if workflow.non_local_exec or workflow.remote_exec:
+        return block("launch").get("slurm", {}).get("cpus_per_task", 2)
     try:
         return workflow.cores
     except WorkflowError:  # a dry run without --cores

@@ -49,6 +49,7 @@ rule report:
         teacher=rules.teacher.output.model,
         student=rules.distill.output.student,
         data=rules.prepare_data.output.record,
+        reference=rules.fid_reference.output.reference,
     output:
         html=report(f"results/{EXP}/report.html", category="Report"),
     params:

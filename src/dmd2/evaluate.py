@@ -1,0 +1,317 @@
+"""`dmd2 evaluate` (teacher versus student on the same seeds) and `dmd2 evaluate-folder` (FID versus step).
+
+Every model is sampled from the same fixed noise (`eval.seed`) and the same balanced labels, so differences
+between rows come from the models alone. Quality, class fidelity and diversity use the features cached by
+`dmd2 fid-reference`; speed is timed separately, after a warm-up, so sampling for the metrics never skews it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmd2.config import ExperimentConfig
+from dmd2.distill import student_model_config
+from dmd2.fid import FIDReference, class_diversity, classifier_accuracy, device
+from dmd2.models import build_denoiser, load_config, load_model, model_nfe, sample
+from dmd2.paths import ExperimentPaths
+from dmd2.sampling import balanced_labels, class_major_labels, fixed_noise, sample_images, save_grid
+
+THROUGHPUT_REPEATS = 3
+GRID_SCALE = 3
+DIVERSITY_DEFINITION = ("mean pairwise L2 distance between FID features of samples of the same class, averaged over "
+                        "classes, divided by the same quantity for the real reference images (1.0 = as diverse as "
+                        "real data; lower = mode collapse; above 1 = more spread than real data, e.g. residual noise)")
+ACCURACY_DEFINITION = "fraction of samples that the feature classifier assigns to the class they were generated for"
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def score_images(ref: FIDReference, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float | None]:
+    """FID, class accuracy and relative diversity of uint8 images generated for `labels`."""
+    feats = ref.extractor(images.numpy())
+    np_labels = labels.numpy() if labels is not None else None
+    return {
+        "fid": round(ref.fid(feats), 4),
+        "class_accuracy": round(classifier_accuracy(ref.classifier, images, labels), 4) if labels is not None else None,
+        "diversity": round(class_diversity(feats, np_labels) / ref.info["class_diversity"], 4),
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed_call(model, config: dict[str, Any], n: int, num_steps: int | None, seed: int) -> float:
+    dev = next(model.parameters()).device
+    noise = fixed_noise(n, (config["in_channels"], config["resolution"], config["resolution"]), seed).to(dev)
+    labels = balanced_labels(n, config["label_dim"])
+    renoise = torch.Generator().manual_seed(seed + 1)
+    _sync()
+    start = time.perf_counter()
+    sample(model, config, noise, labels, num_steps, renoise)
+    _sync()
+    return time.perf_counter() - start
+
+
+def time_model(model, config: dict[str, Any], batch_size: int, num_steps: int | None, latency_repeats: int,
+               seed: int) -> tuple[float, float]:
+    """(images per second at `batch_size`, median batch-1 latency in ms), each after one warm-up call."""
+    _timed_call(model, config, batch_size, num_steps, seed)
+    batch_times = [_timed_call(model, config, batch_size, num_steps, seed) for _ in range(THROUGHPUT_REPEATS)]
+    _timed_call(model, config, 1, num_steps, seed)
+    latencies = [_timed_call(model, config, 1, num_steps, seed) for _ in range(latency_repeats)]
+    return batch_size / statistics.median(batch_times), 1000 * statistics.median(latencies)
+
+
+def evaluate_model(kind: str, model, config: dict[str, Any], num_steps: int | None, exp: ExperimentConfig,
+                   ref: FIDReference) -> dict[str, Any]:
+    """One metrics row: quality on `eval.num_samples` fixed-seed samples, then speed."""
+    cfg = exp.eval
+    steps = num_steps if kind == "teacher" else len(config["generator"]["sigmas"])
+    nfe = model_nfe(config, num_steps)
+    started = time.time()
+    labels = balanced_labels(cfg.num_samples, config["label_dim"])
+    images = sample_images(model, config, cfg.num_samples, cfg.seed, cfg.batch_size, num_steps, labels)
+    row = {"model": kind, "steps": int(steps), "nfe": int(nfe), **score_images(ref, images, labels)}
+    ips, latency = time_model(model, config, cfg.batch_size, num_steps, cfg.latency_repeats, cfg.seed)
+    row.update(images_per_s=round(ips, 2), latency_ms=round(latency, 3), batch_size=cfg.batch_size,
+               num_samples=cfg.num_samples, eval_seconds=round(time.time() - started, 1))
+    print(f"evaluate: {kind} {steps} step(s) (NFE {nfe}): FID {row['fid']:.3f}, class accuracy "
+          f"{row['class_accuracy']}, diversity {row['diversity']:.3f}, {ips:.1f} img/s, {latency:.1f} ms")
+    return row
+
+
+def save_sample_grid(model, config: dict[str, Any], num_steps: int | None, exp: ExperimentConfig, path: Path) -> Path:
+    """Class-major grid on the evaluation seed: column = class, row = one of `grid_per_class` seeds."""
+    per_class, classes = exp.eval.grid_per_class, max(1, config["label_dim"])
+    labels = class_major_labels(per_class, classes) if config["label_dim"] else None
+    images = sample_images(model, config, per_class * classes, exp.eval.seed, exp.eval.batch_size, num_steps, labels)
+    return save_grid(images, per_class, path, scale=GRID_SCALE)
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a torn last line (a killed writer) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def write_csv(path: Path, records: list[dict[str, Any]], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def loss_table(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows with a step and loss-like columns (loss*, grad_norm*, lr*), in first-seen order."""
+    keep = ("loss", "grad_norm", "lr", "dm_grad_norm")
+    columns = ["step"]
+    for rec in records:
+        columns += [k for k in rec if k.startswith(keep) and k not in columns]
+    return [r for r in records if "step" in r], columns
+
+
+def write_plots(paths: ExperimentPaths, rows: list[dict[str, Any]]) -> None:
+    """Small CSVs for `dvc plots`: student (and teacher) training curves, and FID versus NFE."""
+    plots = paths.results / "plots"
+    for kind, model_dir in (("student", paths.student), ("teacher", paths.teacher)):
+        records, columns = loss_table(read_jsonl(model_dir / "metrics.jsonl"))
+        write_csv(plots / f"{kind}_losses.csv", records, columns)
+    write_csv(plots / "fid_vs_nfe.csv", rows, ["model", "nfe", "fid"])
+
+
+def fid_protocol(ref: FIDReference, exp: ExperimentConfig) -> str:
+    info, n, res = ref.info, exp.eval.num_samples, exp.data.resolution
+    what = ("PROXY FID: features are the {d}-d penultimate layer of a CNN classifier trained on the {ds} training "
+            "split, not Inception-v3; comparable only within this pipeline, never with published FIDs").format(
+        d=info.get("feature_dim"), ds=info.get("dataset"))
+    if not ref.is_proxy:
+        what = "clean-fid 'clean' mode (PIL bicubic resize to 299, TorchScript Inception-v3 pool3, 2048-d)"
+    extra = f"; {exp.eval.fid.protocol}" if exp.eval.fid.protocol else ""
+    return (f"{what}; reference: {info.get('dataset')} {info.get('split')} split ({info.get('count')} real images) at "
+            f"{res}x{res}; {n} generated samples per model with balanced labels and noise seed {exp.eval.seed}{extra}")
+
+
+def real_data_row(ref: FIDReference) -> dict[str, Any]:
+    other = ref.other_info
+    return {"split": ref.other_split, "count": other.get("count"), "fid": round(ref.real_fid(), 4),
+            "diversity": round(other["class_diversity"] / ref.info["class_diversity"], 4),
+            "class_accuracy": ref.classifier_info.get("heldout_accuracy") if ref.other_split == "heldout" else
+            ref.classifier_info.get("train_accuracy"),
+            "note": f"real {ref.other_split} images scored against the {ref.reference_split} reference: the floor "
+                    f"of this FID at {other.get('count')} samples (FID is biased upwards at small N)"}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Flat numbers for `dvc metrics show/diff` (which does not compare lists well)."""
+    flat = {f"{r['model']}_nfe{r['nfe']}_{k}": r[k] for r in rows for k in ("fid", "class_accuracy", "images_per_s")
+            if r.get(k) is not None}
+    student = next((r for r in rows if r["model"] == "student"), None)
+    teachers = [r for r in rows if r["model"] == "teacher"]
+    if student and teachers:
+        full = max(teachers, key=lambda r: r["nfe"])
+        flat["student_speedup_vs_full_teacher"] = round(student["images_per_s"] / full["images_per_s"], 2)
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+def _clip_rows(exp: ExperimentConfig, models: list[tuple[dict[str, Any], Any, dict[str, Any], int | None]],
+               class_names: list[str] | None) -> None:
+    """Optional CLIP score per row (eval.clip.enabled): prompts are the class names of the generated labels."""
+    from dmd2.clip_score import clip_score, load_clip
+
+    clip = load_clip(exp.eval.clip, device())
+    for row, model, config, steps in models:
+        labels = balanced_labels(exp.eval.num_samples, config["label_dim"])
+        images = sample_images(model, config, exp.eval.num_samples, exp.eval.seed, exp.eval.batch_size, steps, labels)
+        names = class_names or [str(c) for c in range(max(1, config["label_dim"]))]
+        prompts = [names[int(c)] for c in labels] if labels is not None else [names[0]] * len(images)
+        row["clip_score"] = round(clip_score(*clip, images, prompts, exp.eval.clip.prompt_prefix), 4)
+
+
+def run_evaluate(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
+    """Score the teacher (at each of `eval.teacher_steps`) and the student; write results/<exp>/."""
+    from dmd2.tracking import hardware_summary, write_stage_record
+
+    started, dev = time.time(), device()
+    ref = FIDReference(exp, paths)
+    teacher, tcfg = load_model(paths.teacher, dev)
+    student, scfg = load_model(paths.student, dev)
+    out = paths.results
+    for folder in ("samples", "plots"):  # declared outputs: start clean so no stale grid or CSV survives
+        shutil.rmtree(out / folder, ignore_errors=True)
+    runs = [("teacher", teacher, tcfg, s) for s in exp.eval.teacher_steps] + [("student", student, scfg, None)]
+    rows, by_row = [], []
+    for kind, model, config, steps in runs:
+        row = evaluate_model(kind, model, config, steps, exp, ref)
+        row["sample_grid"] = f"samples/{kind}_nfe{row['nfe']}.png"
+        save_sample_grid(model, config, steps, exp, out / row["sample_grid"])
+        rows.append(row)
+        by_row.append((row, model, config, steps))
+    if exp.eval.clip.enabled:
+        from dmd2.data import read_meta
+
+        _clip_rows(exp, by_row, read_meta(paths.data / "train.lmdb").get("class_names"))
+    write_plots(paths, rows)
+    metrics = {
+        "experiment": paths.experiment,
+        "fid_protocol": fid_protocol(ref, exp),
+        "fid_is_proxy": ref.is_proxy,
+        "fid_extractor": ref.extractor.name,
+        "fid_reference": {k: ref.info.get(k) for k in ("dataset", "split", "count", "resolution", "source", "feature_dim")},
+        "num_samples": exp.eval.num_samples, "seed": exp.eval.seed, "resolution": exp.data.resolution,
+        "rows": rows,
+        "real_data": real_data_row(ref),
+        "summary": summary(rows),
+        "diversity_definition": DIVERSITY_DEFINITION,
+        "class_accuracy_definition": ACCURACY_DEFINITION,
+        "feature_classifier_heldout_accuracy": ref.classifier_info.get("heldout_accuracy"),
+        "timing": {"throughput": f"median of {THROUGHPUT_REPEATS} batches of eval.batch_size after one warm-up batch",
+                   "latency": f"median of eval.latency_repeats={exp.eval.latency_repeats} batch-1 calls after one "
+                              "warm-up call", "device": str(dev)},
+        "hardware": hardware_summary(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_stage_record(out / "stage.json", "evaluate", started, fid_is_proxy=ref.is_proxy, rows=len(rows))
+    print(f"evaluate: wrote {out / 'metrics.json'}")
+
+
+# ------------------------------------------------------------------------------------ continuous evaluation
+
+
+class CheckpointScorer:
+    """Holds the feature net, the reference statistics and one reusable generator for checkpoint after checkpoint."""
+
+    def __init__(self, exp: ExperimentConfig, paths: ExperimentPaths):
+        self.exp, self.ref = exp, FIDReference(exp, paths)
+        self.config = student_model_config(load_config(paths.teacher), exp.distill)
+        self.model = build_denoiser(self.config).to(device()).eval().requires_grad_(False)
+
+    def score(self, checkpoint: Path) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(checkpoint / "generator.safetensors"))
+        cfg = self.exp.eval
+        labels = balanced_labels(cfg.num_samples, self.config["label_dim"])
+        images = sample_images(self.model, self.config, cfg.num_samples, cfg.seed, cfg.batch_size, None, labels)
+        return {**score_images(self.ref, images, labels), "fid_is_proxy": self.ref.is_proxy, "num_samples": cfg.num_samples}
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else ""
+    with open(path, "a") as f:
+        if text and not text.endswith("\n"):  # a torn line from a killed run: never glue a record onto it
+            f.write("\n")
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def scan_once(scorer: CheckpointScorer, folder: Path, output: Path) -> int:
+    """Score every complete checkpoint in `folder` that `output` does not list yet; returns how many."""
+    from dmd2.checkpoint import checkpoint_step, list_checkpoints
+
+    done = {r.get("step") for r in read_jsonl(output)}
+    scored = 0
+    for ckpt in list_checkpoints(folder):
+        step = checkpoint_step(ckpt)
+        if step in done:
+            continue
+        try:
+            result = scorer.score(ckpt)
+        except (OSError, RuntimeError, ValueError) as err:
+            # rotation may delete a checkpoint between listing and loading; it is simply gone, not an error
+            print(f"evaluate-folder: skipped {ckpt.name} ({type(err).__name__}: {err})")
+            continue
+        _append(output, {"step": step, "fid": result["fid"], "checkpoint": ckpt.name, **result,
+                         "time_unix": round(time.time(), 1)})
+        done.add(step)
+        scored += 1
+        print(f"evaluate-folder: {ckpt.name}: FID {result['fid']:.3f}" + (" (proxy)" if result["fid_is_proxy"] else ""))
+    return scored
+
+
+def evaluate_checkpoint_folder(exp: ExperimentConfig, paths: ExperimentPaths, folder: Path, output_file: str | None,
+                               watch: bool, poll_seconds: float) -> None:
+    """Score each checkpoint in `folder` once (across restarts too); with `watch`, sleep and scan again."""
+    folder = Path(folder)
+    # beside the checkpoints, not inside: rotation deletes checkpoint directories, never this file
+    output = Path(output_file) if output_file else folder.parent / "fid_curve.jsonl"
+    if not watch and not folder.is_dir():
+        print(f"evaluate-folder: {folder} does not exist (no checkpoints yet)")
+        return
+    scorer = CheckpointScorer(exp, paths)
+    try:
+        while True:
+            scan_once(scorer, folder, output)
+            if not watch:
+                break
+            time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        print("evaluate-folder: stopped")
+    print(f"evaluate-folder: results in {output}")
+

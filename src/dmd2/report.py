@@ -1,0 +1,393 @@
+"""`dmd2 report`: one self-contained HTML file (images as data URIs, inline CSS, no scripts, no network).
+
+It reads only what earlier stages wrote (results/<exp>/metrics.json, samples/, the stage.json and
+metrics.jsonl files of the data and model directories, and the optional FID-versus-step curve) and writes
+results/<exp>/report.html and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from dmd2.config import ExperimentConfig, Params, WandbConfig, to_dict
+from dmd2.paths import ExperimentPaths
+
+PACKAGES = ("torch", "accelerate", "diffusers", "clean-fid", "open-clip-torch", "lmdb", "snakemake", "dvc", "wandb")
+
+# Published numbers (DMD2 paper, Tables 1, 2 and 5) for settings an experiment here can reproduce; matched to our
+# rows by model kind and generator/sampler steps (or NFE). Experiments without an entry show "—".
+PAPER_RESULTS: dict[str, dict[str, Any]] = {
+    "imagenet64": {
+        "protocol": "FID-50k, EDM protocol (StyleGAN3 Inception-v3 vs EDM's imagenet-64x64.npz), class-conditional 64x64",
+        "rows": [
+            {"model": "student", "steps": 1, "fid": 1.51, "note": "DMD2 (1.28 with longer training)"},
+            {"model": "teacher", "nfe": 511, "fid": 2.32, "note": "EDM teacher, ODE sampler"},
+        ],
+    },
+    "sdv15": {
+        "protocol": "zero-shot COCO-2014, 30k prompts, clean-fid FID at 256",
+        "rows": [
+            {"model": "student", "steps": 1, "fid": 8.35, "note": "DMD2, 512-px model"},
+            {"model": "teacher", "steps": 50, "fid": 8.59, "note": "SD1.5 teacher, 50-step ODE, cfg 3"},
+        ],
+    },
+    "sdxl": {
+        "protocol": "10k COCO-2014 prompts, clean-fid FID; CLIP score with OpenCLIP ViT-g/14",
+        "rows": [
+            {"model": "student", "steps": 1, "fid": 19.01, "clip_score": 0.336, "note": "DMD2 1-step"},
+            {"model": "student", "steps": 4, "fid": 19.32, "clip_score": 0.332, "note": "DMD2 4-step"},
+            {"model": "teacher", "steps": 100, "fid": 19.36, "clip_score": 0.332, "note": "SDXL teacher, cfg 6"},
+        ],
+    },
+}
+
+CURVES = {
+    "teacher": [("Denoising loss", ["loss"]), ("Gradient norm", ["grad_norm"]), ("Learning rate", ["lr"])],
+    "student": [
+        ("Distribution-matching loss", ["loss_dm"]),
+        ("Fake-score (critic) loss", ["loss_fake"]),
+        ("GAN losses", ["loss_gan_generator", "loss_gan_critic"]),
+        ("Gradient norms", ["grad_norm_generator", "grad_norm_guidance", "dm_grad_norm"]),
+        ("Learning rates", ["lr_generator", "lr_guidance"]),
+    ],
+}
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from dmd2.evaluate import read_jsonl as _read
+
+    return _read(path)
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def sha256_file(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- provenance
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(*candidates: Path) -> dict[str, str]:
+    """Commit and dirty flag of the first candidate folder inside a git work tree with a commit."""
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        commit = _git(["rev-parse", "HEAD"], folder)
+        if commit:
+            status = _git(["status", "--porcelain", "--untracked-files=no"], folder)
+            dirty = "unknown" if status is None else ("yes (uncommitted changes)" if status else "no")
+            return {"commit": commit, "dirty": dirty, "where": str(folder.resolve())}
+    return {"commit": "unknown", "dirty": "unknown", "where": "no git repository with a commit found"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def param_differences(params: Params, name: str) -> list[dict[str, str]]:
+    """Every dotted key whose value differs from a default-constructed config, with both values."""
+    pairs = [(name, to_dict(params.current(name)), to_dict(ExperimentConfig())),
+             ("wandb", to_dict(params.wandb), to_dict(WandbConfig()))]
+    rows = []
+    for prefix, ours, default in pairs:
+        ours_flat, default_flat = flatten(ours, prefix), flatten(default, prefix)
+        for key in sorted(set(ours_flat) | set(default_flat)):
+            if ours_flat.get(key) != default_flat.get(key):
+                rows.append({"key": key, "default": json.dumps(default_flat.get(key)), "value": json.dumps(ours_flat.get(key))})
+    return rows
+
+
+def package_versions() -> list[dict[str, str]]:
+    rows = [{"package": "python", "version": platform.python_version()}]
+    for pkg in PACKAGES:
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        rows.append({"package": pkg, "version": version})
+    return rows
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    minutes, secs = divmod(float(seconds), 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}h {minutes:02d}m {secs:04.1f}s" if hours else (f"{minutes}m {secs:04.1f}s" if minutes else f"{secs:.1f}s")
+
+
+def stage_rows(paths: ExperimentPaths) -> list[dict[str, str]]:
+    files = [("prepare-data", paths.data), ("teacher", paths.teacher), ("distill", paths.student),
+             ("fid-reference", paths.feature_net), ("evaluate", paths.results)]
+    rows = []
+    for stage, folder in files:
+        record = read_json(folder / "stage.json") or {}
+        finished = record.get("finished_unix")
+        hw = record.get("hardware", {})
+        rows.append({"stage": stage, "wall": _duration(record.get("wall_s")),
+                     "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(finished)) if finished else "—",
+                     "device": hw.get("gpu") or hw.get("device") or "—",
+                     "processes": str(record.get("num_processes", 1)) if record else "—"})
+    return rows
+
+
+def provenance(params: Params, name: str, paths: ExperimentPaths) -> dict[str, Any]:
+    from dmd2.models import load_config
+
+    here = Path(__file__).resolve().parent
+    try:
+        source = load_config(paths.teacher).get("source")
+    except Exception:  # a report should still render without the teacher directory
+        source = None
+    return {"git": git_state(here, paths.root),
+            "teacher_source": json.dumps(source, sort_keys=True) if source is not None else "unknown",
+            "teacher_sha256": sha256_file(paths.teacher / "model.safetensors") or "missing",
+            "student_sha256": sha256_file(paths.student / "model.safetensors") or "missing",
+            "param_diffs": param_differences(params, name), "versions": package_versions(),
+            "stages": stage_rows(paths)}
+
+
+# ------------------------------------------------------------------------------------------------- charts
+
+
+def _figure_png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return data_uri(buf.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; also keeps a stray MPLBACKEND from opening windows
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curve_chart(records: list[dict[str, Any]], panels: list[tuple[str, list[str]]], title: str) -> str | None:
+    """One PNG with a panel per (title, keys); keys logged only on some steps are plotted where present."""
+    panels = [(t, [k for k in keys if any(k in r for r in records)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (panel, keys) in zip(axes.flat, panels, strict=False):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None and "step" in r]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.4, label=key)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def fid_step_chart(curve: list[dict[str, Any]], proxy: bool) -> str | None:
+    pts = sorted((r["step"], r["fid"]) for r in curve if "step" in r and r.get("fid") is not None)
+    if not pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    xs, ys = zip(*pts, strict=True)
+    ax.plot(xs, ys, marker="o", markersize=3)
+    ax.set_xlabel("distillation iteration")
+    ax.set_ylabel("proxy FID" if proxy else "FID")
+    ax.set_title("Student FID versus step" + (" (proxy FID)" if proxy else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def fid_nfe_chart(rows: list[dict[str, Any]], proxy: bool) -> str | None:
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for kind, marker in (("teacher", "o"), ("student", "*")):
+        pts = sorted((r["nfe"], r["fid"]) for r in rows if r["model"] == kind)
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker=marker, markersize=9 if kind == "student" else 5, label=kind,
+                    linestyle="-" if kind == "teacher" else "none")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per sample (NFE, log scale)")
+    ax.set_ylabel("proxy FID" if proxy else "FID")
+    ax.set_title("Quality versus sampling cost" + (" (proxy FID)" if proxy else ""), fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def paper_match(experiment: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    for ref in PAPER_RESULTS.get(experiment, {}).get("rows", []):
+        if ref["model"] == row["model"] and (ref.get("steps") == row.get("steps") or ref.get("nfe") == row.get("nfe")):
+            return ref
+    return None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def metric_rows(metrics: dict[str, Any], experiment: str) -> list[dict[str, str]]:
+    ref = metrics.get("fid_reference", {})
+    extractor = (f"proxy CNN ({ref.get('feature_dim')}-d)" if metrics.get("fid_is_proxy")
+                 else "Inception-v3 (clean-fid)")
+    reference = f"{ref.get('dataset')} {ref.get('split')} ({ref.get('count')})"
+    resolution = f"{metrics.get('resolution')}×{metrics.get('resolution')}"
+    out = []
+    for row in metrics.get("rows", []):
+        paper = paper_match(experiment, row)
+        label = f"{row['steps']} Heun step{'s' if row['steps'] != 1 else ''}" if row["model"] == "teacher" \
+            else f"{row['steps']}-step generator"
+        out.append({"model": row["model"].capitalize(), "setting": label, "nfe": str(row["nfe"]),
+                    "extractor": extractor, "reference": reference, "n": str(row.get("num_samples", metrics.get("num_samples"))),
+                    "resolution": resolution, "fid": _fmt(row.get("fid")), "class_accuracy": _fmt(row.get("class_accuracy")),
+                    "diversity": _fmt(row.get("diversity")), "clip_score": _fmt(row.get("clip_score")),
+                    "paper_fid": _fmt(paper["fid"], 2) if paper else "—",
+                    "paper_clip": _fmt(paper.get("clip_score"), 3) if paper else "—",
+                    "paper_note": paper.get("note", "") if paper else ""})
+    return out
+
+
+def speed_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    teachers = [r for r in rows if r["model"] == "teacher"]
+    full = max(teachers, key=lambda r: r["nfe"]) if teachers else None
+    out = []
+    for row in rows:
+        speedup = latency_gain = "—"
+        if full and row is not full:
+            speedup = f"{row['images_per_s'] / full['images_per_s']:.1f}×"
+            latency_gain = f"{full['latency_ms'] / row['latency_ms']:.1f}×"
+        elif full:
+            speedup = latency_gain = "1.0× (reference)"
+        out.append({"model": row["model"].capitalize(), "steps": str(row["steps"]), "nfe": str(row["nfe"]),
+                    "batch_size": str(row["batch_size"]), "images_per_s": _fmt(row["images_per_s"], 1),
+                    "latency_ms": _fmt(row["latency_ms"], 2), "speedup": speedup, "latency_gain": latency_gain})
+    return out
+
+
+def sample_grids(metrics: dict[str, Any], results: Path) -> list[dict[str, str]]:
+    grids = []
+    for row in metrics.get("rows", []):
+        path = results / row.get("sample_grid", f"samples/{row['model']}_nfe{row['nfe']}.png")
+        if path.exists():
+            what = f"{row['steps']} Heun steps" if row["model"] == "teacher" else f"{row['steps']}-step generator"
+            grids.append({"title": f"{row['model'].capitalize()}: {what}, NFE {row['nfe']}",
+                          "src": data_uri(path.read_bytes()), "fid": _fmt(row.get("fid"))})
+    return grids
+
+
+# ------------------------------------------------------------------------------------------------- render
+
+
+def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str, Any]:
+    metrics_file = paths.results / "metrics.json"
+    metrics = read_json(metrics_file)
+    if metrics is None:
+        raise FileNotFoundError(f"{metrics_file} not found or unreadable; run `dmd2 evaluate` first")
+    proxy = bool(metrics.get("fid_is_proxy"))
+    teacher_log = read_jsonl(paths.teacher / "metrics.jsonl")
+    student_log = read_jsonl(paths.student / "metrics.jsonl")
+    fid_curve = read_jsonl(paths.work("distill") / "fid_curve.jsonl")
+    charts = [
+        {"title": "Quality versus NFE", "src": fid_nfe_chart(metrics.get("rows", []), proxy)},
+        {"title": "Teacher training", "src": curve_chart(teacher_log, CURVES["teacher"], "Teacher (EDM) training")},
+        {"title": "Distillation", "src": curve_chart(student_log, CURVES["student"], "DMD2 distillation")},
+        {"title": "FID versus step", "src": fid_step_chart(fid_curve, proxy)},
+    ]
+    paper = PAPER_RESULTS.get(name)
+    return {
+        "experiment": name, "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "metrics": metrics, "proxy": proxy,
+        "fid_label": "Proxy FID" if proxy else "FID", "rows": metric_rows(metrics, name),
+        "has_clip": any(r.get("clip_score") is not None for r in metrics.get("rows", [])),
+        "real": metrics.get("real_data"), "speed": speed_rows(metrics.get("rows", [])),
+        "grids": sample_grids(metrics, paths.results), "charts": [c for c in charts if c["src"]],
+        "missing_charts": [c["title"] for c in charts if not c["src"]], "paper": paper,
+        "provenance": provenance(params, name, paths), "hardware": metrics.get("hardware", {}),
+        "heldout_accuracy": metrics.get("feature_classifier_heldout_accuracy"),
+    }
+
+
+def render(context: dict[str, Any]) -> str:
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("dmd2", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    return env.get_template("report.html.j2").render(**context)
+
+
+def run_report(params: Params, name: str, paths: ExperimentPaths) -> Path:
+    """Write results/<exp>/report.html (atomically) and return its path."""
+    page = render(build_context(params, name, paths))
+    out = paths.results / "report.html"
+    tmp = out.with_name(".report.html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# A single-node Slurm cluster on localhost for tests: munged + slurmctld + slurmd with their state in BASE.
+#   tests/slurm/local-slurm.sh start BASE     (prints nothing on success; daemons daemonise themselves)
+#   tests/slurm/local-slurm.sh stop BASE      (stops only the daemons whose pid files are in BASE)
+# Needs root and Debian's slurmctld slurmd slurm-client munge (envs/system-packages.sh installs them).
+set -euo pipefail
+action=${1:?start|stop}
+base=$(mkdir -p "${2:?BASE directory}" && cd "$2" && pwd)
+
+stop() {
+  for daemon in slurmd slurmctld munged; do
+    pidfile="$base/run/$daemon.pid"
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
+}
+
+start() {
+  mkdir -p "$base"/{etc,run,log,state/ctld,state/d,munge}
+  chmod 0755 "$base" "$base/run"; chmod 0700 "$base/munge"
+  [ -f "$base/munge/munge.key" ] || mungekey -c -k "$base/munge/munge.key"
+  chmod 0400 "$base/munge/munge.key"
+  munged --socket="$base/run/munge.socket" --key-file="$base/munge/munge.key" --pid-file="$base/run/munged.pid" \
+         --log-file="$base/log/munged.log" --seed-file="$base/munge/munged.seed"
+  # 4 CPUs on a 2-core machine (config_overrides): room for a 2-task job next to snakemake's own jobs
+  cpus=${LOCAL_SLURM_CPUS:-4}
+  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
+  cat > "$base/etc/slurm.conf" <<CONF
+ClusterName=localci
+SlurmctldHost=localhost
+SlurmctldPort=${LOCAL_SLURM_PORT:-6817}
+SlurmdPort=$(( ${LOCAL_SLURM_PORT:-6817} + 1 ))
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$base/run/munge.socket
+StateSaveLocation=$base/state/ctld
+SlurmdSpoolDir=$base/state/d
+SlurmctldPidFile=$base/run/slurmctld.pid
+SlurmdPidFile=$base/run/slurmd.pid
+SlurmctldLogFile=$base/log/slurmctld.log
+SlurmdLogFile=$base/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SlurmdParameters=config_overrides
+ReturnToService=2
+InactiveLimit=0
+MinJobAge=300
+KillWait=5
+Waittime=0
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+CONF
+  # Job steps started by the snakemake jobstep lose SLURM_CONF: Slurm 22.05 clients need the default path.
+  mkdir -p /etc/slurm
+  ln -sf "$base/etc/slurm.conf" /etc/slurm/slurm.conf
+  slurmctld -f "$base/etc/slurm.conf"
+  slurmd -f "$base/etc/slurm.conf" -N localhost
+  for _ in $(seq 100); do
+    if sinfo -h -o '%T' 2>/dev/null | grep -q idle; then return 0; fi
+    sleep 0.2
+  done
+  echo "local slurm did not become idle; see $base/log" >&2
+  return 1
+}
+
+case "$action" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop BASE" >&2; exit 2 ;;
+esac

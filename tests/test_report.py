@@ -1,0 +1,141 @@
+"""fid-reference → evaluate → evaluate-folder → report through the real CLI, on the tiny experiment."""
+
+import base64
+import io
+import json
+import math
+import re
+
+import pytest
+from eval_helpers import EVAL_OVERRIDES, eval_pipeline, run_cli
+from PIL import Image
+
+from dmd2.config import load_params
+from dmd2.evaluate import CheckpointScorer, read_jsonl, scan_once
+from dmd2.fid import load_stats
+from dmd2.paths import ExperimentPaths
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return eval_pipeline(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def metrics(root):
+    return json.loads((root / "results/mnist/metrics.json").read_text())
+
+
+def test_fid_reference_outputs(root):
+    ref = root / "models/mnist/fid_reference"
+    names = {p.name for p in ref.iterdir()}
+    assert {"classifier.safetensors", "classifier.json", "reference.json", "stage.json",
+            "mnist_train_proxy_16.npz", "mnist_train_proxy_16.json", "mnist_heldout_proxy_16.npz"} <= names
+    mu, sigma, info = load_stats(ref / "mnist_train_proxy_16.npz")
+    assert mu.shape == (16,) and sigma.shape == (16, 16)
+    assert info["count"] == 4500 and info["split"] == "train" and info["extractor"] == "proxy"
+    stage = json.loads((ref / "stage.json").read_text())
+    assert 0.0 <= stage["heldout_accuracy"] <= 1.0 and stage["wall_s"] >= 0
+
+
+def test_metrics_schema(metrics):
+    assert metrics["fid_is_proxy"] is True
+    assert "PROXY" in metrics["fid_protocol"] and "100 generated samples" in metrics["fid_protocol"]
+    assert "16x16" in metrics["fid_protocol"] and "train split" in metrics["fid_protocol"]
+    rows = metrics["rows"]
+    assert [(r["model"], r["steps"], r["nfe"]) for r in rows] == [("teacher", 1, 1), ("teacher", 3, 5), ("student", 1, 1)]
+    types = {"model": str, "nfe": int, "steps": int, "fid": float, "class_accuracy": float, "diversity": float,
+             "images_per_s": float, "latency_ms": float, "batch_size": int}
+    for row in rows:
+        for key, kind in types.items():
+            assert isinstance(row[key], kind), (key, row[key])
+        assert math.isfinite(row["fid"]) and row["fid"] >= 0
+        assert 0 <= row["class_accuracy"] <= 1 and row["diversity"] > 0
+        assert row["images_per_s"] > 0 and row["latency_ms"] > 0 and row["batch_size"] == EVAL_OVERRIDES["batch_size"]
+    real = metrics["real_data"]
+    assert real["split"] == "heldout" and real["count"] == 500 and real["fid"] >= 0
+    assert "diversity_definition" in metrics and "hardware" in metrics
+    assert 0 <= metrics["feature_classifier_heldout_accuracy"] <= 1
+
+
+def test_results_hold_only_declared_outputs(root, metrics):
+    results = root / "results/mnist"
+    assert {p.name for p in results.iterdir()} == {"metrics.json", "samples", "plots", "stage.json", "report.html"}
+    assert {p.name for p in (results / "samples").iterdir()} == {"teacher_nfe1.png", "teacher_nfe5.png", "student_nfe1.png"}
+    grid = Image.open(results / "samples/student_nfe1.png")
+    # class-major: 10 columns of 16 px tiles + 1 px padding, 2 rows (grid_per_class), scaled x3
+    assert grid.size == (3 * (10 * 17 + 1), 3 * (2 * 17 + 1))
+    student_csv = (results / "plots/student_losses.csv").read_text().splitlines()
+    logged = read_jsonl(root / "models/mnist/student/metrics.jsonl")
+    assert student_csv[0].startswith("step,") and "loss_dm" in student_csv[0] and len(student_csv) == 1 + len(logged)
+    fid_csv = (results / "plots/fid_vs_nfe.csv").read_text().splitlines()
+    assert fid_csv[0] == "model,nfe,fid" and len(fid_csv) == 4
+
+
+def test_same_seed_gives_identical_metrics_rows_on_rerun(root, metrics):
+    run_cli(root, "evaluate")
+    again = json.loads((root / "results/mnist/metrics.json").read_text())
+    for a, b in zip(metrics["rows"], again["rows"], strict=True):
+        assert (a["fid"], a["class_accuracy"], a["diversity"]) == (b["fid"], b["class_accuracy"], b["diversity"])
+
+
+def test_checkpoint_folder_scores_each_checkpoint_once(root):
+    curve = root / "work/mnist/distill/fid_curve.jsonl"
+    records = read_jsonl(curve)
+    assert [r["step"] for r in records] == [3, 6]  # checkpoint_every 3, keep_last 2
+    assert all(r["checkpoint"] == f"ckpt-{r['step']:07d}" and r["fid"] >= 0 for r in records)
+    assert not (root / "work/mnist/distill/checkpoints/fid_curve.jsonl").exists()
+    params = load_params(root / "params.yaml")
+    scorer = CheckpointScorer(params.current("mnist"), ExperimentPaths("mnist", root))
+    assert scan_once(scorer, root / "work/mnist/distill/checkpoints", curve) == 0  # a restart re-scores nothing
+    assert len(read_jsonl(curve)) == 2
+
+
+def test_watch_mode_sleeps_between_scans_and_stops_on_ctrl_c(root, tmp_path, monkeypatch):
+    import dmd2.evaluate as evaluate
+
+    output = tmp_path / "curve.jsonl"
+    output.write_text('{"step": 3, "fid": 1.0, "checkpoint": "ckpt-0000003"}\n{"step": 6, "fi')  # torn by a kill
+    naps = []
+
+    def fake_sleep(seconds):
+        naps.append(seconds)
+        if len(naps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate.time, "sleep", fake_sleep)
+    params = load_params(root / "params.yaml")
+    evaluate.evaluate_checkpoint_folder(params.current("mnist"), ExperimentPaths("mnist", root),
+                                        root / "work/mnist/distill/checkpoints", str(output), True, 7.5)
+    assert naps == [7.5, 7.5]  # one sleep per scan, never a busy loop
+    records = read_jsonl(output)
+    assert [r["step"] for r in records] == [3, 6]  # step 3 kept as it was, step 6 scored once after the torn line
+    assert records[0]["fid"] == 1.0
+
+
+def test_report_is_self_contained(root):
+    page = (root / "results/mnist/report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I), "external resource reference"
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", page, re.I) and "@import" not in page
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) >= 3 + 4  # three sample grids; NFE, teacher, student and FID-versus-step charts
+    for data in images:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    # provenance and protocol labels
+    for text in ("Proxy metrics", "Proxy FID", "not comparable with published FIDs", "Git commit",
+                 "Teacher weights (sha256)", "mnist.eval.num_samples", "Stage wall times", "open-clip-torch",
+                 "Images / s", "FID versus step"):
+        assert text in page, text
+    assert "—" in page  # no paper number for mnist
+
+
+def test_paper_numbers_slot_in_for_other_experiments():
+    from dmd2.report import paper_match
+
+    assert paper_match("imagenet64", {"model": "student", "steps": 1, "nfe": 1})["fid"] == 1.51
+    assert paper_match("imagenet64", {"model": "teacher", "steps": 256, "nfe": 511})["fid"] == 2.32
+    assert paper_match("sdxl", {"model": "student", "steps": 4, "nfe": 4})["clip_score"] == 0.332
+    assert paper_match("mnist", {"model": "student", "steps": 1, "nfe": 1}) is None
