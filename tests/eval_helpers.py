@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
-from tiny import write_tiny_params
+from tiny import run_dir, write_tiny_params
 
 from dmd2.cli import main
 
@@ -37,7 +37,7 @@ def eval_pipeline(tmp_path_factory) -> Path:
         write_tiny_params(root, eval=EVAL_OVERRIDES)
         for stage in STAGES:
             run_cli(root, stage)
-        run_cli(root, "evaluate-folder", "--folder", str(root / "work/mnist/distill/checkpoints"), "--once")
+        run_cli(root, "evaluate-folder", "--folder", str(run_dir(root, "distill") / "checkpoints"), "--once")
         run_cli(root, "report")
         _BUILT["root"] = root
     return _BUILT["root"]

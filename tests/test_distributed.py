@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import fresh_copy, run, write_tiny_params
+from tiny import fresh_copy, run, run_dir, write_tiny_params
 
 PARAM_RTOL, LOSS_RTOL = 1e-4, 1e-3
 TWO_PROCESSES = {"launch": {"distributed": "ddp", "processes_per_machine": 2}}
@@ -36,7 +36,7 @@ def relative_difference(a: Path, b: Path) -> float:
 
 
 def final_losses(root: Path) -> dict[str, float]:
-    last = json.loads((root / "work/mnist/distill/metrics.jsonl").read_text().splitlines()[-1])
+    last = json.loads((run_dir(root, "distill") / "metrics.jsonl").read_text().splitlines()[-1])
     return {k: v for k, v in last.items() if k.startswith("loss")}
 
 

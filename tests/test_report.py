@@ -9,6 +9,7 @@ import re
 import pytest
 from eval_helpers import EVAL_OVERRIDES, eval_pipeline, run_cli
 from PIL import Image
+from tiny import run_dir
 
 from dmd2.config import load_params
 from dmd2.evaluate import CheckpointScorer, read_jsonl, scan_once
@@ -82,14 +83,14 @@ def test_same_seed_gives_identical_metrics_rows_on_rerun(root, metrics):
 
 
 def test_checkpoint_folder_scores_each_checkpoint_once(root):
-    curve = root / "work/mnist/distill/fid_curve.jsonl"
+    curve = run_dir(root, "distill") / "fid_curve.jsonl"
     records = read_jsonl(curve)
     assert [r["step"] for r in records] == [3, 6]  # checkpoint_every 3, keep_last 2
     assert all(r["checkpoint"] == f"ckpt-{r['step']:07d}" and r["fid"] >= 0 for r in records)
-    assert not (root / "work/mnist/distill/checkpoints/fid_curve.jsonl").exists()
+    assert not (run_dir(root, "distill") / "checkpoints/fid_curve.jsonl").exists()
     params = load_params(root / "params.yaml")
     scorer = CheckpointScorer(params.current("mnist"), ExperimentPaths("mnist", root))
-    assert scan_once(scorer, root / "work/mnist/distill/checkpoints", curve) == 0  # a restart re-scores nothing
+    assert scan_once(scorer, run_dir(root, "distill") / "checkpoints", curve) == 0  # a restart re-scores nothing
     assert len(read_jsonl(curve)) == 2
 
 
@@ -108,7 +109,7 @@ def test_watch_mode_sleeps_between_scans_and_stops_on_ctrl_c(root, tmp_path, mon
     monkeypatch.setattr(evaluate.time, "sleep", fake_sleep)
     params = load_params(root / "params.yaml")
     evaluate.evaluate_checkpoint_folder(params.current("mnist"), ExperimentPaths("mnist", root),
-                                        root / "work/mnist/distill/checkpoints", str(output), True, 7.5)
+                                        run_dir(root, "distill") / "checkpoints", str(output), True, 7.5)
     assert naps == [7.5, 7.5]  # one sleep per scan, never a busy loop
     records = read_jsonl(output)
     assert [r["step"] for r in records] == [3, 6]  # step 3 kept as it was, step 6 scored once after the torn line

@@ -1,6 +1,7 @@
 """The real stages on a tiny configuration: data → teacher → distill, resume equivalence and crash recovery."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny import fresh_copy, run, write_tiny_params
+from tiny import fresh_copy, run, run_dir, write_tiny_params
 
-from dmd2.checkpoint import list_checkpoints
+from dmd2.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint
 from dmd2.cli import main
 
 
@@ -31,7 +32,7 @@ def test_teacher_outputs_the_normalised_format(prepared):
     teacher = prepared / "models/mnist/teacher"
     assert {"model.safetensors", "config.json", "metrics.jsonl", "stage.json"} <= {p.name for p in teacher.iterdir()}
     # teacher training resumes too: rerunning with more steps continues from its checkpoint
-    assert [p.name for p in list_checkpoints(prepared / "work/mnist/teacher/checkpoints")][-1] == "ckpt-0000006"
+    assert [p.name for p in list_checkpoints(run_dir(prepared, "teacher") / "checkpoints")][-1] == "ckpt-0000006"
 
 
 @pytest.mark.slow
@@ -44,7 +45,7 @@ def test_resume_is_bit_identical(prepared, tmp_path, timesteps):
     write_tiny_params(split, distill={"denoising_timesteps": timesteps})  # steps back to 6: resume from ckpt 3
     run(split, "distill")
     assert_identical(student_weights(one_go), student_weights(split))
-    log = (split / "work/mnist/distill/metrics.jsonl").read_text().splitlines()
+    log = (run_dir(split, "distill") / "metrics.jsonl").read_text().splitlines()
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [1, 2, 3, 4, 5, 6]
 
 
@@ -55,10 +56,10 @@ def test_sigkill_mid_run_then_rerun_continues_identically(prepared, tmp_path):
     victim = fresh_copy(prepared, tmp_path / "victim", distill={"checkpoint_every": 1, "steps": 12})
     cmd = [sys.executable, "-m", "dmd2.cli", "distill", "--params", str(victim / "params.yaml"), "--root", str(victim)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    ckpts = victim / "work/mnist/distill/checkpoints"
+    runs = victim / "work/mnist/distill"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        if any(p.name.startswith(".ckpt") or p.name >= "ckpt-0000004" for p in ckpts.glob("*ckpt-*")):
+        if any(p.name.startswith(".ckpt") or p.name >= "ckpt-0000004" for p in runs.glob("run-*/checkpoints/*ckpt-*")):
             break
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
@@ -73,12 +74,12 @@ def test_seed_cli_surface_config_save_every_and_wandb_offline(prepared, tmp_path
     (root / "my.yaml").write_text("steps: 4\nwandb:\n  project: dmd2-test\n")
     run(root, "distill", "--config", str(root / "my.yaml"), "--save_every", "2", "--wandb_mode", "offline",
         "--wandb_dir", str(root / "wb"), "--wandb_run_name", "seed-surface", "--wandb_log_every", "1")
-    ckpts = [p.name for p in list_checkpoints(root / "work/mnist/distill/checkpoints")]
+    ckpts = [p.name for p in list_checkpoints(run_dir(root, "distill") / "checkpoints")]
     assert ckpts == ["ckpt-0000002", "ckpt-0000004"]
     assert list((root / "wb").rglob("offline-run-*")), "wandb wrote no offline run"
     # --resume_from_checkpoint: restart from step 2, dropping the later checkpoint, and finish again
     run(root, "distill", "--config", str(root / "my.yaml"), "--resume_from_checkpoint",
-        str(root / "work/mnist/distill/checkpoints/ckpt-0000002"))
+        str(run_dir(root, "distill") / "checkpoints/ckpt-0000002"))
     assert (root / "models/mnist/student/model.safetensors").exists()
 
 
@@ -93,19 +94,34 @@ def test_bf16_autocast_and_gradient_checkpointing_run(prepared, tmp_path):
     root = fresh_copy(prepared, tmp_path / "opts", distill={"mixed_precision": "bf16", "gradient_checkpointing": True,
                                                             "steps": 2})
     run(root, "distill")
-    last = (root / "work/mnist/distill/metrics.jsonl").read_text().splitlines()[-1]
+    last = (run_dir(root, "distill") / "metrics.jsonl").read_text().splitlines()[-1]
     assert '"loss_fake"' in last and "NaN" not in last
 
 
 def test_a_nan_loss_stops_with_the_last_good_checkpoint_intact(prepared, tmp_path):
-    root = fresh_copy(prepared, tmp_path / "nan", distill={"steps": 3, "checkpoint_every": 1})
-    run(root, "distill")
-    write_tiny_params(root, distill={"steps": 6, "checkpoint_every": 1, "generator_lr": 1e30, "guidance_lr": 1e30})
+    root = fresh_copy(prepared, tmp_path / "nan", distill={"steps": 6, "checkpoint_every": 1, "warmup_steps": 0,
+                                                           "generator_lr": 1e30, "guidance_lr": 1e30})
     from dmd2.cli import main
 
     result = CliRunner().invoke(main, ["distill", "--params", str(root / "params.yaml"), "--root", str(root)])
     assert isinstance(result.exception, FloatingPointError), result.output
-    assert "last good checkpoint is intact" in str(result.exception)
-    latest = list_checkpoints(root / "work/mnist/distill/checkpoints")[-1]
-    weights = load_file(latest / "generator.safetensors")
-    assert all(torch.isfinite(v).all() for v in weights.values())
+    message = str(result.exception)
+    assert "last good checkpoint is intact" in message
+    failed_at = int(re.search(r"at iteration (\d+)", message).group(1))
+    checkpoints = list_checkpoints(run_dir(root, "distill") / "checkpoints")
+    assert checkpoints and checkpoint_step(checkpoints[-1]) <= failed_at  # nothing written after the bad step
+    load_checkpoint(checkpoints[-1])
+    assert not (root / "models/mnist/student").exists()
+
+
+def test_changed_settings_start_a_fresh_run_and_keep_the_old_one(prepared, tmp_path):
+    root = fresh_copy(prepared, tmp_path / "fresh", distill={"steps": 2})
+    run(root, "distill")
+    first = run_dir(root, "distill")
+    write_tiny_params(root, distill={"steps": 2, "generator_lr": 1e-5})  # a learning rate: a different run
+    run(root, "distill")
+    runs = sorted(p.name for p in (root / "work/mnist/distill").glob("run-*"))
+    assert len(runs) == 2 and first.exists()
+    write_tiny_params(root, distill={"steps": 4, "generator_lr": 1e-5})  # more steps: the same run, extended
+    run(root, "distill")
+    assert len(list((root / "work/mnist/distill").glob("run-*"))) == 2

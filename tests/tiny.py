@@ -49,3 +49,10 @@ def fresh_copy(prepared: Path, dest: Path, **overrides: dict) -> Path:
         shutil.copytree(prepared / name, dest / name, ignore=shutil.ignore_patterns("student"))
     write_tiny_params(dest, **overrides)
     return dest
+
+
+def run_dir(root: Path, stage: str) -> Path:
+    """The (single) run directory a training stage made under work/mnist/<stage>/."""
+    runs = sorted((root / "work/mnist" / stage).glob("run-*"), key=lambda p: p.stat().st_mtime)
+    assert runs, f"no run directory under {root / 'work/mnist' / stage}"
+    return runs[-1]

@@ -9,6 +9,7 @@ the debris.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -93,3 +94,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def run_directory(work_dir: str | Path, settings: dict[str, Any], ignore: set[str], inputs: list[Path]) -> Path:
+    """`work_dir/run-<fingerprint>`: where one training run keeps its checkpoints and log.
+
+    The fingerprint covers the settings that change what is trained (not `ignore`d ones such as the step count
+    or logging cadence) and the contents of the input files. Rerunning with the same fingerprint resumes, and
+    raising `steps` extends the run; changing a learning rate or retraining the teacher starts a fresh run
+    beside the old one instead of resuming a run made with other settings (nothing is deleted).
+    """
+    digest = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k not in ignore}, sort_keys=True).encode())
+    for path in inputs:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return Path(work_dir) / f"run-{digest.hexdigest()[:12]}"

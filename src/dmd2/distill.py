@@ -19,13 +19,23 @@ from torch import nn
 from tqdm import tqdm
 
 from dmd2.adapters import DenoiserAdapter, EDMAdapter
-from dmd2.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dmd2.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    run_directory,
+    save_checkpoint,
+    set_rng_state,
+)
 from dmd2.config import DistillConfig, ExperimentConfig, WandbConfig, to_dict
 from dmd2.data import RandomBatches, open_split
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_critic_loss, gan_generator_loss
 from dmd2.models import load_model, save_model
 from dmd2.networks import GANHead
 from dmd2.teacher import warmup_schedule
+
+# Settings that only say how far or how visibly to train: changing them resumes the same run.
+DISTILL_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every"}
 
 
 class GlobalBatchRandom:
@@ -259,8 +269,8 @@ def build_guidance(adapter: DenoiserAdapter, teacher: nn.Module, cfg: DistillCon
 def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_dir: Path, work_dir: Path,
                 wandb_cfg: WandbConfig, experiment: str, accelerator: Accelerator | None = None,
                 resume_from: Path | None = None) -> dict[str, Any]:
-    """Distil `teacher_dir` into a student in `out_dir`; rerunning the same command resumes from `work_dir`
-    (or from `resume_from`, a checkpoint directory)."""
+    """Distil `teacher_dir` into a student in `out_dir`; rerunning the same command resumes from the run's
+    directory under `work_dir` (see `run_directory`), or from `resume_from`, a checkpoint directory."""
     from dmd2.tracking import MetricsLog, Wandb
 
     cfg = exp.distill
@@ -282,7 +292,8 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     guidance = build_guidance(adapter, teacher, cfg, spatial)
     trainer = DMD2Trainer(adapter, teacher, generator, guidance, cfg, shape, acc)
 
-    ckpt_dir, step, elapsed = work_dir / "checkpoints", 0, 0.0
+    run_dir = run_directory(work_dir, to_dict(cfg), DISTILL_PROGRESS_KEYS, [teacher_dir / "model.safetensors"])
+    ckpt_dir, step, elapsed = run_dir / "checkpoints", 0, 0.0
     latest = resume_from or latest_checkpoint(ckpt_dir)
     if latest is not None:
         models, state, meta = load_checkpoint(latest)
@@ -294,7 +305,8 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
         acc.print(f"resuming distillation from {latest} (iteration {step})")
 
     main = acc.is_main_process
-    log = MetricsLog(work_dir / "metrics.jsonl", resume_step=step, enabled=main)
+    acc.print(f"distillation run directory: {run_dir}")
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=main)
     tracker = Wandb(wandb_cfg, "distill", experiment, to_dict(cfg), enabled=main)
     num_classes = tcfg["label_dim"]
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True, mininterval=2, disable=not main)
@@ -324,9 +336,9 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
     if main:
         student_cfg = {**student_model_config(tcfg, cfg),
-                       "source": {"type": "dmd2", "teacher": str(teacher_dir), "iterations": cfg.steps}}
+                       "source": {"type": "dmd2", "teacher": str(teacher_dir), "iterations": cfg.steps, "run": run_dir.name}}
         save_model(out_dir, acc.unwrap_model(trainer.generator), student_cfg,
-                   extra_files={"metrics.jsonl": (work_dir / "metrics.jsonl").read_text()})
+                   extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
     acc.wait_for_everyone()
     return summary
 

@@ -354,7 +354,7 @@ def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str
     proxy = bool(metrics.get("fid_is_proxy"))
     teacher_log = read_jsonl(paths.teacher / "metrics.jsonl")
     student_log = read_jsonl(paths.student / "metrics.jsonl")
-    fid_curve = read_jsonl(paths.work("distill") / "fid_curve.jsonl")
+    fid_curve = read_jsonl(_student_run(paths) / "fid_curve.jsonl")
     charts = [
         {"title": "Quality versus NFE", "src": fid_nfe_chart(metrics.get("rows", []), proxy)},
         {"title": "Teacher training", "src": curve_chart(teacher_log, CURVES["teacher"], "Teacher (EDM) training")},
@@ -381,6 +381,13 @@ def render(context: dict[str, Any]) -> str:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
     return env.get_template("report.html.j2").render(**context)
+
+
+def _student_run(paths: ExperimentPaths) -> Path:
+    """The work directory of the run that produced the student (`dmd2 evaluate-folder` writes its curve there)."""
+    config = paths.student / "config.json"
+    run = json.loads(config.read_text()).get("source", {}).get("run", "") if config.exists() else ""
+    return paths.work("distill") / run
 
 
 def run_report(params: Params, name: str, paths: ExperimentPaths) -> Path:

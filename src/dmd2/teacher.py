@@ -10,12 +10,22 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dmd2.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dmd2.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    run_directory,
+    save_checkpoint,
+    set_rng_state,
+)
 from dmd2.config import ExperimentConfig, WandbConfig, to_dict
 from dmd2.data import RandomBatches, open_split
 from dmd2.edm import EMA, denoising_loss, sample_training_sigma
 from dmd2.models import build_denoiser, save_model
 from dmd2.networks import one_hot
+
+# Settings that only say how far or how visibly to train: changing them resumes the same run.
+TEACHER_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
 
 
 def teacher_model_config(exp: ExperimentConfig, channels: int, num_classes: int) -> dict[str, Any]:
@@ -46,7 +56,8 @@ def train_teacher(exp: ExperimentConfig, data_dir: Path, out_dir: Path, work_dir
     batches = RandomBatches(train, cfg.batch_size, cfg.seed)
 
     step, elapsed = 0, 0.0
-    ckpt_dir = work_dir / "checkpoints"
+    run_dir = run_directory(work_dir, {**to_dict(cfg), "data": train.meta}, TEACHER_PROGRESS_KEYS, [])
+    ckpt_dir = run_dir / "checkpoints"
     latest = resume_from or latest_checkpoint(ckpt_dir)
     if latest is not None:
         models, state, meta = load_checkpoint(latest)
@@ -59,7 +70,8 @@ def train_teacher(exp: ExperimentConfig, data_dir: Path, out_dir: Path, work_dir
         step, elapsed = meta["step"], meta.get("train_seconds", 0.0)
         print(f"resuming teacher training from {latest} (step {step})")
 
-    log = MetricsLog(work_dir / "metrics.jsonl", resume_step=step)
+    print(f"teacher run directory: {run_dir}")
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
     tracker = Wandb(wandb_cfg, "teacher", experiment, to_dict(cfg))
     denoiser.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True, mininterval=2)
@@ -97,7 +109,7 @@ def train_teacher(exp: ExperimentConfig, data_dir: Path, out_dir: Path, work_dir
     denoiser.load_state_dict(ema.shadow)
     source = {"type": "trained", "steps": cfg.steps, "data_sha256": train.meta["source_sha256"]}
     save_model(out_dir, denoiser, {**model_cfg, "source": source},
-               extra_files={"metrics.jsonl": (work_dir / "metrics.jsonl").read_text()})
+               extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
     summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1),
                "invocation_seconds": round(time.time() - started, 1)}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
