@@ -3,8 +3,8 @@
     python benchmarks/distill_overhead.py [--params params.yaml] [--iterations 60] [--set distill.batch_size=64]
 
 Runs the real `dmd2 distill` loop for a few iterations on the current experiment (its data and teacher must
-exist: `snakemake models/mnist/teacher`), in a scratch work directory, with every network's forward and
-backward wrapped in timers. "Everything else" is the rest of the iteration wall time: data loading,
+exist: `snakemake models/mnist/teacher`), in a scratch work directory, with every network's forward pass and
+every backward pass timed. "Everything else" is the rest of the iteration wall time: data loading,
 optimiser steps, logging and checkpointing (a checkpoint is written every `--checkpoint_every` iterations so
 its cost is included). Prints figures; asserts nothing.
 """
@@ -26,22 +26,28 @@ TIMES: dict[str, float] = defaultdict(float)
 
 
 def timed_module(module: torch.nn.Module, name: str) -> None:
-    """Accumulate forward time, and backward time through tensor hooks on the module's outputs."""
+    """Accumulate the module's forward time (backward passes are timed as a whole, in `Accelerator.backward`)."""
 
-    def pre(_m, _args, _kwargs=None):
+    def pre(_m, _args, _kwargs):
         TIMES[f"_start_{name}"] = time.perf_counter()
 
-    def post(_m, _args, *rest):
-        output = rest[-1]
+    def post(_m, _args, _kwargs, output):
         TIMES[f"{name}.forward"] += time.perf_counter() - TIMES.pop(f"_start_{name}")
         return output
 
     module.register_forward_pre_hook(pre, with_kwargs=True)
     module.register_forward_hook(post, with_kwargs=True)
-    module.register_full_backward_pre_hook(lambda m, g: TIMES.__setitem__(f"_bstart_{name}", time.perf_counter()))
-    module.register_full_backward_hook(
-        lambda m, gi, go: TIMES.__setitem__(f"{name}.backward", TIMES[f"{name}.backward"] + time.perf_counter()
-                                            - TIMES.pop(f"_bstart_{name}", time.perf_counter())))
+
+
+def timed_backward(accelerator) -> None:
+    original = accelerator.backward
+
+    def backward(loss, **kwargs):
+        start = time.perf_counter()
+        original(loss, **kwargs)
+        TIMES["backward (all models)"] += time.perf_counter() - start
+
+    accelerator.backward = backward
 
 
 def main() -> None:
@@ -68,6 +74,7 @@ def main() -> None:
         if guidance.head is not None:
             timed_module(guidance.head, "gan_head")
         original_init(self, adapter, teacher, generator, guidance, *rest, **kw)
+        timed_backward(self.acc)
 
     original_step = distill.DMD2Trainer.train_step
 
@@ -85,7 +92,6 @@ def main() -> None:
     loop_start = TIMES.pop("_loop_start")
     startup, total = loop_start - start, end - loop_start
 
-    # The critic's backward hook also fires inside the GAN head's input gradient; count module time once.
     model = sum(v for k, v in TIMES.items() if not k.startswith("_"))
     print(f"experiment {params.experiment}: {args.iterations} iterations, batch {exp.distill.batch_size}, "
           f"generator every {exp.distill.dfake_gen_update_ratio}, GAN {'on' if exp.distill.gan.enabled else 'off'}, "
