@@ -125,3 +125,12 @@ def test_changed_settings_start_a_fresh_run_and_keep_the_old_one(prepared, tmp_p
     write_tiny_params(root, distill={"steps": 4, "generator_lr": 1e-5})  # more steps: the same run, extended
     run(root, "distill")
     assert len(list((root / "work/mnist/distill").glob("run-*"))) == 2
+
+
+def test_metrics_log_drops_lines_past_the_resume_point_and_torn_lines(tmp_path):
+    from dmd2.tracking import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    MetricsLog(path, resume_step=2).write({"step": 3, "new": True})
+    assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2}', '{"step": 3, "new": true}']
