@@ -12,9 +12,10 @@ from PIL import Image
 from tiny import run_dir
 
 from dmd2.config import load_params
-from dmd2.evaluate import CheckpointScorer, read_jsonl, scan_once
+from dmd2.evaluate import CheckpointScorer, scan_once
 from dmd2.fid import load_stats
 from dmd2.paths import ExperimentPaths
+from dmd2.tracking import read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -96,6 +96,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_directory(work_dir: str | Path, settings: dict[str, Any], ignore: set[str], inputs: list[Path]) -> Path:
     """`work_dir/run-<fingerprint>`: where one training run keeps its checkpoints and log.
 
@@ -106,7 +114,5 @@ def run_directory(work_dir: str | Path, settings: dict[str, Any], ignore: set[st
     """
     digest = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k not in ignore}, sort_keys=True).encode())
     for path in inputs:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(sha256_file(path).encode())
     return Path(work_dir) / f"run-{digest.hexdigest()[:12]}"

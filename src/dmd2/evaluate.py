@@ -23,6 +23,7 @@ from dmd2.fid import FIDReference, class_diversity, classifier_accuracy, device
 from dmd2.models import build_denoiser, load_config, load_model, model_nfe, sample
 from dmd2.paths import ExperimentPaths
 from dmd2.sampling import balanced_labels, class_major_labels, fixed_noise, sample_images, save_grid
+from dmd2.tracking import read_jsonl
 
 THROUGHPUT_REPEATS = 3
 GRID_SCALE = 3
@@ -100,19 +101,6 @@ def save_sample_grid(model, config: dict[str, Any], num_steps: int | None, exp: 
 
 
 # ------------------------------------------------------------------------------------------------- output
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a torn last line (a killed writer) is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def write_csv(path: Path, records: list[dict[str, Any]], columns: list[str]) -> None:

@@ -14,7 +14,6 @@ The `fid-reference` stage trains the classifier and caches Gaussian statistics o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -28,6 +27,7 @@ import torch
 from scipy import linalg
 from torch import nn
 
+from dmd2.checkpoint import sha256_file
 from dmd2.config import ClassifierConfig, ExperimentConfig, FIDConfig
 from dmd2.paths import ExperimentPaths
 
@@ -120,14 +120,6 @@ def class_diversity(features: np.ndarray, labels: np.ndarray | None, max_per_cla
         dist = torch.cdist(x, x)
         means.append(float(dist.sum() / (len(idx) * (len(idx) - 1))))
     return float(np.mean(means)) if means else float("nan")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def device() -> torch.device:

@@ -8,7 +8,6 @@ results/<exp>/report.html and nothing else.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -19,8 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dmd2.checkpoint import sha256_file
 from dmd2.config import ExperimentConfig, Params, WandbConfig, to_dict
 from dmd2.paths import ExperimentPaths
+from dmd2.tracking import read_jsonl
 
 PACKAGES = ("torch", "accelerate", "diffusers", "clean-fid", "open-clip-torch", "lmdb", "snakemake", "dvc", "wandb")
 
@@ -73,24 +74,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    from dmd2.evaluate import read_jsonl as _read
-
-    return _read(path)
-
-
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def sha256_file(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def sha256_or_none(path: Path) -> str | None:
+    return sha256_file(path) if path.exists() else None
 
 
 # --------------------------------------------------------------------------------------------- provenance
@@ -183,8 +172,8 @@ def provenance(params: Params, name: str, paths: ExperimentPaths) -> dict[str, A
         source = None
     return {"git": git_state(here, paths.root),
             "teacher_source": json.dumps(source, sort_keys=True) if source is not None else "unknown",
-            "teacher_sha256": sha256_file(paths.teacher / "model.safetensors") or "missing",
-            "student_sha256": sha256_file(paths.student / "model.safetensors") or "missing",
+            "teacher_sha256": sha256_or_none(paths.teacher / "model.safetensors") or "missing",
+            "student_sha256": sha256_or_none(paths.student / "model.safetensors") or "missing",
             "param_diffs": param_differences(params, name), "versions": package_versions(),
             "stages": stage_rows(paths)}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -112,5 +111,4 @@ def train_teacher(exp: ExperimentConfig, data_dir: Path, out_dir: Path, work_dir
                extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
     summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1),
                "invocation_seconds": round(time.time() - started, 1)}
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -30,6 +30,20 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines log; a torn line (a killed writer) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def _step_of(line: str) -> float:
     """A log line's step; a torn line (the writer was killed mid-write) counts as past any resume point."""
     try:
