@@ -1,4 +1,4 @@
-"""Real multi-process DMD2: 2 CPU processes over gloo (accelerate launch, DDP) against 1 process.
+"""Real multi-process DMD2: 2 CPU processes over gloo (accelerate launch; DDP, or FSDP2 sharding) against 1.
 
 Every rank draws the random numbers of the whole global batch and keeps its slice (GlobalBatchRandom), so a
 2-process run with the same global batch is the 1-process run up to floating-point reduction order. The
@@ -15,9 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import fresh_copy, run, run_dir, write_tiny_params
+from torch.distributed.checkpoint import FileSystemReader
+
+from dmd2.checkpoint import latest_checkpoint
 
 PARAM_RTOL, LOSS_RTOL = 1e-4, 1e-3
 TWO_PROCESSES = {"launch": {"distributed": "ddp", "processes_per_machine": 2}}
+
+
+def fsdp(strategy: str = "FULL_SHARD") -> dict:
+    """2 processes sharding with FSDP2; a small wrap threshold so the tiny UNet gets inner units too."""
+    return {"launch": {"distributed": "fsdp", "processes_per_machine": 2,
+                       "fsdp": {"sharding_strategy": strategy, "min_num_params": 2000}}}
 
 
 def distill_subprocess(root: Path) -> None:
@@ -40,21 +49,30 @@ def final_losses(root: Path) -> dict[str, float]:
     return {k: v for k, v in last.items() if k.startswith("loss")}
 
 
-@pytest.mark.integration
-def test_two_processes_match_one_process_and_resume_across_world_sizes(prepared, tmp_path):
-    one = fresh_copy(prepared, tmp_path / "one")
-    run(one, "distill")
+def assert_matches(one: Path, other: Path, label: str) -> None:
+    difference = relative_difference(one, other)
+    print(f"1 process vs {label}: relative parameter difference {difference:.3e}; "
+          f"final losses {final_losses(one)} vs {final_losses(other)}")
+    assert difference < PARAM_RTOL
+    for key, value in final_losses(one).items():
+        assert abs(final_losses(other)[key] - value) <= LOSS_RTOL * max(abs(value), 1e-6), key
 
+
+@pytest.fixture(scope="module")
+def one(prepared, tmp_path_factory) -> Path:
+    """The reference: the tiny distillation in one process."""
+    root = fresh_copy(prepared, tmp_path_factory.mktemp("one") / "one")
+    run(root, "distill")
+    return root
+
+
+@pytest.mark.integration
+def test_two_processes_match_one_process_and_resume_across_world_sizes(one, prepared, tmp_path):
     two = fresh_copy(prepared, tmp_path / "two", **TWO_PROCESSES)
     distill_subprocess(two)
     stage = json.loads((two / "models/mnist/student/stage.json").read_text())
     assert stage["num_processes"] == 2
-    difference = relative_difference(one, two)
-    print(f"1 vs 2 processes: relative parameter difference {difference:.3e}; "
-          f"final losses {final_losses(one)} vs {final_losses(two)}")
-    assert difference < PARAM_RTOL
-    for key, value in final_losses(one).items():
-        assert abs(final_losses(two)[key] - value) <= LOSS_RTOL * max(abs(value), 1e-6), key
+    assert_matches(one, two, "2 processes (DDP)")
 
     # stop a 2-process run half way, resume it with 1 process: same result as the uninterrupted run
     mixed = fresh_copy(prepared, tmp_path / "mixed", distill={"steps": 3}, **TWO_PROCESSES)
@@ -62,3 +80,43 @@ def test_two_processes_match_one_process_and_resume_across_world_sizes(prepared,
     write_tiny_params(mixed)  # back to 1 process and 6 steps
     run(mixed, "distill")
     assert relative_difference(one, mixed) < PARAM_RTOL
+
+
+@pytest.mark.integration
+def test_fsdp_shards_keeps_optimiser_state_and_resumes_across_world_sizes(one, prepared, tmp_path):
+    two = fresh_copy(prepared, tmp_path / "fsdp", **fsdp())
+    distill_subprocess(two)
+    assert json.loads((two / "models/mnist/student/stage.json").read_text())["distributed"] == "fsdp"
+    assert_matches(one, two, "2 processes (FSDP2 FULL_SHARD)")
+
+    checkpoint = latest_checkpoint(run_dir(two, "distill") / "checkpoints")
+    stored = FileSystemReader(str(checkpoint / "training")).read_metadata().state_dict_metadata
+    # each rank wrote its own half of every parameter, and the optimisers' moments are in the checkpoint
+    conv = stored["generator.model.net.conv_in.weight"]
+    assert [tuple(c.sizes) for c in conv.chunks] == [(4, 1, 3, 3), (4, 1, 3, 3)]
+    for model in ("generator", "guidance"):
+        assert sum(k.startswith(f"{model}.optim.state.") and k.endswith(".exp_avg_sq") for k in stored) > 10
+    assert json.loads((checkpoint / "meta.json").read_text())["sharded"] is True
+    assert load_file(checkpoint / "generator.safetensors")["net.conv_in.weight"].shape == (8, 1, 3, 3)
+
+    # a sharded run stopped half way resumes in 1 process, and a 1-process run resumes sharded over 2:
+    # both land on the uninterrupted run, which they could not if the Adam moments were lost
+    shrink = fresh_copy(prepared, tmp_path / "shrink", distill={"steps": 3}, **fsdp())
+    distill_subprocess(shrink)
+    write_tiny_params(shrink)
+    run(shrink, "distill")
+    assert_matches(one, shrink, "FSDP2 ×2 → 1 process resume")
+
+    grow = fresh_copy(prepared, tmp_path / "grow", distill={"steps": 3})
+    run(grow, "distill")
+    write_tiny_params(grow, **fsdp())
+    distill_subprocess(grow)
+    assert_matches(one, grow, "1 process → FSDP2 ×2 resume")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["SHARD_GRAD_OP", "HYBRID_SHARD"])
+def test_other_fsdp_strategies_match_one_process(one, prepared, tmp_path, strategy):
+    root = fresh_copy(prepared, tmp_path / strategy, **fsdp(strategy))
+    distill_subprocess(root)
+    assert_matches(one, root, f"2 processes (FSDP2 {strategy})")

@@ -30,9 +30,19 @@ def test_fsdp2_configs_map_strategies_to_reshard_after_forward(tmp_path, strateg
     assert data["fsdp_transformer_layer_cls_to_wrap"] == "BasicTransformerBlock,ResnetBlock2D"
 
 
+@pytest.mark.parametrize("strategy,reshard", [("HYBRID_SHARD", True), ("HYBRID_SHARD_ZERO2", False)])
+def test_fsdp2_hybrid_configs_carry_the_two_dimensional_mesh(tmp_path, strategy, reshard):
+    launch = LaunchConfig(distributed="fsdp", num_machines=8, processes_per_machine=8, gpus_per_machine=8,
+                          fsdp={"version": 2, "sharding_strategy": strategy})
+    data = yaml.safe_load(write_launch_config(launch, tmp_path / "a.yaml").read_text())
+    assert data["fsdp_config"]["fsdp_reshard_after_forward"] is reshard
+    assert data["parallelism_config"] == {"parallelism_config_dp_replicate_size": 8,
+                                          "parallelism_config_dp_shard_size": 8}
+
+
 def test_invalid_shapes_are_rejected_with_the_fix():
-    with pytest.raises(ValueError, match="fsdp.version: 1"):
-        LaunchConfig(distributed="fsdp", fsdp={"version": 2, "sharding_strategy": "HYBRID_SHARD"})
+    with pytest.raises(ValueError, match="use distributed: ddp"):
+        LaunchConfig(distributed="fsdp", fsdp={"version": 2, "sharding_strategy": "NO_SHARD"})
     with pytest.raises(ValueError, match="ddp or fsdp"):
         LaunchConfig(processes_per_machine=2)
 
@@ -41,13 +51,35 @@ def test_slurm_launcher_expands_rank_address_and_port_inside_each_task(tmp_path)
     launch = LaunchConfig(distributed="fsdp", num_machines=8, processes_per_machine=8, gpus_per_machine=8,
                           fsdp={"version": 1, "sharding_strategy": "HYBRID_SHARD"})
     cmd = launcher_command(launch, tmp_path / "a.yaml", ["distill"], in_slurm=True)
-    assert cmd[:3] == ["srun", "--ntasks=8", "--kill-on-bad-exit=1"] and cmd[3:5] == ["bash", "-c"]
-    script = cmd[5]
+    assert cmd[:5] == ["srun", "--ntasks=8", "--nodes=8", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[5:7] == ["bash", "-c"]
+    script = cmd[7]
     # expanded by each task's shell, not by the batch script: a single-quoted `bash -c` body
-    assert "--machine_rank $SLURM_PROCID" in script and "--num_processes 64" in script
+    assert "--machine_rank $SLURM_NODEID" in script and "--num_processes 64" in script
     assert "scontrol show hostnames" in script and "$((29500 + SLURM_JOB_ID % 1000))" in script
+    # two launchers on one node (the CI cluster): told apart by their task id
+    shared = LaunchConfig(distributed="ddp", num_machines=2, slurm={"nodes": 1})
+    cmd = launcher_command(shared, tmp_path / "a.yaml", ["distill"], in_slurm=True)
+    assert cmd[:3] == ["srun", "--ntasks=2", "--kill-on-bad-exit=1"] and "--machine_rank $SLURM_PROCID" in cmd[5]
     local = launcher_command(LaunchConfig(distributed="ddp", processes_per_machine=2), tmp_path / "a.yaml",
                              ["distill"], in_slurm=False)
     assert local[:2] == ["accelerate", "launch"] and "--multi_gpu" in local
     with pytest.raises(RuntimeError, match="one launcher per machine"):
         launcher_command(LaunchConfig(distributed="ddp", num_machines=2), tmp_path / "a.yaml", ["distill"], False)
+
+
+def test_size_based_wrap_claims_parameters_bottom_up_and_skips_containers():
+    from torch import nn
+
+    from dmd2.config import FSDPConfig
+    from dmd2.sharding import wrap_units
+
+    big = nn.Linear(10, 10)                                     # 110 parameters: its own unit
+    pair = nn.ModuleList([nn.Linear(7, 7), nn.Linear(7, 7)])    # 56 + 56: neither alone, the list cannot be hooked
+    small = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))     # 20 + 20 = 40: stays with its parent
+    block = nn.Sequential(small, nn.Linear(8, 8))               # 40 + 72 = 112 unclaimed: a unit
+    model = nn.ModuleDict({"big": big, "pair": pair, "block": block})
+    assert wrap_units(model, FSDPConfig(min_num_params=100)) == [big, block]
+    assert wrap_units(model, FSDPConfig(auto_wrap_policy="NO_WRAP")) == []
+    by_name = FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_layer_cls_to_wrap=["Linear"])
+    assert len(wrap_units(model, by_name)) == 6

@@ -156,10 +156,6 @@ def distill(params: Params, name: str, paths: ExperimentPaths, resume_from_check
 
     started = time.time()
     launch = params.current(name).launch
-    if launch.distributed == "fsdp":
-        raise ConfigError("launch.distributed: fsdp: `dmd2 launch-config` writes FSDP configs, but the distillation "
-                          "loop is not sharded yet (it would run unsharded and lose optimiser state); use "
-                          "launch.distributed: ddp")
     if relaunch_if_needed(launch, paths.launch_config, sys.argv[1:]):
         write_stage_record(paths.student / "stage.json", "distill", started, num_processes=launch.world_size,
                            num_machines=launch.num_machines, distributed=launch.distributed)

@@ -166,7 +166,8 @@ class EvalConfig(Strict):
 
 
 class FSDPConfig(Strict):
-    version: Literal[1, 2] = Field(2, description="FSDP1 (torch FullyShardedDataParallel) or FSDP2 (fully_shard)")
+    version: Literal[1, 2] = Field(2, description="the FSDP the accelerate config describes (1: FullyShardedDataParallel, "
+                                   "2: fully_shard); `dmd2 distill` itself always shards with FSDP2")
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"] = "FULL_SHARD"
     auto_wrap_policy: Literal["SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP", "NO_WRAP"] = "SIZE_BASED_WRAP"
     min_num_params: int = Field(50_000_000, ge=1, description="SIZE_BASED_WRAP threshold (the original uses 5e7)")
@@ -201,10 +202,9 @@ class LaunchConfig(Strict):
     def _check(self) -> LaunchConfig:
         if self.distributed == "no" and self.num_machines * self.processes_per_machine > 1:
             raise ValueError("several processes need distributed: ddp or fsdp")
-        if self.distributed == "fsdp" and self.fsdp.version == 2 and self.fsdp.sharding_strategy in (
-                "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"):
-            raise ValueError(f"fsdp.sharding_strategy {self.fsdp.sharding_strategy} needs fsdp.version: 1 "
-                             "(FSDP2 expresses it with a device mesh; NO_SHARD is plain ddp)")
+        if self.distributed == "fsdp" and self.fsdp.version == 2 and self.fsdp.sharding_strategy == "NO_SHARD":
+            raise ValueError("fsdp.sharding_strategy NO_SHARD is plain data parallelism: use distributed: ddp "
+                             "(FSDP2 has no NO_SHARD; FSDP1 configs accept it with fsdp.version: 1)")
         return self
 
     @property

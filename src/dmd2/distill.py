@@ -15,23 +15,30 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from dmd2.adapters import DenoiserAdapter, EDMAdapter
 from dmd2.checkpoint import (
+    begin_checkpoint,
+    commit_checkpoint,
+    full_state_dict,
     latest_checkpoint,
-    load_checkpoint,
+    load_training_state,
+    pending_checkpoint,
+    read_checkpoint,
     rng_state,
     run_directory,
-    save_checkpoint,
+    save_training_state,
     set_rng_state,
 )
-from dmd2.config import DistillConfig, ExperimentConfig, WandbConfig, to_dict
+from dmd2.config import DistillConfig, ExperimentConfig, LaunchConfig, WandbConfig, to_dict
 from dmd2.data import RandomBatches, open_split
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_critic_loss, gan_generator_loss
 from dmd2.models import load_model, save_model
 from dmd2.networks import GANHead
+from dmd2.sharding import device_mesh, shard, total_norm
 from dmd2.teacher import warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
@@ -103,22 +110,41 @@ class Batch:
 
 
 class DMD2Trainer:
-    """Owns the generator, the guidance module, both optimisers and schedulers, and one iteration of DMD2."""
+    """Owns the generator, the guidance module, both optimisers and schedulers, and one iteration of DMD2.
+
+    With `launch.distributed: fsdp` (and more than one process) every network is sharded with FSDP2 (see
+    `dmd2.sharding`); otherwise accelerate prepares the two trained models (DDP, or nothing on one process).
+    """
 
     def __init__(self, adapter: DenoiserAdapter, teacher: nn.Module, generator: nn.Module, guidance: Guidance,
-                 cfg: DistillConfig, sample_shape: tuple[int, ...], accelerator: Accelerator):
+                 cfg: DistillConfig, sample_shape: tuple[int, ...], accelerator: Accelerator,
+                 launch: LaunchConfig | None = None):
         self.adapter, self.cfg, self.shape, self.acc = adapter, cfg, sample_shape, accelerator
         self.draw = guidance.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
+        # NO_SHARD replicates every parameter: that is DDP, so it takes accelerate's DDP path.
+        self.sharded = (launch is not None and launch.distributed == "fsdp" and accelerator.num_processes > 1
+                        and launch.fsdp.sharding_strategy != "NO_SHARD")
         self.teacher = teacher.requires_grad_(False).eval().to(accelerator.device)
         if cfg.gradient_checkpointing:
             for net in (generator, guidance.critic):
                 if hasattr(net, "net"):
                     net.net.gradient_checkpointing = True
+        if self.sharded:
+            # Shard before building the optimisers, so that they hold (and checkpoint) only this rank's shards.
+            mesh = device_mesh(launch, accelerator.num_processes, accelerator.device.type)
+            for net in (generator, guidance.critic, guidance.head, self.teacher):
+                if net is not None:
+                    shard(net.to(accelerator.device), launch.fsdp, mesh)
+            accelerator.print(f"FSDP2 {launch.fsdp.sharding_strategy} over the mesh "
+                              f"{dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True))}")
         opt = dict(weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
         opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **opt)
         opt_d = torch.optim.AdamW(guidance.parameters(), lr=cfg.guidance_lr, **opt)
-        # accelerate's rule for several models: prepare models before/with their optimisers, in the same order
-        self.generator, self.guidance, self.opt_g, self.opt_d = accelerator.prepare(generator, guidance, opt_g, opt_d)
+        if self.sharded:
+            self.generator, self.guidance, self.opt_g, self.opt_d = generator, guidance, opt_g, opt_d
+        else:
+            # accelerate's rule for several models: prepare models before/with their optimisers, in the same order
+            self.generator, self.guidance, self.opt_g, self.opt_d = accelerator.prepare(generator, guidance, opt_g, opt_d)
         self.sched_g = warmup_schedule(self.opt_g, cfg.warmup_steps)
         self.sched_d = warmup_schedule(self.opt_d, cfg.warmup_steps)
         self.dm_range = dm_step_range(adapter.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
@@ -138,6 +164,12 @@ class DMD2Trainer:
         if self.acc.num_processes > 1:
             tensor = broadcast(tensor, from_process=0)
         return int(tensor.item())
+
+    def _clip(self, model: nn.Module) -> float:
+        """Clip the gradient norm to `max_grad_norm`; returns the norm before clipping."""
+        if self.sharded:
+            return total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm))
+        return float(self.acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm))
 
     def _full(self, n: int, t: int) -> torch.Tensor:
         return torch.full((n,), t, dtype=torch.long, device=self.acc.device)
@@ -203,7 +235,7 @@ class DMD2Trainer:
                     metrics["loss_gan_generator"] = loss_gan_g.item()
             self._check_finite(loss_g, "generator", step)
             self.acc.backward(loss_g)
-            metrics["grad_norm_generator"] = float(self.acc.clip_grad_norm_(self.generator.parameters(), cfg.max_grad_norm))
+            metrics["grad_norm_generator"] = self._clip(self.generator)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
             self.opt_d.zero_grad(set_to_none=True)
@@ -219,7 +251,7 @@ class DMD2Trainer:
             loss_d = out["loss_fake"] + (cfg.gan.guidance_weight * out["loss_gan_critic"] if "loss_gan_critic" in out else 0)
         self._check_finite(loss_d, "guidance", step)
         self.acc.backward(loss_d)
-        metrics["grad_norm_guidance"] = float(self.acc.clip_grad_norm_(self.guidance.parameters(), cfg.max_grad_norm))
+        metrics["grad_norm_guidance"] = self._clip(self.guidance)
         self.opt_d.step()
         self.opt_d.zero_grad(set_to_none=True)
         self.sched_d.step()
@@ -235,21 +267,21 @@ class DMD2Trainer:
 
     # ---------------------------------------------------------------------------------------------- state
 
-    def model_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"generator": self.acc.unwrap_model(self.generator).state_dict(),
-                "guidance": self.guidance_module.state_dict()}
+    def training_parts(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        """What `save_training_state` writes: each trained model with its optimiser."""
+        return {"generator": (self.acc.unwrap_model(self.generator), self.opt_g),
+                "guidance": (self.guidance_module, self.opt_d)}
 
-    def optimizer_states(self) -> dict[str, Any]:
-        return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict()}
+    def scheduler_states(self) -> dict[str, Any]:
+        return {"sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict()}
 
-    def load(self, models: dict[str, dict[str, torch.Tensor]], optim: dict[str, Any]) -> None:
-        self.acc.unwrap_model(self.generator).load_state_dict(models["generator"])
-        self.guidance_module.load_state_dict(models["guidance"])
-        self.opt_g.load_state_dict(optim["opt_g"])
-        self.opt_d.load_state_dict(optim["opt_d"])
-        self.sched_g.load_state_dict(optim["sched_g"])
-        self.sched_d.load_state_dict(optim["sched_d"])
+    def load_scheduler_states(self, states: dict[str, Any]) -> None:
+        self.sched_g.load_state_dict(states["sched_g"])
+        self.sched_d.load_state_dict(states["sched_d"])
+
+    def generator_weights(self) -> dict[str, torch.Tensor]:
+        """The generator's full weights on rank 0 (a collective under FSDP; other ranks get {})."""
+        return full_state_dict(self.acc.unwrap_model(self.generator), self.sharded)
 
 
 def build_guidance(adapter: DenoiserAdapter, teacher: nn.Module, cfg: DistillConfig, spatial: int) -> Guidance:
@@ -290,14 +322,15 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     spatial = tcfg["resolution"] // 2 ** (len(tcfg["unet"]["channel_mult"]) - 1)
     guidance = build_guidance(adapter, teacher, cfg, spatial)
-    trainer = DMD2Trainer(adapter, teacher, generator, guidance, cfg, shape, acc)
+    trainer = DMD2Trainer(adapter, teacher, generator, guidance, cfg, shape, acc, exp.launch)
 
     run_dir = run_directory(work_dir, to_dict(cfg), DISTILL_PROGRESS_KEYS, [teacher_dir / "model.safetensors"])
     ckpt_dir, step, elapsed = run_dir / "checkpoints", 0, 0.0
     latest = resume_from or latest_checkpoint(ckpt_dir)
     if latest is not None:
-        models, state, meta = load_checkpoint(latest)
-        trainer.load(models, state["optim"])
+        state, meta = read_checkpoint(latest)
+        load_training_state(latest / "training", trainer.training_parts())  # reshards to this run's ranks
+        trainer.load_scheduler_states(state["schedulers"])
         set_rng_state(state["rng"])  # one stream for all ranks (GlobalBatchRandom), whatever their number
         if real is not None:
             real.load_state_dict(state["data"])
@@ -334,10 +367,11 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     tracker.finish()
 
     summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
+    weights = trainer.generator_weights()
     if main:
         student_cfg = {**student_model_config(tcfg, cfg),
                        "source": {"type": "dmd2", "teacher": str(teacher_dir), "iterations": cfg.steps, "run": run_dir.name}}
-        save_model(out_dir, acc.unwrap_model(trainer.generator), student_cfg,
+        save_model(out_dir, weights, student_cfg,
                    extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
     acc.wait_for_everyone()
     return summary
@@ -361,10 +395,18 @@ def _mean_over_ranks(metrics: dict[str, float], acc: Accelerator) -> dict[str, f
 
 def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, real: RandomBatches | None,
           train_seconds: float, keep_last: int) -> None:
-    """Rank 0 writes; every rank holds the same RNG and data state, so one copy resumes any number of ranks."""
+    """Every rank writes its shards of the models and optimisers; rank 0 adds the full generator (for
+    evaluation) and the rest, which every rank holds identically (RNG, data position, schedulers), and commits."""
     if acc.is_main_process:
-        state = {"optim": trainer.optimizer_states(), "rng": rng_state(),
-                 "data": real.state_dict() if real is not None else {}}
-        save_checkpoint(ckpt_dir, step, trainer.model_states(), state,
-                        {"train_seconds": train_seconds, "num_processes": acc.num_processes}, keep_last)
+        begin_checkpoint(ckpt_dir, step)
+    acc.wait_for_everyone()
+    tmp = pending_checkpoint(ckpt_dir, step)
+    save_training_state(tmp / "training", trainer.training_parts())
+    weights = trainer.generator_weights()
+    if acc.is_main_process:
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "generator.safetensors")
+        torch.save({"schedulers": trainer.scheduler_states(), "rng": rng_state(),
+                    "data": real.state_dict() if real is not None else {}}, tmp / "state.pt")
+        commit_checkpoint(ckpt_dir, step, {"train_seconds": train_seconds, "num_processes": acc.num_processes,
+                                           "sharded": trainer.sharded}, keep_last)
     acc.wait_for_everyone()

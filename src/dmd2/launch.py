@@ -53,6 +53,10 @@ def accelerate_config(launch: LaunchConfig) -> dict[str, Any]:
     }
     if kind == "FSDP":
         config["fsdp_config"] = fsdp_section(launch)
+        if launch.fsdp.version == 2 and launch.fsdp.sharding_strategy.startswith("HYBRID"):
+            # FSDP2 expresses hybrid sharding as a 2-D mesh: replicate across machines, shard within one
+            config["parallelism_config"] = {"parallelism_config_dp_replicate_size": launch.num_machines,
+                                            "parallelism_config_dp_shard_size": launch.processes_per_machine}
     return config
 
 
@@ -73,8 +77,8 @@ def fsdp_section(launch: LaunchConfig) -> dict[str, Any]:
     if f.version == 1:
         section.update(fsdp_sharding_strategy=f.sharding_strategy, fsdp_backward_prefetch="BACKWARD_PRE",
                        fsdp_forward_prefetch=False, fsdp_sync_module_states=True, fsdp_use_orig_params=True)
-    else:  # FSDP2: FULL_SHARD ↔ reshard after forward, SHARD_GRAD_OP ↔ keep parameters gathered
-        section["fsdp_reshard_after_forward"] = f.sharding_strategy == "FULL_SHARD"
+    else:  # FSDP2: FULL_SHARD/HYBRID_SHARD ↔ reshard after forward, the ZeRO-2 ones ↔ keep parameters gathered
+        section["fsdp_reshard_after_forward"] = f.sharding_strategy in ("FULL_SHARD", "HYBRID_SHARD")
     return section
 
 
@@ -96,8 +100,10 @@ def launcher_command(launch: LaunchConfig, config_file: Path, stage_args: list[s
     inner = ["accelerate", "launch", "--config_file", str(config_file), "--num_machines", str(launch.num_machines),
              "--num_processes", str(launch.world_size), "--mixed_precision", launch.mixed_precision,
              "--dynamo_backend", "no"]
-    if launch.distributed != "no" and launch.gpus_per_machine == 0:
-        inner.append("--multi_gpu")  # with ACCELERATE_USE_CPU this is DDP over gloo
+    if launch.distributed != "no":
+        # accelerate only starts the processes and the process group (gloo with ACCELERATE_USE_CPU); under
+        # fsdp dmd2 shards the models itself with FSDP2 (dmd2.sharding), so the launcher never applies a plugin.
+        inner.append("--multi_gpu")
     tail = ["-m", "dmd2.cli", *stage_args]
     if not in_slurm:
         if launch.num_machines > 1:
@@ -106,12 +112,17 @@ def launcher_command(launch: LaunchConfig, config_file: Path, stage_args: list[s
                                f"machine i: accelerate launch --config_file {config_file} --machine_rank i ...")
         return [*inner, "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
                 "--main_process_port", str(launch.main_process_port), *tail]
-    # One srun task per machine; every task expands its own rank. SLURM_PROCID equals SLURM_NODEID with one
-    # task per node, and still tells the launchers apart when several share a node (as on a 1-node CI cluster).
-    script = (f"{shlex.join(inner)} --machine_rank $SLURM_PROCID"
+    # One srun task (launcher) per machine; every task's own shell expands its rank, the first host's address
+    # and the job's port. With one launcher per node the machine rank is the node id; where several launchers
+    # share a node (a 1-node test cluster with launch.slurm.nodes: 1), the task id tells them apart instead.
+    nodes = launch.slurm.nodes or launch.num_machines
+    one_per_node = nodes == launch.num_machines
+    rank = "$SLURM_NODEID" if one_per_node else "$SLURM_PROCID"
+    script = (f"{shlex.join(inner)} --machine_rank {rank}"
               " --main_process_ip $(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1)"
               f" --main_process_port $(({launch.main_process_port} + SLURM_JOB_ID % 1000)) {shlex.join(tail)}")
-    return ["srun", f"--ntasks={launch.num_machines}", "--kill-on-bad-exit=1", "bash", "-c", script]
+    placement = [f"--nodes={nodes}", "--ntasks-per-node=1"] if one_per_node else []
+    return ["srun", f"--ntasks={launch.num_machines}", *placement, "--kill-on-bad-exit=1", "bash", "-c", script]
 
 
 def relaunch_if_needed(launch: LaunchConfig, config_file: Path, stage_args: list[str]) -> bool:

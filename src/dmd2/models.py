@@ -33,13 +33,16 @@ def build_denoiser(config: dict[str, Any]) -> EDMPrecond:
     return EDMPrecond(unet, config["sigma_data"])
 
 
-def save_model(out_dir: str | Path, denoiser: torch.nn.Module, config: dict[str, Any], extra_files: dict[str, str] | None = None) -> None:
-    """Write weights + config into `out_dir` atomically (a temp dir renamed over the old one)."""
+def save_model(out_dir: str | Path, denoiser: torch.nn.Module | dict[str, torch.Tensor], config: dict[str, Any],
+               extra_files: dict[str, str] | None = None) -> None:
+    """Write weights (a module or its state dict) + config into `out_dir` atomically (a temp dir renamed over
+    the old one)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    weights = denoiser.state_dict() if isinstance(denoiser, torch.nn.Module) else denoiser
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
     for name, text in (extra_files or {}).items():

@@ -184,7 +184,8 @@ class GANHead(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features.float()).flatten()
+        # (N, 1, 1, 1) → (N,) as a new tensor, not a view: FSDP2 warns about module outputs that are views
+        return self.layers(features.float()).flatten().clone()
 
 
 def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
