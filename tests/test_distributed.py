@@ -120,3 +120,25 @@ def test_other_fsdp_strategies_match_one_process(one, prepared, tmp_path, strate
     root = fresh_copy(prepared, tmp_path / strategy, **fsdp(strategy))
     distill_subprocess(root)
     assert_matches(one, root, f"2 processes (FSDP2 {strategy})")
+
+
+@pytest.mark.integration
+def test_the_resume_tolerance_catches_lost_optimiser_state(one, prepared, tmp_path, monkeypatch):
+    """The resume checks above are sharp enough: restoring the weights but not the Adam moments misses them."""
+    import torch
+
+    import dmd2.distill
+    from dmd2.checkpoint import load_training_state
+
+    def weights_only(directory, parts):
+        load_training_state(directory, {name: (model, torch.optim.AdamW(model.parameters()))
+                                        for name, (model, _) in parts.items()})
+
+    root = fresh_copy(prepared, tmp_path / "lost", distill={"steps": 3})
+    run(root, "distill")
+    write_tiny_params(root)
+    monkeypatch.setattr(dmd2.distill, "load_training_state", weights_only)
+    run(root, "distill")
+    difference = relative_difference(one, root)
+    print(f"resumed without the optimiser state: relative parameter difference {difference:.3e}")
+    assert difference > 3 * PARAM_RTOL
