@@ -173,7 +173,8 @@ class FSDPConfig(Strict):
     min_num_params: int = Field(50_000_000, ge=1, description="SIZE_BASED_WRAP threshold (the original uses 5e7)")
     transformer_layer_cls_to_wrap: list[str] = Field(default_factory=list, description="for TRANSFORMER_BASED_WRAP")
     state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = "SHARDED_STATE_DICT"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = Field(False, description="recompute activations in backward (the same as "
+                                           "distill.gradient_checkpointing; either turns it on)")
     cpu_ram_efficient_loading: bool = False
 
 

@@ -125,7 +125,8 @@ class DMD2Trainer:
         self.sharded = (launch is not None and launch.distributed == "fsdp" and accelerator.num_processes > 1
                         and launch.fsdp.sharding_strategy != "NO_SHARD")
         self.teacher = teacher.requires_grad_(False).eval().to(accelerator.device)
-        if cfg.gradient_checkpointing:
+        # fsdp.activation_checkpointing asks for the same thing as distill.gradient_checkpointing: honour either
+        if cfg.gradient_checkpointing or (self.sharded and launch.fsdp.activation_checkpointing):
             for net in (generator, guidance.critic):
                 if hasattr(net, "net"):
                     net.net.gradient_checkpointing = True
