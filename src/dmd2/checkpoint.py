@@ -152,9 +152,11 @@ def load_training_state(directory: str | Path, parts: TrainingParts) -> None:
 
 
 def full_state_dict(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
-    """All of `model`'s weights, on the CPU. Under FSDP a collective: every rank must call it, rank 0 gets the
-    weights and the others an empty dict."""
+    """All of `model`'s weights, on the CPU, for rank 0; the other ranks get an empty dict. Under FSDP a
+    collective: every rank must call it."""
     if not sharded:
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return {}  # replicated: rank 0 has them all, a copy on every rank would be wasted memory
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -172,10 +172,13 @@ class FSDPConfig(Strict):
     auto_wrap_policy: Literal["SIZE_BASED_WRAP", "TRANSFORMER_BASED_WRAP", "NO_WRAP"] = "SIZE_BASED_WRAP"
     min_num_params: int = Field(50_000_000, ge=1, description="SIZE_BASED_WRAP threshold (the original uses 5e7)")
     transformer_layer_cls_to_wrap: list[str] = Field(default_factory=list, description="for TRANSFORMER_BASED_WRAP")
-    state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = "SHARDED_STATE_DICT"
+    state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = Field(
+        "SHARDED_STATE_DICT", description="for the accelerate config; `dmd2 distill` always writes sharded "
+        "training state plus a full generator.safetensors")
     activation_checkpointing: bool = Field(False, description="recompute activations in backward (the same as "
                                            "distill.gradient_checkpointing; either turns it on)")
-    cpu_ram_efficient_loading: bool = False
+    cpu_ram_efficient_loading: bool = Field(False, description="for the accelerate config; `dmd2 distill` builds "
+                                            "the full models on every rank before sharding")
 
 
 class SlurmConfig(Strict):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast
+from accelerate.utils import broadcast, broadcast_object_list
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -325,7 +325,10 @@ def run_distill(exp: ExperimentConfig, data_dir: Path, teacher_dir: Path, out_di
     guidance = build_guidance(adapter, teacher, cfg, spatial)
     trainer = DMD2Trainer(adapter, teacher, generator, guidance, cfg, shape, acc, exp.launch)
 
-    run_dir = run_directory(work_dir, to_dict(cfg), DISTILL_PROGRESS_KEYS, [teacher_dir / "model.safetensors"])
+    run_dir = None
+    if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
+        run_dir = run_directory(work_dir, to_dict(cfg), DISTILL_PROGRESS_KEYS, [teacher_dir / "model.safetensors"])
+    run_dir = broadcast_object_list([run_dir])[0]
     ckpt_dir, step, elapsed = run_dir / "checkpoints", 0, 0.0
     latest = resume_from or latest_checkpoint(ckpt_dir)
     if latest is not None:

@@ -53,7 +53,7 @@ def _sync() -> None:
 
 
 def _timed_call(model, config: dict[str, Any], n: int, num_steps: int | None, seed: int) -> float:
-    dev = next(model.parameters()).device
+    dev = next(model.parameters()).device  # the noise is on the device before the clock starts
     noise = fixed_noise(n, (config["in_channels"], config["resolution"], config["resolution"]), seed).to(dev)
     labels = balanced_labels(n, config["label_dim"])
     renoise = torch.Generator().manual_seed(seed + 1)
@@ -75,8 +75,8 @@ def time_model(model, config: dict[str, Any], batch_size: int, num_steps: int | 
 
 
 def evaluate_model(kind: str, model, config: dict[str, Any], num_steps: int | None, exp: ExperimentConfig,
-                   ref: FIDReference) -> dict[str, Any]:
-    """One metrics row: quality on `eval.num_samples` fixed-seed samples, then speed."""
+                   ref: FIDReference) -> tuple[dict[str, Any], torch.Tensor]:
+    """One metrics row (quality on `eval.num_samples` fixed-seed samples, then speed) and those samples."""
     cfg = exp.eval
     steps = num_steps if kind == "teacher" else len(config["generator"]["sigmas"])
     nfe = model_nfe(config, num_steps)
@@ -89,7 +89,7 @@ def evaluate_model(kind: str, model, config: dict[str, Any], num_steps: int | No
                num_samples=cfg.num_samples, eval_seconds=round(time.time() - started, 1))
     print(f"evaluate: {kind} {steps} step(s) (NFE {nfe}): FID {row['fid']:.3f}, class accuracy "
           f"{row['class_accuracy']}, diversity {row['diversity']:.3f}, {ips:.1f} img/s, {latency:.1f} ms")
-    return row
+    return row, images
 
 
 def save_sample_grid(model, config: dict[str, Any], num_steps: int | None, exp: ExperimentConfig, path: Path) -> Path:
@@ -166,18 +166,15 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- the stage
 
 
-def _clip_rows(exp: ExperimentConfig, models: list[tuple[dict[str, Any], Any, dict[str, Any], int | None]],
-               class_names: list[str] | None) -> None:
-    """Optional CLIP score per row (eval.clip.enabled): prompts are the class names of the generated labels."""
-    from dmd2.clip_score import clip_score, load_clip
+def _clip_row_score(exp: ExperimentConfig, clip, config: dict[str, Any], images: torch.Tensor,
+                    class_names: list[str] | None) -> float:
+    """CLIP score of one row's samples (eval.clip.enabled): prompts are the class names of their labels."""
+    from dmd2.clip_score import clip_score
 
-    clip = load_clip(exp.eval.clip, device())
-    for row, model, config, steps in models:
-        labels = balanced_labels(exp.eval.num_samples, config["label_dim"])
-        images = sample_images(model, config, exp.eval.num_samples, exp.eval.seed, exp.eval.batch_size, steps, labels)
-        names = class_names or [str(c) for c in range(max(1, config["label_dim"]))]
-        prompts = [names[int(c)] for c in labels] if labels is not None else [names[0]] * len(images)
-        row["clip_score"] = round(clip_score(*clip, images, prompts, exp.eval.clip.prompt_prefix), 4)
+    labels = balanced_labels(len(images), config["label_dim"])  # the labels evaluate_model sampled with
+    names = class_names or [str(c) for c in range(max(1, config["label_dim"]))]
+    prompts = [names[int(c)] for c in labels] if labels is not None else [names[0]] * len(images)
+    return round(clip_score(*clip, images, prompts, exp.eval.clip.prompt_prefix), 4)
 
 
 def run_evaluate(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
@@ -191,18 +188,21 @@ def run_evaluate(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
     out = paths.results
     for folder in ("samples", "plots"):  # declared outputs: start clean so no stale grid or CSV survives
         shutil.rmtree(out / folder, ignore_errors=True)
+    clip = class_names = None
+    if exp.eval.clip.enabled:
+        from dmd2.clip_score import load_clip
+        from dmd2.data import read_meta
+
+        clip, class_names = load_clip(exp.eval.clip, dev), read_meta(paths.data / "train.lmdb").get("class_names")
     runs = [("teacher", teacher, tcfg, s) for s in exp.eval.teacher_steps] + [("student", student, scfg, None)]
-    rows, by_row = [], []
+    rows = []
     for kind, model, config, steps in runs:
-        row = evaluate_model(kind, model, config, steps, exp, ref)
+        row, images = evaluate_model(kind, model, config, steps, exp, ref)
+        if clip is not None:  # on the same samples, not a second generation
+            row["clip_score"] = _clip_row_score(exp, clip, config, images, class_names)
         row["sample_grid"] = f"samples/{kind}_nfe{row['nfe']}.png"
         save_sample_grid(model, config, steps, exp, out / row["sample_grid"])
         rows.append(row)
-        by_row.append((row, model, config, steps))
-    if exp.eval.clip.enabled:
-        from dmd2.data import read_meta
-
-        _clip_rows(exp, by_row, read_meta(paths.data / "train.lmdb").get("class_names"))
     write_plots(paths, rows)
     metrics = {
         "experiment": paths.experiment,
@@ -272,7 +272,9 @@ def scan_once(scorer: CheckpointScorer, folder: Path, output: Path) -> int:
         try:
             result = scorer.score(ckpt)
         except (OSError, RuntimeError, ValueError) as err:
-            # rotation may delete a checkpoint between listing and loading; it is simply gone, not an error
+            if ckpt.exists():  # a real failure (mismatched weights, out of memory): say so
+                raise
+            # rotation deleted it between listing and loading: it is simply gone, not an error
             print(f"evaluate-folder: skipped {ckpt.name} ({type(err).__name__}: {err})")
             continue
         _append(output, {"step": step, "fid": result["fid"], "checkpoint": ckpt.name, **result,

@@ -90,6 +90,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1] from unit Gaussian `noise`: Heun for teachers, the few-step generator for students."""
+    noise = noise.to(next(model.parameters()).device)
     cond = one_hot(labels, config["label_dim"]) if labels is not None else None
     if cond is not None:
         cond = cond.to(noise.device)

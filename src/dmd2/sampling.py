@@ -28,11 +28,10 @@ def sample_images(model, config, n: int, seed: int, batch_size: int = 256, num_s
     if labels is None:
         labels = balanced_labels(n, config["label_dim"])
     renoise = torch.Generator().manual_seed(seed + 1)
-    device = next(model.parameters()).device
     out = []
     for i in range(0, n, batch_size):
-        y = labels[i : i + batch_size].to(device) if labels is not None else None
-        out.append(to_uint8(sample(model, config, noise[i : i + batch_size].to(device), y, num_steps, renoise)).cpu())
+        y = labels[i : i + batch_size] if labels is not None else None
+        out.append(to_uint8(sample(model, config, noise[i : i + batch_size], y, num_steps, renoise)).cpu())
     return torch.cat(out)
 
 
