@@ -1,6 +1,6 @@
 # The dmd2 pipeline for Snakemake. Rules only call `dmd2 <stage>`; the logic lives in src/dmd2.
 # Run:   snakemake --cores all                              (local)
-#        snakemake --profile workflow/profiles/slurm         (cluster)
+#        snakemake --profile slurm                          (cluster; `slurm` links to workflow/profiles/slurm)
 # Every rule passes its params.yaml block through `params:`, so editing params.yaml reruns exactly
 # the affected stages and what depends on them. dvc.yaml describes the same DAG (tests/test_dag.py).
 

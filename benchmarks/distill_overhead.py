@@ -15,14 +15,30 @@ import argparse
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dmd2.config import load_params
 from dmd2.paths import ExperimentPaths
+from dmd2.stage import StageContext
 
 TIMES: dict[str, float] = defaultdict(float)
+
+
+@dataclass(frozen=True)
+class ScratchPaths(ExperimentPaths):
+    """The experiment's inputs where they are; the student and the run directory in a scratch folder."""
+
+    scratch: Path = Path("/tmp")
+
+    @property
+    def student(self) -> Path:
+        return self.scratch / "student"
+
+    def work(self, stage: str) -> Path:
+        return self.scratch / "work" / stage
 
 
 def timed_module(module: torch.nn.Module, name: str) -> None:
@@ -63,17 +79,16 @@ def main() -> None:
     overrides = [*args.overrides, f"distill.steps={args.iterations}", f"distill.checkpoint_every={args.checkpoint_every}"]
     params = load_params(args.params, overrides)
     exp = params.current()
-    paths = ExperimentPaths(params.experiment)
 
     original_init = distill.DMD2Trainer.__init__
 
-    def instrumented_init(self, adapter, teacher, generator, guidance, *rest, **kw):
+    def instrumented_init(self, family, teacher, generator, critic_score, gan_head, *rest, **kw):
         timed_module(teacher, "teacher")
         timed_module(generator, "generator")
-        timed_module(guidance.critic, "critic")
-        if guidance.head is not None:
-            timed_module(guidance.head, "gan_head")
-        original_init(self, adapter, teacher, generator, guidance, *rest, **kw)
+        timed_module(critic_score, "critic")
+        if gan_head is not None:
+            timed_module(gan_head, "gan_head")
+        original_init(self, family, teacher, generator, critic_score, gan_head, *rest, **kw)
         timed_backward(self.acc)
 
     original_step = distill.DMD2Trainer.train_step
@@ -85,9 +100,10 @@ def main() -> None:
     distill.DMD2Trainer.__init__ = instrumented_init
     distill.DMD2Trainer.train_step = instrumented_step
     with tempfile.TemporaryDirectory() as scratch:
+        # the experiment's data and teacher, but a scratch student and run directory
+        paths = ScratchPaths(params.experiment, Path("."), Path(scratch))
         start = time.perf_counter()
-        distill.run_distill(exp, paths.data, paths.teacher, Path(scratch) / "student", Path(scratch) / "work",
-                            params.wandb, params.experiment)
+        distill.run_distill(StageContext(params, params.experiment, paths))
         end = time.perf_counter()
     loop_start = TIMES.pop("_loop_start")
     startup, total = loop_start - start, end - loop_start

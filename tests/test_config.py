@@ -77,3 +77,61 @@ def test_every_stage_documents_its_options():
         result = CliRunner().invoke(main, [stage, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage:" in result.output
+
+
+def test_relative_overrides_apply_to_the_experiment_selected_on_the_command_line():
+    params = load_params(REPO / "params.yaml", ["distill.steps=7"], experiment="mnist-ddpm")
+    assert params.current("mnist-ddpm").distill.steps == 7
+    assert params.current("mnist").distill.steps != 7  # not the `experiment:` of params.yaml
+
+
+def test_a_config_file_may_hold_any_block(tmp_path):
+    """`--config` takes the seed's flat distill keys and params.yaml's own blocks (launch:, wandb:, ...)."""
+    from dmd2.cli import _config_file_overrides
+
+    path = tmp_path / "my.yaml"
+    path.write_text("steps: 4\ngan: {enabled: false}\nlaunch: {distributed: ddp, processes_per_machine: 2}\n"
+                    "wandb: {project: p}\n")
+    overrides = _config_file_overrides(str(path), "distill")
+    params = load_params(REPO / "params.yaml", overrides)
+    exp = params.current()
+    assert exp.distill.steps == 4 and exp.distill.gan.enabled is False
+    assert exp.launch.distributed == "ddp" and exp.launch.processes_per_machine == 2 and params.wandb.project == "p"
+
+
+def test_malformed_override_values_and_names_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"not valid YAML.*quote strings"):
+        load_params(REPO / "params.yaml", ["distill.denoising_timesteps=[999, 499"])
+    with pytest.raises(ConfigError, match="not a dotted key path"):
+        load_params(REPO / "params.yaml", ["distill..steps=3"])
+    with pytest.raises(ConfigError, match="not allowed"):
+        load_params(REPO / "params.yaml", experiment="a$(touch X)b")
+
+
+def test_renamed_keys_say_what_they_became():
+    raw = raw_params()
+    raw["mnist"]["distill"]["guidance_lr"] = 1e-4
+    with pytest.raises(ConfigError, match="guidance_lr: renamed to critic_lr"):
+        parse_params(raw)
+
+
+def test_yaml_booleans_that_mean_no_are_accepted():
+    """DVC's `exp run -S` rewrites params.yaml as YAML 1.2, unquoting "no"; PyYAML then reads False."""
+    raw = raw_params()
+    raw["mnist"]["distill"]["mixed_precision"] = False
+    raw["mnist"]["launch"]["distributed"] = False
+    params = parse_params(raw)
+    assert params.current().distill.mixed_precision == "no" and params.current().launch.distributed == "no"
+
+
+def test_the_teacher_block_is_a_union_picked_by_family():
+    raw = raw_params()
+    assert parse_params(raw).current("mnist-ddpm").teacher.family == "diffusers"
+    raw["mnist"]["teacher"]["family"] = "flux"
+    with pytest.raises(ConfigError, match="mnist.teacher"):
+        parse_params(raw)
+    raw = raw_params()
+    raw["mnist-ddpm"]["teacher"]["unet"]["block_out_chanels"] = [8]
+    with pytest.raises(ConfigError, match=r"mnist-ddpm\.teacher\.unet\.block_out_chanels: unknown key; did you mean "
+                                          r"'block_out_channels'"):
+        parse_params(raw)

@@ -1,6 +1,7 @@
 """Snakemake and DVC describe the same DAG, and both really run it with the expected caching behaviour."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,27 +13,34 @@ import yaml
 from conftest import REPO
 from tiny import write_tiny_params
 
-LOG_REDIRECT = " > {log} 2>&1"
+LOG_REDIRECT = " > {log:q} 2>&1"
 
 
-def snakemake_stages(workdir: Path = REPO) -> dict[str, dict]:
-    """Rules as Snakemake itself parses them (through its API, not by reading the text)."""
+def snakemake_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str, dict]:
+    """Rules as Snakemake itself parses them (through its API, not by reading the text); `experiment` as
+    `--config experiment=…` gives it."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
 
+    config = ConfigSettings(config={"experiment": experiment}) if experiment else ConfigSettings()
     with SnakemakeApi(OutputSettings()) as api:
-        workflow_api = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(),
+        workflow_api = api.workflow(resource_settings=ResourceSettings(), config_settings=config,
                                     storage_settings=StorageSettings(), snakefile=workdir / "Snakefile", workdir=workdir)
-        rules = workflow_api._workflow.rules  # the parsed rules; there is no public accessor
+        workflow = workflow_api._workflow  # the parsed rules; there is no public accessor
+        exp = workflow.globals["EXP"]
         return {
-            r.name: {"cmd": r.shellcmd.replace(LOG_REDIRECT, ""), "deps": sorted(r.input), "outs": sorted(r.output),
+            r.name: {"cmd": r.shellcmd.replace(LOG_REDIRECT, "").replace("{EXP}", exp), "deps": sorted(r.input),
+                     "outs": sorted(r.output),
                      "params": sorted(json.dumps(v, sort_keys=True) for v in r.params)}
-            for r in rules if r.name != "all"
+            for r in workflow.rules if r.name != "all"
         }
 
 
-def dvc_stages(workdir: Path = REPO) -> dict[str, dict]:
+def dvc_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str, dict]:
+    """dvc.yaml's stages with `${…}` resolved from params.yaml (`experiment` as `dvc exp run -S experiment=…`)."""
     params = yaml.safe_load((workdir / "params.yaml").read_text())
+    if experiment:
+        params["experiment"] = experiment
 
     def resolve(text: str) -> str:
         return re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)]), text)
@@ -55,22 +63,60 @@ def dvc_stages(workdir: Path = REPO) -> dict[str, dict]:
     }
 
 
-def test_snakemake_and_dvc_describe_the_same_dag():
-    smk, dvc = snakemake_stages(), dvc_stages()
+@pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm"])
+def test_snakemake_and_dvc_describe_the_same_dag(experiment):
+    smk, dvc = snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment)
     assert sorted(smk) == sorted(dvc)
     for name in smk:
         assert smk[name] == dvc[name], name
 
 
+def test_every_stage_depends_on_the_package_code_it_runs():
+    """Editing the losses reruns distillation (and what follows), not the data or the teacher; dvc.yaml lists
+    exactly the files each stage's module reaches (if this fails, copy the printed list into dvc.yaml)."""
+    from dmd2.stage import STAGE_MODULES, stage_code
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in STAGE_MODULES:
+        listed = sorted(d for d in dvc[stage].get("deps", []) if isinstance(d, str) and d.startswith("src/"))
+        assert listed == stage_code(stage, REPO), f"{stage}: dvc.yaml should list {stage_code(stage, REPO)}"
+    assert "src/dmd2/losses.py" in stage_code("distill", REPO)
+    assert "src/dmd2/losses.py" not in stage_code("teacher", REPO) + stage_code("prepare_data", REPO)
+    assert "src/dmd2/families/edm.py" in stage_code("evaluate", REPO)
+
+
+def test_a_params_typo_stops_snakemake_before_anything_runs(tmp_path):
+    """The Snakefile validates params.yaml with dmd2's own code: `snakemake -n` names the key and the fix."""
+    root = project_copy(tmp_path / "typo", distill={"stpes": 3})
+    proc = subprocess.run(["snakemake", "-n", "--cores", "1"], cwd=root, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "mnist.distill.stpes: unknown key; did you mean 'steps'?" in output, output[-3000:]
+    write_tiny_params(root)
+    proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--config", "experiment=nope"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "experiment: 'nope' has no block" in proc.stdout + proc.stderr
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 
-def project_copy(dest: Path) -> Path:
-    dest.mkdir()
-    for item in ("Snakefile", "dvc.yaml", "workflow"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
-    write_tiny_params(dest)
+def project_copy(dest: Path, **overrides: dict) -> Path:
+    """A plain fresh clone of the project (what `git clone` of this working tree would give: tracked and
+    untracked-but-not-ignored files, symlinks kept, one commit), with the tiny params. No `dvc init` or other
+    set-up: the repository itself must be a working DVC and Snakemake project."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        src, dst = REPO / name, dest / name
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the working tree, not yet committed
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst, follow_symlinks=False)
+    write_tiny_params(dest, **overrides)
+    git = ["git", "-c", "user.name=dmd2 tests", "-c", "user.email=tests@dmd2.invalid"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "fresh clone"]):
+        subprocess.run([*git, *command], cwd=dest, check=True, capture_output=True)
     return dest
 
 
@@ -80,6 +126,12 @@ def sh(cwd: Path, *cmd: str, timeout: int = 900) -> tuple[str, float]:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
     return output, time.time() - start
+
+
+def _leaves(node) -> list:
+    if isinstance(node, dict):
+        return [leaf for value in node.values() for leaf in _leaves(value)]
+    return [node]
 
 
 def change_distill_steps(root: Path) -> None:
@@ -112,22 +164,70 @@ def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
 
 
 @pytest.mark.integration
-def test_dvc_repro_runs_caches_and_reruns_only_what_changed(tmp_path):
+def test_snakemake_runs_the_diffusers_experiment_and_reruns_distillation_when_the_losses_change(tmp_path):
+    """`--config experiment=mnist-ddpm`: the same rules with the diffusers family; editing the package code a stage
+    runs (the losses) reruns that stage and what follows, nothing before it."""
+    root = project_copy(tmp_path / "ddpm")
+    out, _ = sh(root, *SNAKEMAKE, "--config", "experiment=mnist-ddpm")
+    assert snakemake_ran(out) == ALL_STAGES
+    evaluation = json.loads((root / "results/mnist-ddpm/evaluation.json").read_text())
+    assert evaluation["family"] == "diffusers"
+    assert [r["setting"] for r in evaluation["rows"]] == ["1 DDIM step", "3 DDIM steps", "1-step generator (t = 999)"]
+    assert (root / "results/mnist-ddpm/report.html").exists()
+
+    losses = root / "src/dmd2/losses.py"
+    losses.write_text(losses.read_text() + "\n# an edit\n")
+    out, _ = sh(root, *SNAKEMAKE, "--config", "experiment=mnist-ddpm", "-n")
+    planned = set(re.findall(r"^(\w+)\s+\d+$", out.split("Job stats:")[1], re.M)) - {"all", "total"}
+    assert planned == DOWNSTREAM_OF_DISTILL, out[-3000:]
+
+
+@pytest.mark.integration
+def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
+    """`dvc repro`, `dvc metrics show` and `dvc exp run -S …` exactly as the README gives them, in a clone that
+    nobody ran `dvc init` in; the exp run's rewrite of params.yaml must leave a valid file."""
     root = project_copy(tmp_path / "dvc")
-    sh(root, "git", "init", "-q")
-    sh(root, "dvc", "init", "-q")
     out, _ = sh(root, "dvc", "repro")
     ran = set(re.findall(r"Running stage '(\w+)'", out))
     assert ran == ALL_STAGES
-    metrics, _ = sh(root, "dvc", "metrics", "show", "--json")
-    assert "results/mnist/metrics.json" in metrics
+    shown, _ = sh(root, "dvc", "metrics", "show")
+    assert "results/mnist/metrics.json" in shown and "student_nfe1.fid" in shown
+    shown, _ = sh(root, "dvc", "metrics", "show", "--json")
+    leaves = _leaves(json.loads(shown))
+    assert leaves and all(isinstance(v, int | float | bool) for v in leaves), leaves  # figures, not paragraphs
 
     out, seconds = sh(root, "dvc", "repro")
     assert "up to date" in out and not re.findall(r"Running stage", out) and seconds < 15, (seconds, out)
 
-    change_distill_steps(root)
-    out, _ = sh(root, "dvc", "repro")
+    out, _ = sh(root, "dvc", "exp", "run", "-S", "mnist.distill.steps=7")
     assert set(re.findall(r"Running stage '(\w+)'", out)) == DOWNSTREAM_OF_DISTILL
+    from dmd2.config import load_params
+
+    params = load_params(root / "params.yaml")  # DVC rewrote the file (YAML 1.2, unquoted `no`): still valid
+    assert params.current().distill.steps == 7 and params.current().distill.mixed_precision == "no"
+    shown, _ = sh(root, "dvc", "exp", "show", "--csv")
+    assert "mnist.distill.steps" in shown.splitlines()[0]
     dag, _ = sh(root, "dvc", "dag", "--md")
     for stage in ALL_STAGES:
         assert stage in dag
+
+    # the second embedded experiment, selected the DVC way
+    out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=mnist-ddpm")
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
+    assert json.loads((root / "results/mnist-ddpm/evaluation.json").read_text())["family"] == "diffusers"
+
+
+@pytest.mark.integration
+def test_the_short_slurm_profile_name_resolves_from_the_repository_root(tmp_path):
+    """`snakemake --profile slurm` (the form users type) finds workflow/profiles/slurm through the root entry."""
+    from snakemake.cli import get_profile_dir
+
+    root = project_copy(tmp_path / "profile")
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)
+        found = get_profile_dir("slurm")
+        config = found[1].resolve() if found else None
+    finally:
+        os.chdir(cwd)
+    assert config == (root / "workflow/profiles/slurm/config.yaml").resolve()

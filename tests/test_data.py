@@ -32,7 +32,7 @@ def test_round_trip_and_meta(tmp_path):
     np.testing.assert_allclose(((x.numpy() + 1) * 127.5).round(), images[3])
     got, got_labels = ds.all_uint8()
     assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
-    assert read_meta(tmp_path / "d.lmdb")["schema_version"] == 1
+    assert read_meta(tmp_path / "d.lmdb")["schema_version"] == 2
 
 
 def test_split_is_deterministic_stratified_and_disjoint():

@@ -3,17 +3,17 @@
 import math
 
 import torch
+from gmm import MixtureEDM
 
-from dmd2.adapters import EDMAdapter
 from dmd2.config import UNetConfig
-from dmd2.edm import edm_loss_weight, heun_nfe, heun_sample, karras_sigmas
-from dmd2.networks import EDMPrecond, UNet
+from dmd2.families.edm import edm_loss_weight, heun_nfe, heun_sample, karras_sigmas
+from dmd2.families.edm_unet import EDMPrecond, UNet
 
 
 class Spy(torch.nn.Module):
     """Records what EDMPrecond feeds the raw network; returns a constant F = 1."""
 
-    def forward(self, x, c_noise, labels, return_bottleneck=False):
+    def forward(self, x, c_noise, labels, features_only=False):
         self.x, self.c_noise = x, c_noise
         return torch.ones_like(x)
 
@@ -33,12 +33,12 @@ def test_karras_table_endpoints_and_adapter_indexing():
     s = karras_sigmas(1000)
     assert math.isclose(s[0].item(), 80.0, rel_tol=1e-9) and math.isclose(s[-1].item(), 0.002, rel_tol=1e-9)
     assert (s[:-1] > s[1:]).all()
-    adapter = EDMAdapter()
-    assert math.isclose(adapter.sigma(torch.tensor([999])).item(), 80.0, rel_tol=1e-6)
-    assert math.isclose(adapter.sigma(torch.tensor([0])).item(), 0.002, rel_tol=1e-5)
+    family = MixtureEDM()
+    assert math.isclose(family.sigma(torch.tensor([999])).item(), 80.0, rel_tol=1e-6)
+    assert math.isclose(family.sigma(torch.tensor([0])).item(), 0.002, rel_tol=1e-5)
     # the DM loss range 20…980 spans σ ≈ 0.0032 … 72 (method notes §2.2)
-    assert 0.003 < adapter.sigma(torch.tensor([20])).item() < 0.0034
-    assert 71.5 < adapter.sigma(torch.tensor([980])).item() < 72.5
+    assert 0.003 < family.sigma(torch.tensor([20])).item() < 0.0034
+    assert 71.5 < family.sigma(torch.tensor([980])).item() < 72.5
 
 
 def test_loss_weight_is_lambda_of_edm():
@@ -51,7 +51,7 @@ def test_one_heun_step_is_one_denoiser_call_at_sigma_max():
     noise = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         direct = net(noise * 80, torch.full((2,), 80.0), None)
-    torch.testing.assert_close(heun_sample(net, noise, None, 1), direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(heun_sample(lambda x, s: net(x, s, None), noise, 1), direct, rtol=1e-5, atol=1e-5)
     assert heun_nfe(1) == 1 and heun_nfe(18) == 35
 
 
@@ -60,13 +60,12 @@ def test_heun_is_a_second_order_solver_of_the_probability_flow_ode():
     # so noise·80 must end at noise·80·s/√(s²+80²). Heun's error shrinks ~4x per doubling of the steps.
     s = 0.5
 
-    class Exact(torch.nn.Module):
-        def forward(self, x, sigma, cond=None):
-            sig = sigma.reshape(-1, 1, 1, 1).double()
-            return (x.double() * s**2 / (s**2 + sig**2)).float()
+    def exact_denoiser(x, sigma):
+        sig = sigma.reshape(-1, 1, 1, 1).double()
+        return (x.double() * s**2 / (s**2 + sig**2)).float()
 
     z = torch.ones(1, 1, 1, 1)
     exact = 80 * s / math.sqrt(s**2 + 80**2)
-    errors = [abs(heun_sample(Exact(), z, None, n).item() - exact) for n in (32, 64, 128)]
+    errors = [abs(heun_sample(exact_denoiser, z, n).item() - exact) for n in (32, 64, 128)]
     assert errors[2] < 2e-3 * exact
     assert 3.0 < errors[0] / errors[1] < 5.0 and 3.0 < errors[1] / errors[2] < 5.0, errors

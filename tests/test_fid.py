@@ -155,17 +155,23 @@ def test_inception_weights_lookup(fake_weights, tmp_path, monkeypatch, capsys):
     assert fid.choose_extractor(FIDConfig(feature_extractor="auto")) == ("proxy", None)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1 and "Inception weights not found" in lines[0] and "proxy" in lines[0]
-    assert str(tmp_path / "empty-cache" / fid.INCEPTION_FILENAME) in lines[0] and fid.INCEPTION_URL in lines[0]
+    assert "eval.fid.inception_weights is not set" in lines[0] and fid.INCEPTION_URL in lines[0]
     # inception without weights: an error naming where it looked and the fix
     with pytest.raises(fid.FIDError, match="inception_weights") as err:
         fid.choose_extractor(FIDConfig(feature_extractor="inception", inception_weights=str(tmp_path / "nope.pt")))
     assert str(tmp_path / "nope.pt") in str(err.value)
-    # configured path (file or folder), and clean-fid's own cache
+    # the configured path (file or folder)
     assert fid.choose_extractor(FIDConfig(inception_weights=str(fake_weights))) == ("inception", fake_weights)
     assert fid.choose_extractor(FIDConfig(inception_weights=str(fake_weights.parent)))[0] == "inception"
-    monkeypatch.setattr(fid, "CLEANFID_CACHE_DIR", fake_weights.parent)
-    assert fid.choose_extractor(FIDConfig()) == ("inception", fake_weights)
     assert fid.choose_extractor(FIDConfig(feature_extractor="proxy")) == ("proxy", None)
+
+
+def test_a_file_in_the_shared_cache_folder_is_not_loaded_unless_named(fake_weights, monkeypatch, capsys):
+    """The TorchScript file runs when loaded: one that anyone could have put in /tmp is named, never used."""
+    monkeypatch.setattr(fid, "CLEANFID_CACHE_DIR", fake_weights.parent)
+    assert fid.choose_extractor(FIDConfig()) == ("proxy", None)
+    out = capsys.readouterr().out
+    assert f"{fake_weights} exists" in out and f"eval.fid.inception_weights={fake_weights}" in out
 
 
 def test_inception_weights_under_another_file_name(fake_weights, tmp_path):

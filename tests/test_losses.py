@@ -1,70 +1,118 @@
-"""The DMD2 losses against hand-derived values."""
+"""The DMD2 losses and the families' formulas against hand-derived values, for both families."""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
+from gmm import MixtureDiffusers, MixtureEDM
 
-from dmd2.adapters import EDMAdapter
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_critic_loss, gan_generator_loss
 
 
 class Linear(torch.nn.Module):
-    """x0̂ = a·x_t + b: simple enough to compute the DM gradient by hand."""
+    """σ-space: x̂0 = a·x_t + b."""
 
     def __init__(self, a: float, b: float):
         super().__init__()
         self.a, self.b = a, b
 
-    def forward(self, x, sigma, cond=None, return_bottleneck=False):
+    def forward(self, x, sigma, cond=None, features_only=False):
         return self.a * x + self.b
 
 
-def test_dm_surrogate_gradient_is_normalised_score_difference():
+class EpsLinear(torch.nn.Module):
+    """ε-space: ε̂ = c·x_t + d, so x̂0 = (x_t − √(1−ᾱ)·ε̂) / √ᾱ."""
+
+    def __init__(self, c: float, d: float):
+        super().__init__()
+        self.c, self.d = c, d
+
+    def forward(self, x, t, class_labels=None):
+        return self.c * x + self.d
+
+
+def coefficients(family, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale of x0, scale of the noise) in x_t at t, from the family's own table."""
+    if isinstance(family, MixtureEDM):
+        return torch.ones(len(t), 1, 1, 1, dtype=torch.float64), family.sigma(t).double().reshape(-1, 1, 1, 1)
+    abar = family.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+CASES = {
+    # family, real net, fake net, x̂0 of each as a function of (x_t, a, s)
+    "edm": (MixtureEDM, Linear(0.5, 0.0), Linear(0.3, 0.1), lambda x, a, s: 0.5 * x, lambda x, a, s: 0.3 * x + 0.1),
+    "diffusers": (MixtureDiffusers, EpsLinear(0.5, 0.0), EpsLinear(0.3, 0.1),
+                  lambda x, a, s: (x - s * 0.5 * x) / a, lambda x, a, s: (x - s * (0.3 * x + 0.1)) / a),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_dm_surrogate_gradient_is_normalised_score_difference(name):
+    make, real, fake, real_x0, fake_x0 = CASES[name]
+    family = make()
     torch.manual_seed(0)
-    adapter = EDMAdapter()
     x = torch.randn(3, 1, 4, 4, requires_grad=True)
     t = torch.tensor([20, 500, 980])
     noise = torch.randn_like(x)
-    real, fake = Linear(0.5, 0.0), Linear(0.3, 0.1)
 
-    loss, _ = distribution_matching_loss(adapter, real, fake, x, None, t, noise)
+    loss, _ = distribution_matching_loss(family, real, fake, x, None, t, noise)
     loss.backward()
 
-    x_t = x.detach() + adapter.sigma(t).reshape(-1, 1, 1, 1) * noise
-    pred_real, pred_fake = 0.5 * x_t, 0.3 * x_t + 0.1
-    w = (x.detach() - pred_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    a, s = coefficients(family, t)
+    x_t = a * x.detach().double() + s * noise.double()
+    pred_real, pred_fake = real_x0(x_t, a, s), fake_x0(x_t, a, s)
+    w = (x.detach().double() - pred_real).abs().mean(dim=(1, 2, 3), keepdim=True)
     expected = (pred_fake - pred_real) / (w * x.numel())
-    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-4, atol=1e-8)
     # and the monitored value is ½·mean(grad²)
-    torch.testing.assert_close(loss, 0.5 * ((pred_fake - pred_real) / w).pow(2).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), 0.5 * ((pred_fake - pred_real) / w).pow(2).mean(), rtol=1e-4, atol=0)
 
 
-def test_dm_gradient_is_zero_when_critic_equals_teacher_and_finite_when_degenerate():
-    adapter = EDMAdapter()
+@pytest.mark.parametrize("name", CASES)
+def test_dm_gradient_is_zero_when_critic_equals_teacher(name):
+    make, real, _, _, _ = CASES[name]
     x = torch.randn(2, 1, 2, 2, requires_grad=True)
-    t = torch.tensor([100, 900])
-    loss, _ = distribution_matching_loss(adapter, Linear(0.5, 0), Linear(0.5, 0), x, None, t, torch.randn_like(x))
+    loss, _ = distribution_matching_loss(make(), real, real, x, None, torch.tensor([100, 900]), torch.randn_like(x))
     loss.backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_dm_gradient_is_finite_when_degenerate():
     # x̂_real == x exactly makes w = 0; the 0/0 is turned into a finite number instead of NaN
     z = torch.zeros(1, 1, 2, 2, requires_grad=True)
-    loss, _ = distribution_matching_loss(adapter, Linear(0.0, 0), Linear(0.0, 1.0), z, None, torch.tensor([500]),
+    loss, _ = distribution_matching_loss(MixtureEDM(), Linear(0.0, 0), Linear(0.0, 1.0), z, None, torch.tensor([500]),
                                          torch.zeros_like(z))
     assert torch.isfinite(loss)
 
 
-def test_guidance_scale_extrapolates_conditional_prediction():
-    adapter = EDMAdapter(label_dim=2)
-
+def test_guidance_scale_extrapolates_the_conditional_prediction_in_both_families():
     class CondNet(torch.nn.Module):
-        def forward(self, x, sigma, cond, return_bottleneck=False):
-            return x * 0 + cond.sum(dim=1).reshape(-1, 1, 1, 1)  # 1 when conditioned, 0 unconditional
+        def forward(self, x, sigma, cond):
+            return x * 0 + cond.sum(dim=1).reshape(-1, 1, 1, 1)  # x̂0 = 1 when conditioned, 0 unconditional
 
+    edm = MixtureEDM()
+    edm.config["label_dim"] = 2
     x = torch.zeros(2, 1, 1, 1)
-    cond = adapter.encode_conditions(torch.tensor([0, 1]))
-    out = adapter.predict_x0(CondNet(), x, torch.tensor([10, 10]), cond, guidance_scale=3.0)
+    cond = edm.encode_conditions(torch.tensor([0, 1]), "cpu")
+    out = edm.predict_x0(CondNet(), x, torch.tensor([10, 10]), cond, guidance_scale=3.0)
     assert torch.equal(out, torch.full_like(x, 3.0))  # 0 + 3·(1 − 0)
+
+    class LabelEps(torch.nn.Module):
+        def forward(self, x, t, class_labels):
+            return x * 0 + (class_labels != 2).float().reshape(-1, 1, 1, 1)  # ε̂ = 1 conditioned, 0 for the null class
+
+    vp = MixtureDiffusers()
+    vp.config.update(num_classes=2, null_class=2)
+    t = torch.tensor([500, 500])
+    cond = vp.encode_conditions(torch.tensor([0, -1]), "cpu")  # −1: the unconditional branch
+    assert cond["class_labels"].tolist() == [0, 2]
+    a, s = coefficients(vp, t)
+    x_t = torch.ones(2, 1, 1, 1)
+    out = vp.predict_x0(LabelEps(), x_t, t, vp.encode_conditions(torch.tensor([0, 1]), "cpu"), guidance_scale=3.0)
+    expected = (x_t / a) + 3.0 * ((x_t - s) / a - x_t / a)  # x̂_u + 3·(x̂_c − x̂_u)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gan_losses_match_softplus_formulas():
@@ -81,11 +129,39 @@ def test_dm_step_range_matches_original_defaults():
     assert dm_step_range(1000, 0.02, 0.98) == (20, 980)
 
 
-def test_fake_score_loss_is_edm_weighted_x0_regression():
-    adapter = EDMAdapter(sigma_data=0.5)
+def test_edm_fake_score_loss_is_edm_weighted_x0_regression():
+    family = MixtureEDM()
+    family.sigma_data = 0.5
     x0 = torch.ones(1, 1, 1, 1)
-    t = torch.tensor([999])  # σ = 80
-    loss = adapter.fake_score_loss(Linear(0.0, 0.0), x0, t, None, torch.zeros_like(x0))
-    sigma = 80.0
-    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    loss = family.fake_score_loss(Linear(0.0, 0.0), x0, torch.tensor([999]), None, torch.zeros_like(x0))  # σ = 80
+    weight = (80.0**2 + 0.25) / (80.0 * 0.5) ** 2
     assert math.isclose(loss.item(), weight * 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusers_fake_score_loss_is_unweighted_eps_or_v_mse(prediction_type):
+    family = MixtureDiffusers(prediction_type)
+    x0, noise = torch.full((2, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), 2.0)
+    t = torch.tensor([999, 250])
+    loss = family.fake_score_loss(EpsLinear(0.0, 0.0), x0, t, None, noise)  # the network outputs 0
+    a, s = coefficients(family, t)
+    target = noise.double() if prediction_type == "epsilon" else a * noise.double() - s * x0.double()
+    assert math.isclose(loss.item(), (target**2).mean().item(), rel_tol=1e-5)
+    # the schedule is Stable Diffusion's: ᾱ_999 = 0.0047 (method notes §8)
+    assert abs(family.alphas_cumprod[999].item() - 0.0047) < 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_diffusers_x0_conversion_inverts_the_forward_process(prediction_type):
+    """An oracle that outputs the true ε (or v) gets x0 back exactly, at every t (float64 conversion)."""
+    family = MixtureDiffusers(prediction_type)
+    x0, noise = torch.randn(1000, 2), torch.randn(1000, 2)
+    t = torch.arange(1000)
+    x_t = family.add_noise(x0, noise, t)
+    target = family._target(x0, noise, t)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, timestep, class_labels=None):
+            return target
+
+    torch.testing.assert_close(family.predict_x0(Oracle(), x_t, t, None), x0, rtol=0, atol=2e-4)

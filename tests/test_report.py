@@ -15,6 +15,7 @@ from dmd2.config import load_params
 from dmd2.evaluate import CheckpointScorer, scan_once
 from dmd2.fid import load_stats
 from dmd2.paths import ExperimentPaths
+from dmd2.stage import StageContext
 from dmd2.tracking import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def metrics(root):
-    return json.loads((root / "results/mnist/metrics.json").read_text())
+    return json.loads((root / "results/mnist/evaluation.json").read_text())
 
 
 def test_fid_reference_outputs(root):
@@ -64,7 +65,7 @@ def test_metrics_schema(metrics):
 
 def test_results_hold_only_declared_outputs(root, metrics):
     results = root / "results/mnist"
-    assert {p.name for p in results.iterdir()} == {"metrics.json", "samples", "plots", "stage.json", "report.html"}
+    assert {p.name for p in results.iterdir()} == {"evaluation.json", "metrics.json", "samples", "plots", "stage.json", "report.html"}
     assert {p.name for p in (results / "samples").iterdir()} == {"teacher_nfe1.png", "teacher_nfe5.png", "student_nfe1.png"}
     grid = Image.open(results / "samples/student_nfe1.png")
     # class-major: 10 columns of 16 px tiles + 1 px padding, 2 rows (grid_per_class), scaled x3
@@ -78,7 +79,7 @@ def test_results_hold_only_declared_outputs(root, metrics):
 
 def test_same_seed_gives_identical_metrics_rows_on_rerun(root, metrics):
     run_cli(root, "evaluate")
-    again = json.loads((root / "results/mnist/metrics.json").read_text())
+    again = json.loads((root / "results/mnist/evaluation.json").read_text())
     for a, b in zip(metrics["rows"], again["rows"], strict=True):
         assert (a["fid"], a["class_accuracy"], a["diversity"]) == (b["fid"], b["class_accuracy"], b["diversity"])
 
@@ -108,9 +109,8 @@ def test_watch_mode_sleeps_between_scans_and_stops_on_ctrl_c(root, tmp_path, mon
             raise KeyboardInterrupt
 
     monkeypatch.setattr(evaluate.time, "sleep", fake_sleep)
-    params = load_params(root / "params.yaml")
-    evaluate.evaluate_checkpoint_folder(params.current("mnist"), ExperimentPaths("mnist", root),
-                                        run_dir(root, "distill") / "checkpoints", str(output), True, 7.5)
+    ctx = StageContext(load_params(root / "params.yaml"), "mnist", ExperimentPaths("mnist", root))
+    evaluate.evaluate_checkpoint_folder(ctx, run_dir(root, "distill") / "checkpoints", str(output), True, 7.5)
     assert naps == [7.5, 7.5]  # one sleep per scan, never a busy loop
     records = read_jsonl(output)
     assert [r["step"] for r in records] == [3, 6]  # step 3 kept as it was, step 6 scored once after the torn line

@@ -1,4 +1,4 @@
-"""The default experiment through `snakemake --profile workflow/profiles/slurm` on a real local Slurm cluster.
+"""The default experiment through `snakemake --profile slurm` (the form users type) on a real local Slurm cluster.
 
 The test starts munged + slurmctld + slurmd on localhost (tests/slurm/local-slurm.sh), runs the tiny pipeline
 with the distill rule as a 2-task job (2 launcher tasks, one rank each, rendezvous over gloo, FSDP2 hybrid
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from test_dag import project_copy
-from tiny import run_dir, write_tiny_params
+from tiny import run_dir
 
 from dmd2.checkpoint import latest_checkpoint
 
@@ -47,15 +47,14 @@ def local_slurm():
 
 
 def test_pipeline_runs_through_the_slurm_profile(local_slurm, tmp_path):
-    root = project_copy(tmp_path / "slurm")
-    write_tiny_params(root, **SLURM_LAUNCH)
+    root = project_copy(tmp_path / "slurm", **SLURM_LAUNCH)
     start = time.time()
     proc = subprocess.run(
-        ["timeout", "-s", "KILL", "900", "snakemake", "--profile", "workflow/profiles/slurm", "--jobs", "2",
+        ["timeout", "-s", "KILL", "900", "snakemake", "--profile", "slurm", "--jobs", "2",
          "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1"],
         cwd=root, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
-    print(f"snakemake --profile workflow/profiles/slurm took {time.time() - start:.0f} s")
+    print(f"snakemake --profile slurm took {time.time() - start:.0f} s")
     assert proc.returncode == 0, output[-6000:] + _logs(root)
     assert (root / "results/mnist/report.html").exists() and (root / "results/mnist/metrics.json").exists()
     assert "SLURM" in output or "slurm" in output  # jobs were submitted with sbatch, not run locally

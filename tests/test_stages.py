@@ -98,16 +98,23 @@ def test_bf16_autocast_and_gradient_checkpointing_run(prepared, tmp_path):
     assert '"loss_fake"' in last and "NaN" not in last
 
 
-def test_a_nan_loss_stops_with_the_last_good_checkpoint_intact(prepared, tmp_path):
-    root = fresh_copy(prepared, tmp_path / "nan", distill={"steps": 6, "checkpoint_every": 1, "warmup_steps": 0,
-                                                           "generator_lr": 1e30, "guidance_lr": 1e30})
-    from dmd2.cli import main
+def test_a_nan_loss_stops_with_the_last_good_checkpoint_intact(prepared, tmp_path, monkeypatch):
+    import dmd2.distill
 
+    root = fresh_copy(prepared, tmp_path / "nan", distill={"steps": 6, "checkpoint_every": 1, "warmup_steps": 0})
+    real_loss, calls = dmd2.distill.distribution_matching_loss, []
+
+    def diverging(*args, **kwargs):  # the second generator turn's loss is NaN
+        loss, stats = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), stats) if len(calls) >= 2 else (loss, stats)
+
+    monkeypatch.setattr(dmd2.distill, "distribution_matching_loss", diverging)
     result = CliRunner().invoke(main, ["distill", "--params", str(root / "params.yaml"), "--root", str(root)])
-    assert isinstance(result.exception, FloatingPointError), result.output
-    message = str(result.exception)
-    assert "last good checkpoint is intact" in message
-    failed_at = int(re.search(r"at iteration (\d+)", message).group(1))
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: the generator turn produced loss_generator = nan") and "intact" in line, line
+    failed_at = int(re.search(r"at iteration (\d+)", line).group(1))
     checkpoints = list_checkpoints(run_dir(root, "distill") / "checkpoints")
     assert checkpoints and checkpoint_step(checkpoints[-1]) <= failed_at  # nothing written after the bad step
     load_checkpoint(checkpoints[-1])
@@ -134,3 +141,41 @@ def test_metrics_log_drops_lines_past_the_resume_point_and_torn_lines(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
     MetricsLog(path, resume_step=2).write({"step": 3, "new": True})
     assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2}', '{"step": 3, "new": true}']
+
+
+@pytest.mark.slow
+def test_sample_grids_during_training_do_not_change_what_is_trained(prepared, tmp_path):
+    plain = fresh_copy(prepared, tmp_path / "plain")
+    run(plain, "distill")
+    grids = fresh_copy(prepared, tmp_path / "grids", distill={"sample_every": 3})
+    run(grids, "distill")
+    assert sorted(p.name for p in (run_dir(grids, "distill") / "samples").iterdir()) == \
+        ["step-0000003.png", "step-0000006.png"]
+    assert_identical(student_weights(plain), student_weights(grids))
+
+
+def test_forward_noised_multistep_training_pairs_real_samples_with_their_own_labels():
+    """Multi-step without backward simulation starts from noised real samples: the generator must see their
+    labels, not the batch's random ones."""
+    from accelerate import Accelerator
+    from gmm import GaussianMixture, MixtureEDM, ResidualDenoiser
+
+    from dmd2.config import DistillConfig
+    from dmd2.distill import Batch, DMD2Trainer
+
+    class Spy(ResidualDenoiser):
+        def forward(self, x, sigma, cond=None, features_only=False):
+            self.seen = cond
+            return super().forward(x, sigma, cond, features_only)
+
+    mixture = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], [0.3, 0.3])
+    family = MixtureEDM()
+    family.config["label_dim"] = 2
+    cfg = DistillConfig(batch_size=4, denoising_timesteps=[999, 499], backward_simulation=False, gan={"enabled": False})
+    generator = Spy(mixture)
+    trainer = DMD2Trainer(family, ResidualDenoiser(mixture), generator, ResidualDenoiser(mixture), None, cfg,
+                          Accelerator(cpu=True))
+    real_cond = family.encode_conditions(torch.tensor([0, 0, 1, 1]), "cpu")
+    random_cond = family.encode_conditions(torch.tensor([1, 1, 0, 0]), "cpu")
+    trainer.train_step(1, Batch(4, cond=random_cond, real=mixture.sample(4)[0], real_cond=real_cond))
+    assert torch.equal(generator.seen, real_cond)

@@ -1,4 +1,4 @@
-"""A tiny version of the default experiment, for integration tests (seconds per stage on 2 cores)."""
+"""Tiny versions of the embedded experiments, for integration tests (seconds per stage on 2 cores)."""
 
 import shutil
 from pathlib import Path
@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from conftest import REPO
 
 TINY = {
-    "teacher": {"unet": {"channels": 8, "channel_mult": [1, 2]}, "steps": 6, "batch_size": 16, "log_every": 2,
-                "checkpoint_every": 3, "warmup_steps": 2, "sampler": {"num_steps": 3}},
+    "teacher": {"steps": 6, "batch_size": 16, "log_every": 2, "checkpoint_every": 3, "warmup_steps": 2,
+                "sampler": {"num_steps": 3}},
     "distill": {"steps": 6, "batch_size": 8, "dfake_gen_update_ratio": 2, "warmup_steps": 2, "log_every": 1,
                 "checkpoint_every": 3},
     "eval": {"num_samples": 40, "batch_size": 20, "teacher_steps": [1, 3], "grid_per_class": 2, "latency_repeats": 2,
@@ -24,11 +24,24 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def write_tiny_params(directory: Path, **overrides: dict) -> Path:
-    """The repository's params.yaml with the mnist block shrunk (and any stage overrides merged in)."""
+def tiny_block(experiment: str) -> dict:
+    """What shrinks an embedded experiment's block to the tiny size (by its teacher family)."""
+    if experiment == "mnist-ddpm":
+        unet = {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D"] * 2,
+                "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4}
+    else:
+        unet = {"channels": 8, "channel_mult": [1, 2]}
+    return merge(TINY, {"teacher": {"unet": unet}})
+
+
+def write_tiny_params(directory: Path, experiment: str = "mnist", **overrides: dict) -> Path:
+    """The repository's params.yaml with every embedded experiment's block shrunk, `experiment:` set, and any stage
+    overrides merged into that experiment's block."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["mnist"] = merge(params["mnist"], TINY)
-    params["mnist"] = merge(params["mnist"], overrides)
+    for name in ("mnist", "mnist-ddpm"):
+        params[name] = merge(params[name], tiny_block(name))
+    params["experiment"] = experiment
+    params[experiment] = merge(params[experiment], overrides)
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

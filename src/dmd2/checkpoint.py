@@ -12,20 +12,31 @@ the previous checkpoint untouched and the next run ignores the debris.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
+import socket
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from dmd2.errors import CheckpointError, RunLockedError
 
 _NAME = re.compile(r"^ckpt-(\d{7})$")
+T = TypeVar("T")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,10 +81,24 @@ def save_checkpoint(root: str | Path, step: int, models: dict[str, dict[str, tor
                     meta: dict[str, Any], keep_last: int) -> Path:
     """A single-process checkpoint: one safetensors file per model, plus `state`."""
     tmp = begin_checkpoint(root, step)
-    for name, tensors in models.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-    torch.save(state, tmp / "state.pt")
+    with writing(tmp):
+        for name, tensors in models.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+        torch.save(state, tmp / "state.pt")
     return commit_checkpoint(root, step, meta, keep_last)
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a failed write (a full disk, torch's 'unexpected pos' when it is full) into one line that names the
+    place and says that the previous checkpoint is intact (the write goes to a temporary directory)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        full = getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err) or "No space" in str(err)
+        why = "the disk is full" if full else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise CheckpointError(f"writing {path} failed ({why}); the previous checkpoint is intact. Free space "
+                              "(or fix the cause) and rerun the same command to resume.") from err
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -104,10 +129,57 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state.pt, meta.json) of a complete checkpoint."""
     path = Path(path)
     if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json); pick a ckpt-XXXXXXX directory "
-                                "written by `dmd2 teacher` or `dmd2 distill`")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    return state, json.loads((path / "meta.json").read_text())
+        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json); pick a ckpt-XXXXXXX directory "
+                              "written by `dmd2 teacher` or `dmd2 distill`")
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        meta = json.loads((path / "meta.json").read_text())
+    except Exception as err:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        raise CheckpointError(f"{path} is corrupt ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    return state, meta
+
+
+def checkpoint_at_or_refuse(ckpt_dir: Path, steps: int, key: str) -> Path | None:
+    """When a run has already gone past `steps` (the setting was lowered): its checkpoint at exactly `steps` if
+    one is kept, else a CheckpointError that says why and what to do. None when the run has not passed `steps`."""
+    found = list_checkpoints(ckpt_dir)
+    if not found or checkpoint_step(found[-1]) <= steps:
+        return None
+    exact = [c for c in found if checkpoint_step(c) == steps]
+    if exact:
+        return exact[0]
+    kept = [checkpoint_step(c) for c in found]
+    raise CheckpointError(f"{ckpt_dir.parent} has already trained to iteration {kept[-1]}, past {key}={steps}, and "
+                          f"kept checkpoints only at {kept}: its weights at {steps} are gone. Set {key} to one of "
+                          f"those iterations (or {kept[-1]} or more), or move {ckpt_dir.parent} away to train afresh")
+
+
+def load_latest(ckpt_dir: Path, load: Callable[[Path], T], say: Callable[[str], None] = print,
+                decide: Callable[[bool], bool] = lambda ok: ok) -> tuple[Path, T] | None:
+    """Load the newest checkpoint in `ckpt_dir` that loads; a corrupt newer one is moved aside (renamed
+    `corrupt-ckpt-…`, kept for inspection) with a warning, never deleted. None when there is no checkpoint;
+    CheckpointError when none of them loads. `decide` lets every rank agree on success (a collective)."""
+    found = list_checkpoints(ckpt_dir)
+    errors = []
+    for ckpt in reversed(found):
+        try:
+            result, ok = load(ckpt), True
+        except Exception as err:  # noqa: BLE001 - any failure makes this checkpoint unusable: try the previous one
+            result, ok = None, False
+            errors.append(f"{ckpt.name}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+        if decide(ok):
+            return ckpt, result
+        aside = ckpt.with_name(f"corrupt-{ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if ckpt.exists() and not aside.exists():
+            with contextlib.suppress(OSError):
+                os.replace(ckpt, aside)
+        say(f"warning: checkpoint {ckpt} does not load ({errors[-1] if errors else 'on another rank'}); moved it "
+            f"aside to {aside.name} and trying the previous one")
+    if found:
+        raise CheckpointError(f"no checkpoint in {ckpt_dir} loads ({'; '.join(errors)}); they were moved aside as "
+                              "corrupt-ckpt-*. Delete the run directory to start again, or resume from a "
+                              "checkpoint you trust with --resume_from_checkpoint")
+    return None
 
 
 # ------------------------------------------------------------------------- sharded training state (DCP)
@@ -130,23 +202,32 @@ def save_training_state(directory: str | Path, parts: TrainingParts) -> None:
     writes its own shards (replicated tensors are written once), onto a filesystem all ranks share."""
     import torch.distributed.checkpoint as dcp
 
-    with _single_process_is_fine():
+    with _single_process_is_fine(), writing(Path(directory)):
         dcp.save(_training_state(parts), checkpoint_id=str(directory))
 
 
 def load_training_state(directory: str | Path, parts: TrainingParts) -> None:
-    """Load `save_training_state`'s files into `parts`, resharding to this run's ranks (any number, any mode)."""
+    """Load `save_training_state`'s files into `parts`, resharding to this run's ranks (any number, any mode).
+
+    DCP stores its index (`.metadata`) and non-tensor values as pickles; both are read with restricted
+    unpicklers here (`_SafeReader`, `_SafeLoadPlanner`), so a crafted checkpoint directory cannot run code."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     directory = Path(directory)
     if not (directory / ".metadata").exists():
-        raise FileNotFoundError(f"{directory} holds no training state (no .metadata); this checkpoint was not "
-                                "written by this version of `dmd2 distill`. Resume from another checkpoint, or "
-                                "delete the run directory to start again.")
+        raise CheckpointError(f"{directory} holds no training state (no .metadata); this checkpoint was not "
+                              "written by this version of `dmd2 distill`. Resume from another checkpoint, or "
+                              "delete the run directory to start again.")
+    reader = _SafeReader(str(directory))
+    reader.read_metadata()  # refuses a hostile or foreign index here, with our message, before DCP wraps it
     state = _training_state(parts)
     with _single_process_is_fine():
-        dcp.load(state, checkpoint_id=str(directory))
+        try:
+            dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner())
+        except dcp.api.CheckpointException as err:
+            detail = next((line for line in str(err).splitlines() if "Error" in line), str(err).splitlines()[0])
+            raise CheckpointError(f"{directory} cannot be loaded ({detail.strip()[:300]})") from err
     for name, (model, optimizer) in parts.items():
         set_state_dict(model, [optimizer], model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
 
@@ -172,16 +253,19 @@ def _single_process_is_fine():
 
 
 def rng_state() -> dict[str, Any]:
+    """The CPU generator (every draw that shapes training is made on the CPU: `GlobalBatchRandom`) and this
+    process's own CUDA device, never a list per GPU: a checkpoint written on 8 GPUs resumes on 1."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():  # older checkpoints held a list: skipped
+        torch.cuda.set_rng_state(cuda)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -204,3 +288,105 @@ def run_directory(work_dir: str | Path, settings: dict[str, Any], ignore: set[st
     for path in inputs:
         digest.update(sha256_file(path).encode())
     return Path(work_dir) / f"run-{digest.hexdigest()[:12]}"
+
+
+# ------------------------------------------------------------------------------------ safe DCP loading
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the classes a DCP index is made of; anything else (os.system, builtins.eval, ...) is refused by name
+    before it is looked up, so nothing in the file runs."""
+
+    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+               ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+            raise CheckpointError(f"{path} is not a training-state index this code wrote ({err}); it was not loaded "
+                                  "(checkpoint indexes are read with a restricted unpickler)") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner reads non-tensor values with `torch.load(weights_only=False)`; these are plain
+    numbers, lists and dicts (optimiser hyper-parameters), which `weights_only=True` reads without running code."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"a value in the training state ({read_item.dest_index.fqn}) is not plain data "
+                                  f"({str(err).splitlines()[0]}); it was not loaded") from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+# ------------------------------------------------------------------------------------ one writer per run
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, say: Callable[[str], None] = print):
+    """Hold `run_dir`'s lock while training: a second trainer on the same run directory stops at once and names
+    the holder (pid, host, start time, command). The lock is an OS file lock, released even when its process is
+    killed; a lock file left by a dead process is taken over, with a line saying so."""
+    import fcntl
+    import sys
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "LOCK"
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the duration of the block
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(path)
+        handle.close()
+        raise RunLockedError(f"{run_dir} is being written by another trainer: {holder}. Stop that one first (or let "
+                             "it finish); two trainers on one run directory would interleave checkpoints") from None
+    previous = _lock_holder(path, default="")
+    if previous:
+        say(f"note: took over {path}, left by a trainer that is no longer running ({previous})")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}))
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()  # a clean exit leaves an empty lock file: nothing to take over
+        handle.close()
+
+
+def _lock_holder(path: Path, default: str = "unknown process") -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return default
+    if not info:
+        return default
+    return (f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}, "
+            f"command `{info.get('command')}`")

@@ -1,24 +1,30 @@
 """`dmd2 <stage>`: one thin sub-command per pipeline stage.
 
-Every stage reads params.yaml (`--params`), takes `--set key=value` overrides (a path relative to the current
+Every stage reads params.yaml (`--params`), takes `--set key=value` overrides (a path relative to the selected
 experiment, e.g. `--set distill.steps=100`, or absolute, e.g. `--set mnist.distill.steps=100`), and writes only
-its declared outputs. Running a training stage again resumes it from its last checkpoint.
+its declared outputs. Running a training stage again resumes it from its last checkpoint. Each stage is a
+function `run_<stage>(ctx, **options) -> dict`; `_run_stage` below times it and writes its `stage.json`.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
-from dmd2.config import ConfigError, Params, load_params
+from dmd2.config import SHARED_KEYS, STAGE_MODELS, ConfigError, ExperimentConfig, load_params
+from dmd2.errors import Dmd2Error
 from dmd2.paths import ExperimentPaths
+from dmd2.stage import StageContext
 
 
 def _common(func):
@@ -32,21 +38,54 @@ def _common(func):
     @functools.wraps(func)
     def wrapper(params_path, experiment, overrides, root, **kwargs):
         overrides = list(overrides) + kwargs.pop("extra_overrides", [])
-        params = load_params(params_path, overrides)
+        params = load_params(params_path, overrides, experiment)
         name = experiment or params.experiment
         params.current(name)
-        return func(params=params, name=name, paths=ExperimentPaths(name, Path(root)), **kwargs)
+        return func(ctx=StageContext(params, name, ExperimentPaths(name, Path(root))), **kwargs)
 
     return wrapper
 
 
+def _run_stage(stage: str, run: Callable[..., dict[str, Any]], ctx: StageContext, write_record: bool = True,
+               **options: Any) -> dict[str, Any]:
+    """Run one stage and write its stage.json (wall time, hardware, and the figures the stage returns)."""
+    from dmd2.tracking import write_stage_record
+
+    started = time.time()
+    summary = run(ctx, **options)
+    record = ctx.paths.stage_record(stage)
+    if write_record and record is not None:
+        write_stage_record(record, stage, started, **summary)
+    return summary
+
+
 class _Group(click.Group):
+    """Expected failures (bad input, a missing or corrupt file, a held lock, a diverged run, a full disk) end
+    with one `error:` line that names the file or key and the fix; DMD2_DEBUG=1 adds the traceback."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except ConfigError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+        except (Dmd2Error, OSError) as err:
+            if os.environ.get("DMD2_DEBUG", "") not in ("", "0") or not _expected(err):
+                raise
+            click.echo(f"error: {_one_line(err)}", err=True)
+            sys.exit(2 if isinstance(err, ConfigError) else 1)
+
+
+def _expected(err: BaseException) -> bool:
+    """Our own errors, and the operating system's about files and disks (anything else keeps its traceback)."""
+    return isinstance(err, Dmd2Error) or isinstance(err, OSError) and err.errno in (
+        errno.ENOSPC, errno.ENOENT, errno.EACCES, errno.EROFS, errno.EDQUOT)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and not isinstance(err, Dmd2Error):
+        where = f" ({err.filename})" if err.filename else ""
+        hint = "free space and rerun the same command (finished outputs and checkpoints are intact)" \
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions"
+        return f"{err.strerror or err}{where}; {hint}"
+    return str(err)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -57,15 +96,11 @@ def main() -> None:
 
 @main.command("prepare-data")
 @_common
-def prepare_data(params: Params, name: str, paths: ExperimentPaths) -> None:
+def prepare_data(ctx: StageContext) -> None:
     """Build data/<exp>/train.lmdb and heldout.lmdb (records + a verified meta record)."""
-    from dmd2.data import prepare_mnist
-    from dmd2.tracking import write_stage_record
+    from dmd2.data import run_prepare_data
 
-    started, cfg = time.time(), params.current(name).data
-    summary = prepare_mnist(paths.data, cfg.resolution, cfg.heldout_fraction, cfg.seed)
-    write_stage_record(paths.data / "stage.json", "prepare-data", started, **summary)
-    click.echo(f"wrote {paths.data}/train.lmdb ({summary['train']}) and heldout.lmdb ({summary['heldout']})")
+    _run_stage("prepare-data", run_prepare_data, ctx)
 
 
 def _seed_surface(stage: str):
@@ -74,7 +109,8 @@ def _seed_surface(stage: str):
     def decorate(func):
         options = [
             click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                         help=f"YAML of {stage} keys (or a params-style file); --set still overrides it."),
+                         help=f"YAML of {stage} keys, or of any params.yaml blocks (data:, launch:, wandb:, an "
+                              "experiment's block, ...); --set still overrides it."),
             click.option("--save_every", type=int, help=f"Checkpoint every N iterations ({stage}.checkpoint_every)."),
             click.option("--resume_from_checkpoint", type=click.Path(exists=True, file_okay=False),
                          help="Resume from this checkpoint directory instead of the latest one in work/.  [default: latest]"),
@@ -83,8 +119,10 @@ def _seed_surface(stage: str):
             click.option("--wandb_run_name", help="wandb.run_name"),
             click.option("--wandb_dir", help="wandb.dir"),
             click.option("--wandb_log_every", type=int, help=f"Log scalars every N iterations ({stage}.log_every)."),
-            click.option("--wandb_sample_every", type=int, help="Log a sample grid every N iterations (distill.sample_every)."),
-            click.option("--wandb_log_checkpoints", is_flag=True, default=None, help="Upload checkpoints as artifacts."),
+            click.option("--wandb_sample_every", type=int, help="Log a sample grid every N iterations "
+                         "(distill.sample_every; grids also go to the run directory's samples/)."),
+            click.option("--wandb_log_checkpoints", is_flag=True, default=None,
+                         help="Upload each checkpoint as a wandb artifact (wandb.log_checkpoints)."),
         ]
 
         @functools.wraps(func)
@@ -109,44 +147,46 @@ def _seed_surface(stage: str):
 
 
 def _config_file_overrides(path: str | None, stage: str) -> list[str]:
+    """A `--config` YAML as overrides: keys of `stage`'s block (the seed's `steps: 4`) go to that block; params.yaml's
+    own blocks (wandb, an experiment's data/teacher/distill/eval/launch, whole experiment blocks) stay as they are."""
     if not path:
         return []
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping")
     out = []
 
     def walk(prefix: str, node: object) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, dict) and node:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
             out.append(f"{prefix}={json.dumps(node)}")
 
+    blocks = set(SHARED_KEYS) | set(ExperimentConfig.model_fields)
+    own = set().union(*(m.model_fields for m in STAGE_MODELS[stage]))
     for key, value in raw.items():
-        top = key if key in ("wandb", "data", "teacher", "distill", "eval") else f"{stage}.{key}"
-        walk(top, value)
+        walk(f"{stage}.{key}" if key in own and key not in blocks else key, value)
     return out
 
 
 @main.command()
 @_seed_surface("teacher")
 @_common
-def teacher(params: Params, name: str, paths: ExperimentPaths, resume_from_checkpoint: str | None) -> None:
-    """Train the EDM teacher; writes models/<exp>/teacher/ (safetensors + config.json). Rerun to resume."""
-    from dmd2.teacher import train_teacher
-    from dmd2.tracking import write_stage_record
+def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
+    """Train the teacher (or record a pretrained one); writes models/<exp>/teacher/. Rerun to resume."""
+    from dmd2.teacher import run_teacher
 
-    started = time.time()
-    summary = train_teacher(params.current(name), paths.data, paths.teacher, paths.work("teacher"), params.wandb, name,
-                            resume_from=_path(resume_from_checkpoint))
-    write_stage_record(paths.teacher / "stage.json", "teacher", started, **summary)
+    _run_stage("teacher", run_teacher, ctx, resume_from=_path(resume_from_checkpoint))
 
 
 @main.command()
 @_seed_surface("distill")
 @_common
-def distill(params: Params, name: str, paths: ExperimentPaths, resume_from_checkpoint: str | None) -> None:
+def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
     """Run DMD2; writes models/<exp>/student/. Checkpoints roll in work/<exp>/distill/; rerun to resume."""
     from accelerate import Accelerator
 
@@ -155,25 +195,27 @@ def distill(params: Params, name: str, paths: ExperimentPaths, resume_from_check
     from dmd2.tracking import write_stage_record
 
     started = time.time()
-    launch = params.current(name).launch
-    if relaunch_if_needed(launch, paths.launch_config, sys.argv[1:]):
-        write_stage_record(paths.student / "stage.json", "distill", started, num_processes=launch.world_size,
+    launch = ctx.exp.launch
+    if relaunch_if_needed(launch, ctx.paths.launch_config, sys.argv[1:]):
+        write_stage_record(ctx.paths.stage_record("distill"), "distill", started, num_processes=launch.world_size,
                            num_machines=launch.num_machines, distributed=launch.distributed)
         return
     acc = Accelerator(cpu=not _cuda())
-    summary = run_distill(params.current(name), paths.data, paths.teacher, paths.student, paths.work("distill"),
-                          params.wandb, name, acc, resume_from=_path(resume_from_checkpoint))
-    if acc.is_main_process:
-        write_stage_record(paths.student / "stage.json", "distill", started, num_processes=acc.num_processes, **summary)
+
+    def run(c: StageContext, **options: Any) -> dict[str, Any]:
+        return {"num_processes": acc.num_processes, **run_distill(c, **options)}
+
+    _run_stage("distill", run, ctx, write_record=acc.is_main_process, accelerator=acc,
+               resume_from=_path(resume_from_checkpoint))
 
 
 @main.command("launch-config")
 @_common
-def launch_config(params: Params, name: str, paths: ExperimentPaths) -> None:
+def launch_config(ctx: StageContext) -> None:
     """Write configs/<exp>/accelerate.yaml for the cluster shape in `launch:` (validated by accelerate)."""
     from dmd2.launch import write_launch_config
 
-    click.echo(f"wrote {write_launch_config(params.current(name).launch, paths.launch_config)}")
+    click.echo(f"wrote {write_launch_config(ctx.exp.launch, ctx.paths.launch_config)}")
 
 
 def _path(value: str | None) -> Path | None:
@@ -191,7 +233,7 @@ def _cuda() -> bool:
               help="A teacher or student directory (normalised format).")
 @click.option("--output_dir", required=True, type=click.Path(file_okay=False), help="Where the images and grid go.")
 @click.option("--num_samples", default=8, show_default=True, help="Samples per class.")
-@click.option("--steps", default=None, type=int, help="Teacher Heun steps (default: its full sampler).")
+@click.option("--steps", default=None, type=int, help="Teacher sampler steps (default: its full sampler).")
 @click.option("--seed", default=0, show_default=True)
 def generate(model_dir: str, output_dir: str, num_samples: int, steps: int | None, seed: int) -> None:
     """N samples per class from any teacher or student checkpoint: PNGs plus grid.png."""
@@ -203,20 +245,20 @@ def generate(model_dir: str, output_dir: str, num_samples: int, steps: int | Non
 
 @main.command("fid-reference")
 @_common
-def fid_reference(params: Params, name: str, paths: ExperimentPaths) -> None:
+def fid_reference(ctx: StageContext) -> None:
     """Train the proxy-FID feature classifier and cache FID reference statistics in models/<exp>/fid_reference/."""
     from dmd2.fid import run_fid_reference
 
-    run_fid_reference(params.current(name), paths)
+    _run_stage("fid-reference", run_fid_reference, ctx)
 
 
 @main.command()
 @_common
-def evaluate(params: Params, name: str, paths: ExperimentPaths) -> None:
-    """Score teacher and student on the same seeds; writes results/<exp>/metrics.json and sample grids."""
+def evaluate(ctx: StageContext) -> None:
+    """Score teacher and student on the same seeds; writes results/<exp>/evaluation.json, metrics.json and grids."""
     from dmd2.evaluate import run_evaluate
 
-    run_evaluate(params.current(name), paths)
+    _run_stage("evaluate", run_evaluate, ctx)
 
 
 @main.command("evaluate-folder")
@@ -225,21 +267,21 @@ def evaluate(params: Params, name: str, paths: ExperimentPaths) -> None:
 @click.option("--watch/--once", default=False, show_default=True, help="Keep waiting for new checkpoints.")
 @click.option("--poll_seconds", default=30.0, show_default=True, help="Wait between scans when watching.")
 @_common
-def evaluate_folder(params: Params, name: str, paths: ExperimentPaths, folder: str, output_file: str | None,
-                    watch: bool, poll_seconds: float) -> None:
+def evaluate_folder(ctx: StageContext, folder: str, output_file: str | None, watch: bool, poll_seconds: float) -> None:
     """Score each new distillation checkpoint once and append it to a FID-versus-step file."""
     from dmd2.evaluate import evaluate_checkpoint_folder
 
-    evaluate_checkpoint_folder(params.current(name), paths, Path(folder), output_file, watch, poll_seconds)
+    _run_stage("evaluate-folder", evaluate_checkpoint_folder, ctx, folder=Path(folder), output_file=output_file,
+               watch=watch, poll_seconds=poll_seconds)
 
 
 @main.command()
 @_common
-def report(params: Params, name: str, paths: ExperimentPaths) -> None:
+def report(ctx: StageContext) -> None:
     """Write the self-contained results/<exp>/report.html."""
     from dmd2.report import run_report
 
-    click.echo(f"wrote {run_report(params, name, paths)}")
+    _run_stage("report", run_report, ctx)
 
 
 if __name__ == "__main__":

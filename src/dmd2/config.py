@@ -8,21 +8,49 @@ model with `extra="forbid"`, so a misspelt key fails loudly with the key path an
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
-KNOWN_EXPERIMENTS = ("mnist", "cifar10", "imagenet64", "sdv15", "sdxl")
+from dmd2.errors import Dmd2Error
+
+# Keys older versions of params.yaml had: what became of them.
+RENAMED = {"guidance_lr": "renamed to critic_lr (the fake-score critic's learning rate)",
+           "guidance_weight": "renamed to critic_weight (the weight of the critic's GAN loss)",
+           "num_train_timesteps": "moved to the teacher's family (EDM tables and diffusers schedules fix their length)"}
+SHARED_KEYS = ("experiment", "wandb")  # top-level keys of params.yaml that are not experiment blocks
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
-class ConfigError(ValueError):
+class ConfigError(Dmd2Error, ValueError):
     """A problem in params.yaml or an override; the message names the key and the fix."""
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _false_is_no(value: Any) -> Any:
+    # YAML 1.1 (PyYAML, Snakemake) reads a bare `no` as False; YAML 1.2 (DVC's `exp run -S` rewrite of
+    # params.yaml) writes "no" back without quotes. Both spellings mean the option's "no".
+    return "no" if value is False else value
+
+
+def NoOr(*values: str) -> Any:  # noqa: N802 (a type factory, used like Literal)
+    """`Literal["no", *values]` that also accepts the YAML boolean `no`."""
+    return Annotated[Literal[("no", *values)], BeforeValidator(_false_is_no)]
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -53,13 +81,9 @@ class SamplerConfig(Strict):
     num_steps: int = Field(18, ge=1, description="Heun steps of the teacher's full sampler (NFE = 2n-1)")
 
 
-class TeacherConfig(Strict):
-    source: Literal["train"] = Field("train", description="train: train an EDM teacher here")
-    unet: UNetConfig = Field(default_factory=UNetConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    sigma_data: float = Field(0.5, gt=0)
-    p_mean: float = Field(-1.2, description="log-normal training sigma: mean of ln(sigma)")
-    p_std: float = Field(1.2, gt=0, description="log-normal training sigma: std of ln(sigma)")
+class TeacherTraining(Strict):
+    """What every family's teacher stage shares: how long and how to train when `source: train`."""
+
     steps: int = Field(3000, ge=1, description="optimiser steps")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -72,21 +96,106 @@ class TeacherConfig(Strict):
     seed: int = 0
 
 
+class EDMTeacherConfig(TeacherTraining):
+    """`family: edm`: an EDM-preconditioned σ-space UNet of our own, trained here."""
+
+    family: Literal["edm"] = "edm"
+    source: Literal["train"] = Field("train", description="train: train an EDM teacher here")
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    sigma_data: float = Field(0.5, gt=0)
+    p_mean: float = Field(-1.2, description="log-normal training sigma: mean of ln(sigma)")
+    p_std: float = Field(1.2, gt=0, description="log-normal training sigma: std of ln(sigma)")
+
+
+class DiffusersUNetConfig(Strict):
+    """Constructor arguments of a diffusers UNet trained here (names as in diffusers)."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    down_block_types: list[str] = Field(default_factory=lambda: ["DownBlock2D"] * 3)
+    up_block_types: list[str] = Field(default_factory=lambda: ["UpBlock2D"] * 3)
+    mid_block_type: str | None = Field("UNetMidBlock2D", description="UNetMidBlock2D (UNet2DModel), "
+                                       "UNetMidBlock2DCrossAttn (text UNet2DConditionModel), or null")
+    norm_num_groups: int = Field(8, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    add_attention: bool = Field(False, description="UNet2DModel: self-attention in the middle block")
+    cross_attention_dim: int = Field(8, ge=1, description="UNet2DConditionModel only")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusersUNetConfig:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"down_block_types and up_block_types need one entry per block_out_channels ({n})")
+        return self
+
+
+class NoiseScheduleConfig(Strict):
+    """The discrete-time noise schedule of a diffusers teacher trained here (a DDPMScheduler config)."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = Field(0.00085, gt=0, lt=1)
+    beta_end: float = Field(0.012, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="what the UNet predicts")
+
+
+class DDIMSamplerConfig(Strict):
+    num_steps: int = Field(50, ge=1, description="deterministic DDIM steps of the teacher's full sampler (NFE = n)")
+
+
+class DiffusersTeacherConfig(TeacherTraining):
+    """`family: diffusers`: a discrete-time ε- or v-prediction UNet from diffusers, trained here with the DDPM
+    objective (`source: train`) or loaded from a diffusers directory or hub id (`source: pretrained`)."""
+
+    family: Literal["diffusers"] = "diffusers"
+    source: Literal["train", "pretrained"] = "train"
+    pretrained: str | None = Field(None, description="source: pretrained: a local diffusers directory (a pipeline "
+                                   "folder with unet/ and scheduler/, or a model folder) or a hub id such as "
+                                   "google/ddpm-cifar10-32 (already in the local hub cache when offline)")
+    subfolder: str | None = Field("unet", description="where the UNet sits inside `pretrained` (null: at the top)")
+    unet_class: Literal["UNet2DModel", "UNet2DConditionModel"] = "UNet2DModel"
+    unet: DiffusersUNetConfig = Field(default_factory=DiffusersUNetConfig)
+    scheduler: NoiseScheduleConfig = Field(default_factory=NoiseScheduleConfig)
+    sampler: DDIMSamplerConfig = Field(default_factory=DDIMSamplerConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusersTeacherConfig:
+        if self.source == "pretrained" and not self.pretrained:
+            raise ValueError("source: pretrained needs `pretrained:` (a local diffusers directory or a hub id)")
+        return self
+
+
+def _teacher_family(value: Any) -> str:
+    # `family` may be left out: the default family is edm (the teachers the pipeline trained before families)
+    return (value.get("family", "edm") if isinstance(value, dict) else getattr(value, "family", "edm"))
+
+
+TeacherConfig = Annotated[
+    Annotated[EDMTeacherConfig, Tag("edm")] | Annotated[DiffusersTeacherConfig, Tag("diffusers")],
+    Discriminator(_teacher_family),
+]
+TEACHER_FAMILIES = {"edm": EDMTeacherConfig, "diffusers": DiffusersTeacherConfig}
+
+
 # -------------------------------------------------------------------------------------------------- distill
 
 
 class GANConfig(Strict):
     enabled: bool = Field(True, description="diffusion-GAN head on the fake critic's bottleneck")
-    gen_weight: float = Field(3e-3, ge=0, description="weight of the generator's GAN loss")
-    guidance_weight: float = Field(1e-2, ge=0, description="weight of the critic's GAN loss")
+    gen_weight: float = Field(3e-3, ge=0, description="weight of the generator's GAN loss (gen_cls_loss_weight)")
+    critic_weight: float = Field(1e-2, ge=0, description="weight of the critic's GAN loss (the original's "
+                                 "cls_loss_weight)")
     diffusion_max_timestep: int = Field(1000, ge=1, description="real/fake noised at t ~ U{0..max-1}")
 
 
 class DistillConfig(Strict):
     steps: int = Field(1500, ge=1, description="iterations (each has a critic update)")
     batch_size: int = Field(64, ge=1, description="global batch size")
-    generator_lr: float = Field(2e-5, gt=0)
-    guidance_lr: float = Field(2e-5, gt=0)
+    generator_lr: float = Field(2e-5, gt=0, le=1, description="AdamW learning rate of the generator")
+    critic_lr: float = Field(2e-5, gt=0, le=1, description="the fake-score critic and GAN head (the original's "
+                             "guidance_lr)")
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(100, ge=0, description="linear LR warm-up, counted in iterations")
@@ -94,15 +203,15 @@ class DistillConfig(Strict):
     dfake_gen_update_ratio: int = Field(5, ge=1, description="generator updates every N iterations")
     min_step_percent: float = Field(0.02, ge=0, le=1)
     max_step_percent: float = Field(0.98, ge=0, le=1)
-    num_train_timesteps: int = Field(1000, ge=2, description="length of the discrete noise table")
-    real_guidance_scale: float = Field(1.0, ge=0, description="CFG scale of the teacher in the DM loss")
+    real_guidance_scale: float = Field(1.0, ge=0, le=100, description="classifier-free guidance scale of the "
+                                       "teacher in the DM loss (the critic is never guided; recipes: 1.75 SD1.5, 8 SDXL)")
     dm_loss_weight: float = Field(1.0, ge=0)
     denoising_timesteps: list[int] = Field(
         default_factory=lambda: [999], description="generator timesteps; [999] = 1 step, [999,749,499,249] = 4 steps"
     )
     backward_simulation: bool = Field(True, description="multi-step: train on the student's own roll-outs")
     gan: GANConfig = Field(default_factory=GANConfig)
-    mixed_precision: Literal["no", "bf16"] = "no"
+    mixed_precision: NoOr("bf16") = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -114,9 +223,9 @@ class DistillConfig(Strict):
     def _check(self) -> DistillConfig:
         if self.min_step_percent >= self.max_step_percent:
             raise ValueError("min_step_percent must be below max_step_percent")
-        bad = [t for t in self.denoising_timesteps if not 0 <= t < self.num_train_timesteps]
-        if bad or not self.denoising_timesteps:
-            raise ValueError(f"denoising_timesteps must be a non-empty list in [0, {self.num_train_timesteps})")
+        if not self.denoising_timesteps or min(self.denoising_timesteps) < 0:
+            raise ValueError("denoising_timesteps must be a non-empty list of timesteps >= 0 (the teacher's family "
+                             "bounds them from above: below its num_train_timesteps, 1000 for EDM and SD)")
         if sorted(self.denoising_timesteps, reverse=True) != self.denoising_timesteps:
             raise ValueError("denoising_timesteps must be in decreasing order, e.g. [999, 749, 499, 249]")
         return self
@@ -153,7 +262,8 @@ class CLIPConfig(Strict):
 class EvalConfig(Strict):
     num_samples: int = Field(2000, ge=10, description="generated images per model for FID")
     batch_size: int = Field(250, ge=1)
-    teacher_steps: list[int] = Field(default_factory=lambda: [1, 18], description="teacher Heun step counts")
+    teacher_steps: list[int] = Field(default_factory=lambda: [1, 18], description="step counts of the teacher's own "
+                                     "sampler to score (Heun for edm, DDIM for diffusers)")
     seed: int = Field(0, description="noise seed: the same for every model and checkpoint")
     grid_per_class: int = Field(8, ge=1)
     latency_repeats: int = Field(5, ge=1)
@@ -193,11 +303,12 @@ class SlurmConfig(Strict):
 class LaunchConfig(Strict):
     """The cluster shape of the distill stage (the original's per-node FSDP config script, generalised)."""
 
-    distributed: Literal["no", "ddp", "fsdp"] = "no"
+    distributed: NoOr("ddp", "fsdp") = "no"
     num_machines: int = Field(1, ge=1)
     processes_per_machine: int = Field(1, ge=1, description="usually the GPUs per node")
     gpus_per_machine: int = Field(0, ge=0, description="0 = CPU (gloo)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate's; DMD2 autocasts itself")
+    mixed_precision: NoOr("bf16", "fp16") = Field("no", description="must stay 'no': precision is "
+                                                  "distill.mixed_precision (the loop autocasts every model call alike)")
     main_process_port: int = Field(29500, ge=1024, le=65535, description="base port; Slurm adds job id % 1000")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
@@ -206,6 +317,12 @@ class LaunchConfig(Strict):
     def _check(self) -> LaunchConfig:
         if self.distributed == "no" and self.num_machines * self.processes_per_machine > 1:
             raise ValueError("several processes need distributed: ddp or fsdp")
+        if self.mixed_precision != "no":
+            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not supported here: accelerate would autocast "
+                             "only the calls that go through the models it prepared (the DM loss queries the critic "
+                             "outside its wrapper), and its fp16 loss scaling is never unscaled under FSDP. Set "
+                             "launch.mixed_precision: no and distill.mixed_precision: bf16, which autocasts every call "
+                             "alike (the original's --use_fp16 also meant bf16)")
         if self.distributed == "fsdp" and self.fsdp.version == 2 and self.fsdp.sharding_strategy == "NO_SHARD":
             raise ValueError("fsdp.sharding_strategy NO_SHARD is plain data parallelism: use distributed: ddp "
                              "(FSDP2 has no NO_SHARD; FSDP1 configs accept it with fsdp.version: 1)")
@@ -218,10 +335,15 @@ class LaunchConfig(Strict):
 
 class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teacher: TeacherConfig = Field(default_factory=EDMTeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
+# The blocks a stage's `--config` file may give keys of without naming the block (the seed's `steps: 4`).
+STAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {"teacher": (EDMTeacherConfig, DiffusersTeacherConfig),
+                                                         "distill": (DistillConfig,)}
 
 
 class WandbConfig(Strict):
@@ -257,49 +379,79 @@ def _closest(word: str, options: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at `loc` (used to suggest valid names)."""
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """A pydantic error location → (the key path as params.yaml spells it, the model owning its last key).
+
+    Drops pydantic's own steps: the `experiments` container and the teacher family's tag."""
     model: Any = Params
+    path: list[str] = []
     for part in loc[:-1]:
         if model is Params and part == "experiments":
             model = "experiments"
-            continue
-        if model == "experiments":
+        elif model == "experiments":
             model = ExperimentConfig
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model if isinstance(model, type) else None
+            path.append(str(part))
+        elif model is ExperimentConfig and part == "teacher":
+            model = "teacher"
+            path.append(str(part))
+        elif model == "teacher":
+            model = TEACHER_FAMILIES.get(part)  # the union's tag: the family's model
+            if model is None:  # the tag itself was wrong
+                path.append(str(part))
+        else:
+            path.append(str(part))
+            field = model.model_fields.get(part) if isinstance(model, type) else None
+            annotation = getattr(field, "annotation", None)
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if loc:
+        path.append(str(loc[-1]))
+    return path, model if isinstance(model, type) else None
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p != "experiments" or e["loc"][0] != "experiments")
-        path = ".".join(str(p) for p in loc) or "<top level>"
-        if e["type"] == "extra_forbidden":
-            owner = _model_at(e["loc"])
+        parts, owner = _walk(tuple(e["loc"]))
+        path = ".".join(parts) or "<top level>"
+        if e["type"] == "extra_forbidden" and parts[-1] in RENAMED:
+            lines.append(f"  {path}: {RENAMED[parts[-1]]}")
+        elif e["type"] == "extra_forbidden":
             valid = sorted(owner.model_fields) if owner else []
-            lines.append(f"  {path}: unknown key{_closest(str(loc[-1]), valid)} (valid keys here: {', '.join(valid)})")
+            lines.append(f"  {path}: unknown key{_closest(parts[-1], valid)} (valid keys here: {', '.join(valid)})")
         else:
             lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
+def check_experiment_name(name: str, source: str = "params.yaml") -> str:
+    """Experiment names become folder names, DVC parameter paths and parts of shell commands: letters, digits,
+    '-' and '_' only, and not one of an experiment's own block names."""
+    if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name):
+        raise ConfigError(f"{source}: experiment name {name!r} is not allowed: use letters, digits, '-' and '_' "
+                          "(it names folders, DVC parameters and shell arguments)")
+    if name in ExperimentConfig.model_fields or name in SHARED_KEYS:
+        raise ConfigError(f"{source}: {name!r} is a reserved key, not an experiment name")
+    return name
+
+
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params.yaml mapping: `experiment`, `wandb`, and one block per experiment (any other key)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    shared = {k: raw[k] for k in ("experiment", "wandb") if k in raw}
+    shared = {k: raw[k] for k in SHARED_KEYS if k in raw}
     experiments = {}
     for key, value in raw.items():
         if key in shared:
             continue
-        if key not in KNOWN_EXPERIMENTS:
-            valid = ["experiment", "wandb", *KNOWN_EXPERIMENTS]
-            raise ConfigError(f"{source}: unknown top-level key '{key}'{_closest(key, valid)} (valid: {', '.join(valid)})")
-        experiments[key] = value if value is not None else {}
+        if not isinstance(value, dict | None):
+            hint = _closest(str(key), list(SHARED_KEYS))
+            raise ConfigError(f"{source}: top-level key '{key}' holds {type(value).__name__}, but every top-level key "
+                              f"other than {', '.join(SHARED_KEYS)} is an experiment block (a mapping){hint}")
+        if difflib.get_close_matches(str(key), SHARED_KEYS, n=1, cutoff=0.8):  # `wandbb:`, `experiments:`
+            raise ConfigError(f"{source}: unknown top-level key '{key}'{_closest(str(key), list(SHARED_KEYS))}")
+        experiments[check_experiment_name(key, source)] = value if value is not None else {}
+    if "experiment" in shared:
+        check_experiment_name(shared["experiment"], source)
     try:
         params = Params(**shared, experiments=experiments)
     except ValidationError as err:
@@ -312,27 +464,37 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     return params
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
+def apply_override(raw: dict[str, Any], assignment: str, experiment: str | None = None) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so 3, 1e-4, [1,2], true work).
 
-    A path whose first part is not a top-level key is taken relative to the current experiment, so
-    `--set distill.steps=10` means `<experiment>.distill.steps=10`.
+    A path that does not start with a top-level key is relative to the selected experiment (`experiment`, else
+    params' `experiment:`), so `--set distill.steps=10` means `<experiment>.distill.steps=10`.
     """
     if "=" not in assignment:
         raise ConfigError(f"--set expects key=value, got '{assignment}'")
     key, text = assignment.split("=", 1)
     parts = key.strip().split(".")
-    if parts[0] not in raw and parts[0] not in ("experiment", "wandb", *KNOWN_EXPERIMENTS):
-        parts = [raw.get("experiment", "mnist"), *parts]
+    if not all(parts):
+        raise ConfigError(f"--set {assignment}: '{key}' is not a dotted key path such as distill.steps")
+    if parts[0] in ExperimentConfig.model_fields:
+        parts = [experiment or raw.get("experiment", "mnist"), *parts]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({problem}); quote strings, "
+                          "e.g. --set 'distill.denoising_timesteps=[999, 499]'") from None
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a mapping")
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1]] = value
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
+                experiment: str | None = None) -> Params:
+    """params.yaml with `--set` overrides applied (relative ones to `experiment`, default `experiment:`)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"parameter file {path} not found; run from the repository root or pass --params PATH")
@@ -340,8 +502,10 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if experiment is not None:
+        check_experiment_name(experiment, "--experiment")
     for assignment in overrides:
-        apply_override(raw, assignment)
+        apply_override(raw, assignment, experiment)
     return parse_params(raw, str(path) + (" (with --set overrides)" if overrides else ""))
 
 

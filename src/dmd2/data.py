@@ -1,12 +1,14 @@
 """Datasets as LMDB files: one record per image, plus a meta record that readers verify.
 
-Layout of every LMDB written here (schema version 1):
+Layout of every LMDB written here (schema version 2):
     __meta__        JSON: schema_version, count, image_shape, image_dtype, label_dtype, num_classes, split, source, source_sha256
     image/{i:08d}   raw uint8 bytes, C×H×W
     label/{i:08d}   raw int64 bytes
+    crc/{i:08d}     CRC-32 of the image and label bytes (uint32, little-endian)
 Readers open the environment lazily in each process (safe with forked DataLoader workers) and refuse a file
-whose meta record is missing, whose records are fewer than it claims, or whose shape differs from what the
-caller expects.
+that is shorter than the database it holds (before touching any record: a truncated file would otherwise kill the
+process with SIGBUS), whose meta record is missing, whose records are fewer than it claims, whose shape differs
+from what the caller expects, or whose record fails its checksum or holds a label outside the classes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCHEMA_VERSION = 1
+from dmd2.errors import Dmd2Error
+from dmd2.stage import StageContext
+
+SCHEMA_VERSION = 2
 META_KEY = b"__meta__"
 
 
-class DataError(RuntimeError):
+class DataError(Dmd2Error, RuntimeError):
     """A dataset file is missing, truncated or not what the stage expects."""
 
 
@@ -80,8 +86,10 @@ def write_lmdb(path: str | Path, images: np.ndarray, labels: np.ndarray, meta: d
     env = lmdb.open(str(tmp), map_size=map_size, subdir=True)
     with env.begin(write=True) as txn:
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-            txn.put(f"image/{i:08d}".encode(), np.ascontiguousarray(image).tobytes())
-            txn.put(f"label/{i:08d}".encode(), np.int64(label).tobytes())
+            image_bytes, label_bytes = np.ascontiguousarray(image).tobytes(), np.int64(label).tobytes()
+            txn.put(f"image/{i:08d}".encode(), image_bytes)
+            txn.put(f"label/{i:08d}".encode(), label_bytes)
+            txn.put(f"crc/{i:08d}".encode(), _crc(image_bytes, label_bytes))
         full_meta = {
             "schema_version": SCHEMA_VERSION,
             "count": int(len(labels)),
@@ -103,6 +111,10 @@ def write_lmdb(path: str | Path, images: np.ndarray, labels: np.ndarray, meta: d
 _ENVS: dict[tuple[str, int], lmdb.Environment] = {}
 
 
+def _crc(image: bytes, label: bytes) -> bytes:
+    return zlib.crc32(label, zlib.crc32(image)).to_bytes(4, "little")
+
+
 def _open(path: Path) -> lmdb.Environment:
     """One read-only environment per file and process (lmdb refuses a second open in the same process, and
     an environment must not cross a fork: forked DataLoader workers open their own)."""
@@ -110,8 +122,25 @@ def _open(path: Path) -> lmdb.Environment:
     if key not in _ENVS:
         for inherited in [k for k in _ENVS if k[0] == key[0]]:  # a parent's handle, copied by fork
             _ENVS.pop(inherited).close()  # lock=False: closing it here leaves the parent's untouched
-        _ENVS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+        _ENVS[key] = _open_checked(path)
     return _ENVS[key]
+
+
+def _open_checked(path: Path) -> lmdb.Environment:
+    """Open read-only, after checking that the file holds every page the database says it has. The header is
+    read with plain reads; the pages are memory-mapped, and touching a page past the end of a truncated file
+    kills the process with SIGBUS instead of raising an error."""
+    fix = "rebuild it with `dmd2 prepare-data` (snakemake and dvc do this when it is missing)"
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as err:
+        raise DataError(f"LMDB {path} cannot be opened ({err}); {fix}") from None
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = (path / "data.mdb").stat().st_size
+    if size < needed:
+        env.close()
+        raise DataError(f"LMDB {path / 'data.mdb'} is truncated: {size} bytes, but its database needs {needed}; {fix}")
+    return env
 
 
 def _forget(path: Path) -> None:
@@ -135,9 +164,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"LMDB {path} has schema version {meta.get('schema_version')}, this code reads {SCHEMA_VERSION}; "
                         "rebuild it with `dmd2 prepare-data`")
-    if entries != 2 * meta["count"] + 1:
+    if entries != 3 * meta["count"] + 1:
         raise DataError(f"LMDB {path} is truncated: meta says {meta['count']} records, file holds "
-                        f"{(entries - 1) // 2}; rebuild it with `dmd2 prepare-data`")
+                        f"{(entries - 1) // 3}; rebuild it with `dmd2 prepare-data`")
     return meta
 
 
@@ -163,9 +192,20 @@ class LMDBImageDataset(torch.utils.data.Dataset):
         with _open(self.path).begin() as txn:
             image = txn.get(f"image/{index:08d}".encode())
             label = txn.get(f"label/{index:08d}".encode())
-        if image is None or label is None:
-            raise DataError(f"LMDB {self.path}: record {index} is missing; rebuild it with `dmd2 prepare-data`")
-        return np.frombuffer(image, np.uint8).reshape(self.shape), int(np.frombuffer(label, np.int64)[0])
+            crc = txn.get(f"crc/{index:08d}".encode())
+        fix = "rebuild it with `dmd2 prepare-data`"
+        if image is None or label is None or crc is None:
+            raise DataError(f"LMDB {self.path}: record {index} is missing; {fix}")
+        if _crc(image, label) != crc:
+            raise DataError(f"LMDB {self.path}: record {index} is corrupt (its checksum does not match); {fix}")
+        if len(image) != int(np.prod(self.shape)) or len(label) != 8:
+            raise DataError(f"LMDB {self.path}: record {index} has {len(image)} image bytes, expected "
+                            f"{int(np.prod(self.shape))} for {self.shape}; {fix}")
+        value = int(np.frombuffer(label, np.int64)[0])
+        if self.num_classes and not 0 <= value < self.num_classes:
+            raise DataError(f"LMDB {self.path}: record {index} has label {value}, outside the {self.num_classes} "
+                            f"classes; {fix}")
+        return np.frombuffer(image, np.uint8).reshape(self.shape), value
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.raw(index)
@@ -215,6 +255,14 @@ def open_split(data_dir: str | Path, split: str, resolution: int) -> LMDBImageDa
         raise DataError(f"{dataset.path} holds {dataset.shape[-1]}px images but data.resolution is {resolution}; "
                         "rerun `dmd2 prepare-data` (snakemake and dvc do this for you)")
     return dataset
+
+
+def run_prepare_data(ctx: StageContext) -> dict[str, Any]:
+    """The data stage: data/<exp>/train.lmdb and heldout.lmdb from `data.source`."""
+    cfg = ctx.exp.data
+    summary = prepare_mnist(ctx.paths.data, cfg.resolution, cfg.heldout_fraction, cfg.seed)
+    print(f"wrote {ctx.paths.data}/train.lmdb ({summary['train']}) and heldout.lmdb ({summary['heldout']})")
+    return summary
 
 
 def prepare_mnist(out_dir: str | Path, resolution: int, heldout_fraction: float, seed: int) -> dict[str, Any]:

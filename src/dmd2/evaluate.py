@@ -3,6 +3,8 @@
 Every model is sampled from the same fixed noise (`eval.seed`) and the same balanced labels, so differences
 between rows come from the models alone. Quality, class fidelity and diversity use the features cached by
 `dmd2 fid-reference`; speed is timed separately, after a warm-up, so sampling for the metrics never skews it.
+It writes results/<exp>/evaluation.json (every row with its protocol and definitions, read by the report) and
+results/<exp>/metrics.json (the same figures as numbers only, for `dvc metrics show/diff`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from typing import Any
 import torch
 
 from dmd2.config import ExperimentConfig
-from dmd2.distill import student_model_config
+from dmd2.families import Model, load_model
 from dmd2.fid import FIDReference, class_diversity, classifier_accuracy, device
-from dmd2.models import build_denoiser, load_config, load_model, model_nfe, sample
 from dmd2.paths import ExperimentPaths
-from dmd2.sampling import balanced_labels, class_major_labels, fixed_noise, sample_images, save_grid
+from dmd2.sampling import fixed_noise, sample, sample_grid, sample_images, save_grid
+from dmd2.stage import StageContext
 from dmd2.tracking import read_jsonl
 
 THROUGHPUT_REPEATS = 3
@@ -52,39 +54,39 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed_call(model, config: dict[str, Any], n: int, num_steps: int | None, seed: int) -> float:
-    dev = next(model.parameters()).device  # the noise is on the device before the clock starts
-    noise = fixed_noise(n, (config["in_channels"], config["resolution"], config["resolution"]), seed).to(dev)
-    labels = balanced_labels(n, config["label_dim"])
+def _timed_call(model: Model, n: int, num_steps: int | None, seed: int) -> float:
+    dev = next(model.net.parameters()).device  # the noise is on the device before the clock starts
+    noise = fixed_noise(n, model.family.sample_shape, seed).to(dev)
+    raw_cond = model.family.balanced_conditions(n)
     renoise = torch.Generator().manual_seed(seed + 1)
     _sync()
     start = time.perf_counter()
-    sample(model, config, noise, labels, num_steps, renoise)
+    sample(model, noise, raw_cond, num_steps, renoise)
     _sync()
     return time.perf_counter() - start
 
 
-def time_model(model, config: dict[str, Any], batch_size: int, num_steps: int | None, latency_repeats: int,
+def time_model(model: Model, batch_size: int, num_steps: int | None, latency_repeats: int,
                seed: int) -> tuple[float, float]:
     """(images per second at `batch_size`, median batch-1 latency in ms), each after one warm-up call."""
-    _timed_call(model, config, batch_size, num_steps, seed)
-    batch_times = [_timed_call(model, config, batch_size, num_steps, seed) for _ in range(THROUGHPUT_REPEATS)]
-    _timed_call(model, config, 1, num_steps, seed)
-    latencies = [_timed_call(model, config, 1, num_steps, seed) for _ in range(latency_repeats)]
+    _timed_call(model, batch_size, num_steps, seed)
+    batch_times = [_timed_call(model, batch_size, num_steps, seed) for _ in range(THROUGHPUT_REPEATS)]
+    _timed_call(model, 1, num_steps, seed)
+    latencies = [_timed_call(model, 1, num_steps, seed) for _ in range(latency_repeats)]
     return batch_size / statistics.median(batch_times), 1000 * statistics.median(latencies)
 
 
-def evaluate_model(kind: str, model, config: dict[str, Any], num_steps: int | None, exp: ExperimentConfig,
+def evaluate_model(kind: str, model: Model, num_steps: int | None, exp: ExperimentConfig,
                    ref: FIDReference) -> tuple[dict[str, Any], torch.Tensor]:
     """One metrics row (quality on `eval.num_samples` fixed-seed samples, then speed) and those samples."""
     cfg = exp.eval
-    steps = num_steps if kind == "teacher" else len(config["generator"]["sigmas"])
-    nfe = model_nfe(config, num_steps)
+    steps, nfe = model.steps(num_steps), model.nfe(num_steps)
     started = time.time()
-    labels = balanced_labels(cfg.num_samples, config["label_dim"])
-    images = sample_images(model, config, cfg.num_samples, cfg.seed, cfg.batch_size, num_steps, labels)
-    row = {"model": kind, "steps": int(steps), "nfe": int(nfe), **score_images(ref, images, labels)}
-    ips, latency = time_model(model, config, cfg.batch_size, num_steps, cfg.latency_repeats, cfg.seed)
+    raw_cond = model.family.balanced_conditions(cfg.num_samples)
+    images = sample_images(model, cfg.num_samples, cfg.seed, cfg.batch_size, num_steps, raw_cond)
+    row = {"model": kind, "steps": int(steps), "nfe": int(nfe), "setting": model.describe(num_steps),
+           **score_images(ref, images, raw_cond)}
+    ips, latency = time_model(model, cfg.batch_size, num_steps, cfg.latency_repeats, cfg.seed)
     row.update(images_per_s=round(ips, 2), latency_ms=round(latency, 3), batch_size=cfg.batch_size,
                num_samples=cfg.num_samples, eval_seconds=round(time.time() - started, 1))
     print(f"evaluate: {kind} {steps} step(s) (NFE {nfe}): FID {row['fid']:.3f}, class accuracy "
@@ -92,12 +94,10 @@ def evaluate_model(kind: str, model, config: dict[str, Any], num_steps: int | No
     return row, images
 
 
-def save_sample_grid(model, config: dict[str, Any], num_steps: int | None, exp: ExperimentConfig, path: Path) -> Path:
+def save_sample_grid(model: Model, num_steps: int | None, exp: ExperimentConfig, path: Path) -> Path:
     """Class-major grid on the evaluation seed: column = class, row = one of `grid_per_class` seeds."""
-    per_class, classes = exp.eval.grid_per_class, max(1, config["label_dim"])
-    labels = class_major_labels(per_class, classes) if config["label_dim"] else None
-    images = sample_images(model, config, per_class * classes, exp.eval.seed, exp.eval.batch_size, num_steps, labels)
-    return save_grid(images, per_class, path, scale=GRID_SCALE)
+    images = sample_grid(model, exp.eval.grid_per_class, exp.eval.seed, exp.eval.batch_size, num_steps)
+    return save_grid(images, exp.eval.grid_per_class, path, scale=GRID_SCALE)
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -151,40 +151,44 @@ def real_data_row(ref: FIDReference) -> dict[str, Any]:
                     f"of this FID at {other.get('count')} samples (FID is biased upwards at small N)"}
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Flat numbers for `dvc metrics show/diff` (which does not compare lists well)."""
-    flat = {f"{r['model']}_nfe{r['nfe']}_{k}": r[k] for r in rows for k in ("fid", "class_accuracy", "images_per_s")
-            if r.get(k) is not None}
+def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: bool) -> dict[str, Any]:
+    """Numbers only, one block per row, for `dvc metrics show/diff` (metrics.json); the definitions, protocol
+    and provenance stay in evaluation.json, so DVC's tables hold figures rather than paragraphs."""
+    keys = ("fid", "class_accuracy", "diversity", "clip_score", "images_per_s", "latency_ms")
+    out: dict[str, Any] = {f"{r['model']}_nfe{r['nfe']}": {k: r[k] for k in keys if r.get(k) is not None} for r in rows}
+    out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "diversity") if real.get(k) is not None}
     student = next((r for r in rows if r["model"] == "student"), None)
     teachers = [r for r in rows if r["model"] == "teacher"]
     if student and teachers:
         full = max(teachers, key=lambda r: r["nfe"])
-        flat["student_speedup_vs_full_teacher"] = round(student["images_per_s"] / full["images_per_s"], 2)
-    return flat
+        out["student_speedup_vs_full_teacher"] = round(student["images_per_s"] / full["images_per_s"], 2)
+        out["student_fid_over_full_teacher_fid"] = round(student["fid"] / max(full["fid"], 1e-12), 4)
+    out["fid_is_proxy"] = is_proxy
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the stage
 
 
-def _clip_row_score(exp: ExperimentConfig, clip, config: dict[str, Any], images: torch.Tensor,
+def _clip_row_score(exp: ExperimentConfig, clip, model: Model, images: torch.Tensor,
                     class_names: list[str] | None) -> float:
     """CLIP score of one row's samples (eval.clip.enabled): prompts are the class names of their labels."""
     from dmd2.clip_score import clip_score
 
-    labels = balanced_labels(len(images), config["label_dim"])  # the labels evaluate_model sampled with
-    names = class_names or [str(c) for c in range(max(1, config["label_dim"]))]
+    labels = model.family.balanced_conditions(len(images))  # the conditions evaluate_model sampled with
+    names = class_names or [str(c) for c in range(max(1, model.family.num_classes))]
     prompts = [names[int(c)] for c in labels] if labels is not None else [names[0]] * len(images)
     return round(clip_score(*clip, images, prompts, exp.eval.clip.prompt_prefix), 4)
 
 
-def run_evaluate(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
+def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     """Score the teacher (at each of `eval.teacher_steps`) and the student; write results/<exp>/."""
-    from dmd2.tracking import hardware_summary, write_stage_record
+    from dmd2.tracking import hardware_summary
 
-    started, dev = time.time(), device()
+    exp, paths, dev = ctx.exp, ctx.paths, device()
     ref = FIDReference(exp, paths)
-    teacher, tcfg = load_model(paths.teacher, dev)
-    student, scfg = load_model(paths.student, dev)
+    teacher = load_model(paths.teacher, dev)
+    student = load_model(paths.student, dev)
     out = paths.results
     for folder in ("samples", "plots"):  # declared outputs: start clean so no stale grid or CSV survives
         shutil.rmtree(out / folder, ignore_errors=True)
@@ -194,26 +198,27 @@ def run_evaluate(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
         from dmd2.data import read_meta
 
         clip, class_names = load_clip(exp.eval.clip, dev), read_meta(paths.data / "train.lmdb").get("class_names")
-    runs = [("teacher", teacher, tcfg, s) for s in exp.eval.teacher_steps] + [("student", student, scfg, None)]
+    runs = [("teacher", teacher, s) for s in exp.eval.teacher_steps] + [("student", student, None)]
     rows = []
-    for kind, model, config, steps in runs:
-        row, images = evaluate_model(kind, model, config, steps, exp, ref)
+    for kind, model, steps in runs:
+        row, images = evaluate_model(kind, model, steps, exp, ref)
         if clip is not None:  # on the same samples, not a second generation
-            row["clip_score"] = _clip_row_score(exp, clip, config, images, class_names)
+            row["clip_score"] = _clip_row_score(exp, clip, model, images, class_names)
         row["sample_grid"] = f"samples/{kind}_nfe{row['nfe']}.png"
-        save_sample_grid(model, config, steps, exp, out / row["sample_grid"])
+        save_sample_grid(model, steps, exp, out / row["sample_grid"])
         rows.append(row)
     write_plots(paths, rows)
-    metrics = {
+    real = real_data_row(ref)
+    record = {
         "experiment": paths.experiment,
+        "family": teacher.family.name,
         "fid_protocol": fid_protocol(ref, exp),
         "fid_is_proxy": ref.is_proxy,
         "fid_extractor": ref.extractor.name,
         "fid_reference": {k: ref.info.get(k) for k in ("dataset", "split", "count", "resolution", "source", "feature_dim")},
         "num_samples": exp.eval.num_samples, "seed": exp.eval.seed, "resolution": exp.data.resolution,
         "rows": rows,
-        "real_data": real_data_row(ref),
-        "summary": summary(rows),
+        "real_data": real,
         "diversity_definition": DIVERSITY_DEFINITION,
         "class_accuracy_definition": ACCURACY_DEFINITION,
         "feature_classifier_heldout_accuracy": ref.classifier_info.get("heldout_accuracy"),
@@ -223,30 +228,29 @@ def run_evaluate(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
         "hardware": hardware_summary(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_stage_record(out / "stage.json", "evaluate", started, fid_is_proxy=ref.is_proxy, rows=len(rows))
-    print(f"evaluate: wrote {out / 'metrics.json'}")
+    (out / "evaluation.json").write_text(json.dumps(record, indent=2))
+    (out / "metrics.json").write_text(json.dumps(numeric_metrics(rows, real, ref.is_proxy), indent=2))
+    print(f"evaluate: wrote {out / 'evaluation.json'} and {out / 'metrics.json'}")
+    return {"fid_is_proxy": ref.is_proxy, "rows": len(rows)}
 
 
 # ------------------------------------------------------------------------------------ continuous evaluation
 
 
 class CheckpointScorer:
-    """Holds the feature net, the reference statistics and one reusable generator for checkpoint after checkpoint."""
+    """Holds the feature net and the reference statistics for checkpoint after checkpoint; each checkpoint's
+    generator is loaded from its own `student/` directory, with the config of the run that wrote it."""
 
     def __init__(self, exp: ExperimentConfig, paths: ExperimentPaths):
         self.exp, self.ref = exp, FIDReference(exp, paths)
-        self.config = student_model_config(load_config(paths.teacher), exp.distill)
-        self.model = build_denoiser(self.config).to(device()).eval().requires_grad_(False)
 
     def score(self, checkpoint: Path) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(checkpoint / "generator.safetensors"))
+        model = load_model(checkpoint / "student", device())
         cfg = self.exp.eval
-        labels = balanced_labels(cfg.num_samples, self.config["label_dim"])
-        images = sample_images(self.model, self.config, cfg.num_samples, cfg.seed, cfg.batch_size, None, labels)
-        return {**score_images(self.ref, images, labels), "fid_is_proxy": self.ref.is_proxy, "num_samples": cfg.num_samples}
+        raw_cond = model.family.balanced_conditions(cfg.num_samples)
+        images = sample_images(model, cfg.num_samples, cfg.seed, cfg.batch_size, None, raw_cond)
+        return {**score_images(self.ref, images, raw_cond), "fid_is_proxy": self.ref.is_proxy,
+                "num_samples": cfg.num_samples}
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
@@ -285,23 +289,24 @@ def scan_once(scorer: CheckpointScorer, folder: Path, output: Path) -> int:
     return scored
 
 
-def evaluate_checkpoint_folder(exp: ExperimentConfig, paths: ExperimentPaths, folder: Path, output_file: str | None,
-                               watch: bool, poll_seconds: float) -> None:
+def evaluate_checkpoint_folder(ctx: StageContext, folder: Path, output_file: str | None, watch: bool,
+                               poll_seconds: float) -> dict[str, Any]:
     """Score each checkpoint in `folder` once (across restarts too); with `watch`, sleep and scan again."""
     folder = Path(folder)
     # beside the checkpoints, not inside: rotation deletes checkpoint directories, never this file
     output = Path(output_file) if output_file else folder.parent / "fid_curve.jsonl"
     if not watch and not folder.is_dir():
         print(f"evaluate-folder: {folder} does not exist (no checkpoints yet)")
-        return
-    scorer = CheckpointScorer(exp, paths)
+        return {"scored": 0}
+    scorer, scored = CheckpointScorer(ctx.exp, ctx.paths), 0
     try:
         while True:
-            scan_once(scorer, folder, output)
+            scored += scan_once(scorer, folder, output)
             if not watch:
                 break
             time.sleep(poll_seconds)
     except KeyboardInterrupt:
         print("evaluate-folder: stopped")
     print(f"evaluate-folder: results in {output}")
+    return {"scored": scored, "output": str(output)}
 

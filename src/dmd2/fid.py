@@ -29,7 +29,9 @@ from torch import nn
 
 from dmd2.checkpoint import sha256_file
 from dmd2.config import ClassifierConfig, ExperimentConfig, FIDConfig
+from dmd2.errors import Dmd2Error
 from dmd2.paths import ExperimentPaths
+from dmd2.stage import StageContext
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -39,7 +41,7 @@ CLASSIFIER_FORMAT = "dmd2-feature-classifier/1"
 REFERENCE_INDEX = "reference.json"
 
 
-class FIDError(RuntimeError):
+class FIDError(Dmd2Error, RuntimeError):
     """Missing weights or reference statistics; the message says which stage or setting fixes it."""
 
 
@@ -275,24 +277,31 @@ class InceptionExtractor:
 
 
 def inception_candidates(cfg: FIDConfig) -> list[Path]:
-    """Where Inception weights are looked for: the configured path (file or folder), then clean-fid's cache."""
-    found = []
-    if cfg.inception_weights:
-        p = Path(cfg.inception_weights).expanduser()
-        found.append(p / INCEPTION_FILENAME if p.is_dir() else p)
-    found.append(CLEANFID_CACHE_DIR / INCEPTION_FILENAME)
-    return found
+    """Where Inception weights are used from: only the configured path (file or folder). The TorchScript file is
+    executed when loaded, so a copy that merely sits in clean-fid's world-writable cache folder is not trusted."""
+    if not cfg.inception_weights:
+        return []
+    p = Path(cfg.inception_weights).expanduser()
+    return [p / INCEPTION_FILENAME if p.is_dir() else p]
 
 
 def find_inception_weights(cfg: FIDConfig) -> Path | None:
     return next((p for p in inception_candidates(cfg) if p.is_file()), None)
 
 
+def _untrusted_cache_note() -> str:
+    cached = CLEANFID_CACHE_DIR / INCEPTION_FILENAME
+    if not cached.is_file():
+        return ""
+    return (f" ({cached} exists, but {CLEANFID_CACHE_DIR} is writable by every user, so it is not loaded unless you "
+            f"name it: eval.fid.inception_weights={cached})")
+
+
 def _fetch_hint(where: list[Path]) -> str:
-    return (f"looked in: {', '.join(map(str, where))}. To get them, on a connected machine run "
+    looked = f"looked in: {', '.join(map(str, where))}" if where else "eval.fid.inception_weights is not set"
+    return (f"{looked}{_untrusted_cache_note()}. To get them, on a connected machine run "
             f"`curl -L -o {INCEPTION_FILENAME} {INCEPTION_URL}` and copy the file here, then set "
-            f"eval.fid.inception_weights=/path/to/{INCEPTION_FILENAME} (or put it in {CLEANFID_CACHE_DIR}/, "
-            "clean-fid's own cache)")
+            f"eval.fid.inception_weights=/path/to/{INCEPTION_FILENAME}")
 
 
 def choose_extractor(cfg: FIDConfig) -> tuple[str, Path | None]:
@@ -337,12 +346,12 @@ def _split_stats(extractor, images: np.ndarray, labels: np.ndarray, path: Path, 
     return full
 
 
-def run_fid_reference(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
-    """Train + save the proxy classifier; cache reference statistics for both splits; write stage.json."""
+def run_fid_reference(ctx: StageContext) -> dict[str, Any]:
+    """Train + save the proxy classifier; cache reference statistics for both splits."""
     from dmd2.data import open_split
-    from dmd2.tracking import write_stage_record
 
-    started, out, res = time.time(), paths.feature_net, exp.data.resolution
+    exp, paths = ctx.exp, ctx.paths
+    out, res = paths.feature_net, exp.data.resolution
     out.mkdir(parents=True, exist_ok=True)
     splits = {name: open_split(paths.data, name, res) for name in ("train", "heldout")}
     arrays = {name: ds.all_uint8() for name, ds in splits.items()}
@@ -376,10 +385,9 @@ def run_fid_reference(exp: ExperimentConfig, paths: ExperimentPaths) -> None:
              "weights_sha256": extractor.weights_sha256, "reference_split": exp.eval.fid.reference_split,
              "dataset": paths.experiment, "resolution": res, "stats": stats}
     (out / REFERENCE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-    write_stage_record(out / "stage.json", "fid-reference", started, extractor=kind, is_proxy=extractor.is_proxy,
-                       reference_split=exp.eval.fid.reference_split, heldout_accuracy=heldout_acc,
-                       train_accuracy=train_acc, classifier_train_seconds=train_seconds,
-                       stats_files=[s["file"] for s in stats.values()])
+    return {"extractor": kind, "is_proxy": extractor.is_proxy, "reference_split": exp.eval.fid.reference_split,
+            "heldout_accuracy": heldout_acc, "train_accuracy": train_acc, "classifier_train_seconds": train_seconds,
+            "stats_files": [s["file"] for s in stats.values()]}
 
 
 # ----------------------------------------------------------------------------------------- for evaluation

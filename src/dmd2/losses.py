@@ -1,4 +1,4 @@
-"""DMD2's losses, written once against the denoiser adapter (Yin et al. 2024, §4; method notes §2.2–2.5)."""
+"""DMD2's losses, written once against the family interface (Yin et al. 2024, §4; method notes §2.2–2.5)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmd2.adapters import DenoiserAdapter
+from dmd2.families import Family
 
 
 def uniform_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -22,7 +22,7 @@ def dm_step_range(num_train_timesteps: int, min_percent: float, max_percent: flo
 
 
 def distribution_matching_loss(
-    adapter: DenoiserAdapter,
+    family: Family,
     real_net: nn.Module,
     fake_net: nn.Module,
     x: torch.Tensor,
@@ -38,9 +38,9 @@ def distribution_matching_loss(
     the critic's. The value of L is a monitor, not an objective.
     """
     with torch.no_grad():
-        x_t = adapter.add_noise(x.detach(), noise, t)
-        pred_real = adapter.predict_x0(real_net, x_t, t, cond, real_guidance_scale).double()
-        pred_fake = adapter.predict_x0(fake_net, x_t, t, cond).double()
+        x_t = family.add_noise(x.detach(), noise, t)
+        pred_real = family.predict_x0(real_net, x_t, t, cond, real_guidance_scale).double()
+        pred_fake = family.predict_x0(fake_net, x_t, t, cond).double()
         p_real = x.detach().double() - pred_real
         p_fake = x.detach().double() - pred_fake
         w = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)

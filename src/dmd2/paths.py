@@ -42,3 +42,9 @@ class ExperimentPaths:
 
     def work(self, stage: str) -> Path:
         return self.root / "work" / self.experiment / stage
+
+    def stage_record(self, stage: str) -> Path | None:
+        """Where a stage's `stage.json` (wall time, hardware, the stage's own figures) goes: beside its outputs."""
+        folder = {"prepare-data": self.data, "teacher": self.teacher, "distill": self.student,
+                  "fid-reference": self.feature_net, "evaluate": self.results}.get(stage)
+        return folder / "stage.json" if folder is not None else None

@@ -1,6 +1,6 @@
 """`dmd2 report`: one self-contained HTML file (images as data URIs, inline CSS, no scripts, no network).
 
-It reads only what earlier stages wrote (results/<exp>/metrics.json, samples/, the stage.json and
+It reads only what earlier stages wrote (results/<exp>/evaluation.json, samples/, the stage.json and
 metrics.jsonl files of the data and model directories, and the optional FID-versus-step curve) and writes
 results/<exp>/report.html and nothing else.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from dmd2.checkpoint import sha256_file
 from dmd2.config import ExperimentConfig, Params, WandbConfig, to_dict
 from dmd2.paths import ExperimentPaths
+from dmd2.stage import StageContext
 from dmd2.tracking import read_jsonl
 
 PACKAGES = ("torch", "accelerate", "diffusers", "clean-fid", "open-clip-torch", "lmdb", "snakemake", "dvc", "wandb")
@@ -163,11 +164,11 @@ def stage_rows(paths: ExperimentPaths) -> list[dict[str, str]]:
 
 
 def provenance(params: Params, name: str, paths: ExperimentPaths) -> dict[str, Any]:
-    from dmd2.models import load_config
+    from dmd2.families import read_config
 
     here = Path(__file__).resolve().parent
     try:
-        source = load_config(paths.teacher).get("source")
+        source = read_config(paths.teacher).get("source")
     except Exception:  # a report should still render without the teacher directory
         source = None
     return {"git": git_state(here, paths.root),
@@ -292,9 +293,7 @@ def metric_rows(metrics: dict[str, Any], experiment: str) -> list[dict[str, str]
     out = []
     for row in metrics.get("rows", []):
         paper = paper_match(experiment, row)
-        label = f"{row['steps']} Heun step{'s' if row['steps'] != 1 else ''}" if row["model"] == "teacher" \
-            else f"{row['steps']}-step generator"
-        out.append({"model": row["model"].capitalize(), "setting": label, "nfe": str(row["nfe"]),
+        out.append({"model": row["model"].capitalize(), "setting": row["setting"], "nfe": str(row["nfe"]),
                     "extractor": extractor, "reference": reference, "n": str(row.get("num_samples", metrics.get("num_samples"))),
                     "resolution": resolution, "fid": _fmt(row.get("fid")), "class_accuracy": _fmt(row.get("class_accuracy")),
                     "diversity": _fmt(row.get("diversity")), "clip_score": _fmt(row.get("clip_score")),
@@ -326,8 +325,7 @@ def sample_grids(metrics: dict[str, Any], results: Path) -> list[dict[str, str]]
     for row in metrics.get("rows", []):
         path = results / row.get("sample_grid", f"samples/{row['model']}_nfe{row['nfe']}.png")
         if path.exists():
-            what = f"{row['steps']} Heun steps" if row["model"] == "teacher" else f"{row['steps']}-step generator"
-            grids.append({"title": f"{row['model'].capitalize()}: {what}, NFE {row['nfe']}",
+            grids.append({"title": f"{row['model'].capitalize()}: {row['setting']}, NFE {row['nfe']}",
                           "src": data_uri(path.read_bytes()), "fid": _fmt(row.get("fid"))})
     return grids
 
@@ -336,7 +334,7 @@ def sample_grids(metrics: dict[str, Any], results: Path) -> list[dict[str, str]]
 
 
 def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str, Any]:
-    metrics_file = paths.results / "metrics.json"
+    metrics_file = paths.results / "evaluation.json"
     metrics = read_json(metrics_file)
     if metrics is None:
         raise FileNotFoundError(f"{metrics_file} not found or unreadable; run `dmd2 evaluate` first")
@@ -346,7 +344,8 @@ def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str
     fid_curve = read_jsonl(_student_run(paths) / "fid_curve.jsonl")
     charts = [
         {"title": "Quality versus NFE", "src": fid_nfe_chart(metrics.get("rows", []), proxy)},
-        {"title": "Teacher training", "src": curve_chart(teacher_log, CURVES["teacher"], "Teacher (EDM) training")},
+        {"title": "Teacher training", "src": curve_chart(teacher_log, CURVES["teacher"],
+                                                          f"Teacher ({metrics.get('family', '?')} family) training")},
         {"title": "Distillation", "src": curve_chart(student_log, CURVES["student"], "DMD2 distillation")},
         {"title": "FID versus step", "src": fid_step_chart(fid_curve, proxy)},
     ]
@@ -379,11 +378,12 @@ def _student_run(paths: ExperimentPaths) -> Path:
     return paths.work("distill") / run
 
 
-def run_report(params: Params, name: str, paths: ExperimentPaths) -> Path:
-    """Write results/<exp>/report.html (atomically) and return its path."""
-    page = render(build_context(params, name, paths))
-    out = paths.results / "report.html"
+def run_report(ctx: StageContext) -> dict[str, Any]:
+    """Write results/<exp>/report.html (atomically)."""
+    page = render(build_context(ctx.params, ctx.experiment, ctx.paths))
+    out = ctx.paths.results / "report.html"
     tmp = out.with_name(".report.html.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
-    return out
+    print(f"wrote {out}")
+    return {"report": str(out)}

@@ -1,14 +1,60 @@
-"""Fixed-seed sampling, image grids and the `dmd2 generate` command."""
+"""Sampling: the one few-step generator sampler, fixed-seed batches of images, grids, and `dmd2 generate`.
+
+`few_step_sample` is the student's sampler everywhere: training (backward simulation, sample grids), `generate`,
+`evaluate` and `evaluate-folder` all call it, and it only talks to the model's family.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
-from dmd2.models import load_model, sample, to_uint8
+from dmd2.families import Family, Model, load_model
+
+
+def few_step_sample(family: Family, net: nn.Module, noise: torch.Tensor, cond: Any, timesteps: list[int],
+                    fresh_noise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The few-step generator: start from `noise` at timesteps[0], predict x0, re-noise it with *fresh* noise
+    to the next timestep, repeat; returns the last x0 (float32). One timestep is one network call."""
+    n = noise.shape[0]
+
+    def at(t: int) -> torch.Tensor:
+        return torch.full((n,), t, dtype=torch.long, device=noise.device)
+
+    x_t = family.generator_input(noise, at(timesteps[0]))
+    for i, t in enumerate(timesteps):
+        x0 = family.predict_x0(net, x_t, at(t), cond).float()
+        if i + 1 < len(timesteps):
+            x_t = family.add_noise(x0, fresh_noise(x0), at(timesteps[i + 1]))
+    return x0
+
+
+@torch.no_grad()
+def sample(model: Model, noise: torch.Tensor, raw_cond: torch.Tensor | None, num_steps: int | None = None,
+           generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Images in [−1, 1] from unit Gaussian `noise`: the teacher's own sampler (`num_steps` steps, default its
+    full sampler), or a student's few-step generator (re-noising draws from `generator`)."""
+    device = next(model.net.parameters()).device
+    noise = noise.to(device)
+    cond = model.family.encode_conditions(raw_cond, device)
+    if model.is_student:
+        def fresh(x0: torch.Tensor) -> torch.Tensor:
+            return torch.randn(x0.shape, generator=generator).to(x0.device)
+
+        x0 = few_step_sample(model.family, model.net, noise, cond, model.timesteps, fresh)
+    else:
+        x0 = model.family.sample_teacher(model.net, noise, cond, model.steps(num_steps), guidance_scale)
+    return model.family.decode(x0).clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def fixed_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -16,22 +62,17 @@ def fixed_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor | None:
-    return torch.arange(n) % num_classes if num_classes else None
-
-
-def sample_images(model, config, n: int, seed: int, batch_size: int = 256, num_steps: int | None = None,
-                  labels: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 N×C×H×W images from fixed noise (seed) and balanced labels, in batches."""
-    shape = (config["in_channels"], config["resolution"], config["resolution"])
-    noise = fixed_noise(n, shape, seed)
-    if labels is None:
-        labels = balanced_labels(n, config["label_dim"])
+def sample_images(model: Model, n: int, seed: int, batch_size: int = 256, num_steps: int | None = None,
+                  raw_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 N×C×H×W images from fixed noise (seed) and, by default, balanced conditions, in batches."""
+    noise = fixed_noise(n, model.family.sample_shape, seed)
+    if raw_cond is None:
+        raw_cond = model.family.balanced_conditions(n)
     renoise = torch.Generator().manual_seed(seed + 1)
     out = []
     for i in range(0, n, batch_size):
-        y = labels[i : i + batch_size] if labels is not None else None
-        out.append(to_uint8(sample(model, config, noise[i : i + batch_size], y, num_steps, renoise)).cpu())
+        cond = raw_cond[i : i + batch_size] if raw_cond is not None else None
+        out.append(to_uint8(sample(model, noise[i : i + batch_size], cond, num_steps, renoise)).cpu())
     return torch.cat(out)
 
 
@@ -56,16 +97,22 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 1) -> Pa
     return path
 
 
-def class_major_labels(per_class: int, num_classes: int) -> torch.Tensor:
-    """Labels laid out so that each grid column is one class and each row one seed."""
-    return torch.arange(num_classes).repeat(per_class)
+def grid_conditions(family: Family, per_class: int) -> tuple[torch.Tensor | None, int]:
+    """Conditions laid out so that each grid column is one class and each row one seed, and the column count."""
+    if not family.num_classes:
+        return None, per_class
+    return torch.arange(family.num_classes).repeat(per_class), family.num_classes
+
+
+def sample_grid(model: Model, per_class: int, seed: int, batch_size: int, num_steps: int | None = None) -> torch.Tensor:
+    """uint8 images for a class-major grid (`save_grid(images, per_class, ...)`)."""
+    raw_cond, columns = grid_conditions(model.family, per_class)
+    return sample_images(model, per_class * columns, seed, batch_size, num_steps, raw_cond)
 
 
 def generate_folder(model_dir: Path, output_dir: Path, per_class: int, num_steps: int | None, seed: int) -> Path:
-    model, config = load_model(model_dir)
-    classes = max(1, config["label_dim"])
-    labels = class_major_labels(per_class, classes) if config["label_dim"] else None
-    images = sample_images(model, config, per_class * classes, seed, num_steps=num_steps, labels=labels)
+    model = load_model(model_dir)
+    images = sample_grid(model, per_class, seed, 256, num_steps)
     output_dir.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         arr = img.numpy().transpose(1, 2, 0)

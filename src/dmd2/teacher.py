@@ -1,114 +1,148 @@
-"""Teacher stage: train a class-conditional EDM denoiser here and write it in the normalised format."""
+"""Teacher stage: train a teacher here with its family's own objective, or record a pretrained one, and write it in
+the normalised format (`dmd2.families`)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from dmd2.checkpoint import (
+    checkpoint_at_or_refuse,
     latest_checkpoint,
     load_checkpoint,
+    load_latest,
     rng_state,
     run_directory,
+    run_lock,
     save_checkpoint,
     set_rng_state,
 )
-from dmd2.config import ExperimentConfig, WandbConfig, to_dict
+from dmd2.config import to_dict
 from dmd2.data import RandomBatches, open_split
-from dmd2.edm import EMA, denoising_loss, sample_training_sigma
-from dmd2.models import build_denoiser, save_model
-from dmd2.networks import one_hot
+from dmd2.errors import TrainingDiverged
+from dmd2.families import Family, family_for, save_model, teacher_config
+from dmd2.stage import StageContext
+from dmd2.training import EMA, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 TEACHER_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
 
 
-def teacher_model_config(exp: ExperimentConfig, channels: int, num_classes: int) -> dict[str, Any]:
-    t = exp.teacher
-    return {"family": "edm", "kind": "teacher", "in_channels": channels, "resolution": exp.data.resolution,
-            "label_dim": num_classes, "sigma_data": t.sigma_data, "unet": to_dict(t.unet), "sampler": to_dict(t.sampler)}
+def run_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[str, Any]:
+    """`teacher.source: train` trains here (rerun to resume); `pretrained` records the referenced model."""
+    cfg = ctx.exp.teacher
+    if cfg.source == "pretrained":
+        config = teacher_config(cfg, (), 0)
+        save_model(ctx.paths.teacher, None, {**config, "source": {"type": "pretrained", "name": cfg.pretrained}})
+        print(f"teacher: recorded {cfg.pretrained} ({config['pretrained']['path']}) by reference")
+        return {"source": "pretrained", "pretrained": cfg.pretrained}
+    return train_teacher(ctx, resume_from)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Constant LR after a linear warm-up (diffusers' `constant_with_warmup`)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-
-
-def train_teacher(exp: ExperimentConfig, data_dir: Path, out_dir: Path, work_dir: Path, wandb_cfg: WandbConfig,
-                  experiment: str, resume_from: Path | None = None) -> dict[str, Any]:
-    from dmd2.tracking import MetricsLog, Wandb
-
+def train_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[str, Any]:
+    """Train the family's network with its own objective; rerunning resumes from the run's newest checkpoint."""
+    exp, paths = ctx.exp, ctx.paths
     cfg = exp.teacher
     started = time.time()
-    train = open_split(data_dir, "train", exp.data.resolution)
-    model_cfg = teacher_model_config(exp, train.shape[0], train.num_classes)
+    train = open_split(paths.data, "train", exp.data.resolution)
+    model_cfg = teacher_config(cfg, train.shape, train.num_classes)
+    family = family_for(model_cfg)
 
     torch.manual_seed(cfg.seed)
-    denoiser = build_denoiser(model_cfg)
-    ema = EMA(denoiser, cfg.ema_decay)
-    optimizer = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
-    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
-    batches = RandomBatches(train, cfg.batch_size, cfg.seed)
+    net = family.build_network()
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    run = TeacherRun(family, net, EMA(net, cfg.ema_decay), optimizer, warmup_schedule(optimizer, cfg.warmup_steps),
+                     RandomBatches(train, cfg.batch_size, cfg.seed), model_cfg)
 
-    step, elapsed = 0, 0.0
-    run_dir = run_directory(work_dir, {**to_dict(cfg), "data": train.meta}, TEACHER_PROGRESS_KEYS, [])
+    run_dir = run_directory(paths.work("teacher"), {**to_dict(cfg), "data": train.meta}, TEACHER_PROGRESS_KEYS, [])
     ckpt_dir = run_dir / "checkpoints"
-    latest = resume_from or latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        models, state, meta = load_checkpoint(latest)
-        denoiser.load_state_dict(models["model"])
-        ema.shadow = models["ema"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step, elapsed = meta["step"], meta.get("train_seconds", 0.0)
-        print(f"resuming teacher training from {latest} (step {step})")
+    with run_lock(run_dir):
+        step, elapsed = 0, 0.0
+        resume_from = resume_from or checkpoint_at_or_refuse(ckpt_dir, cfg.steps, "teacher.steps")
+        found = (resume_from, run.load(resume_from)) if resume_from else load_latest(ckpt_dir, run.load)
+        if found is not None:
+            step, elapsed = found[1]
+            print(f"resuming teacher training from {found[0]} (step {step})")
+        return _train(ctx, run, run_dir, step, elapsed, started)
 
+
+@dataclass
+class TeacherRun:
+    """What teacher training holds and checkpoints."""
+
+    family: Family
+    net: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: RandomBatches
+    model_config: dict[str, Any]
+
+    def load(self, checkpoint: Path) -> tuple[int, float]:
+        """Restore everything from a checkpoint; returns (step, training seconds so far)."""
+        models, state, meta = load_checkpoint(checkpoint)
+        self.net.load_state_dict(models["model"])
+        self.ema.shadow = models["ema"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        return meta["step"], meta.get("train_seconds", 0.0)
+
+    def save(self, ckpt_dir: Path, step: int, train_seconds: float, keep_last: int) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "data": self.batches.state_dict(), "rng": rng_state()}
+        save_checkpoint(ckpt_dir, step, {"model": self.net.state_dict(), "ema": self.ema.shadow}, state,
+                        {"train_seconds": train_seconds}, keep_last)
+
+
+def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed: float,
+           started: float) -> dict[str, Any]:
+    from dmd2.tracking import MetricsLog, Wandb
+
+    cfg, paths, ckpt_dir = ctx.exp.teacher, ctx.paths, run_dir / "checkpoints"
+    family, net, optimizer, scheduler = run.family, run.net, run.optimizer, run.scheduler
     print(f"teacher run directory: {run_dir}")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
-    tracker = Wandb(wandb_cfg, "teacher", experiment, to_dict(cfg))
-    denoiser.train()
+    tracker = Wandb(ctx.params.wandb, "teacher", ctx.experiment, to_dict(cfg))
+    net.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True, mininterval=2)
-    t0 = time.time()
-    while step < cfg.steps:
-        x, y = batches.next()
-        y = torch.where(torch.rand(len(y)) < cfg.label_dropout, -1, y)  # -1 → unconditional branch for CFG
-        sigma = sample_training_sigma(len(x), cfg.p_mean, cfg.p_std)
-        loss = denoising_loss(denoiser, x, sigma, one_hot(y, train.num_classes), torch.randn_like(x))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"teacher loss is {loss.item()} at step {step}; the last good checkpoint "
-                                     f"({latest_checkpoint(ckpt_dir)}) is intact. Lower teacher.lr and rerun.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 10.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        ema.update(denoiser, step)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-                      "time_s": round(elapsed + time.time() - t0, 2)}
-            log.write(record)
-            tracker.log(record, step)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "data": batches.state_dict(), "rng": rng_state()}
-            save_checkpoint(ckpt_dir, step, {"model": denoiser.state_dict(), "ema": ema.shadow}, state,
-                            {"train_seconds": elapsed + time.time() - t0}, cfg.keep_last)
-    bar.close()
+    with bar:  # closed on errors too, so an error line never lands on the bar's line
+        t0 = time.time()
+        while step < cfg.steps:
+            x, y = run.batches.next()
+            y = torch.where(torch.rand(len(y)) < cfg.label_dropout, -1, y)  # −1: the unconditional branch for CFG
+            loss = family.teacher_loss(net, x, family.encode_conditions(y, "cpu"))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"teacher loss is {loss.item()} at step {step}; the last good checkpoint "
+                                       f"({latest_checkpoint(ckpt_dir)}) is intact. Lower teacher.lr and rerun to resume.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            run.ema.update(net, step)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                          "time_s": round(elapsed + time.time() - t0, 2)}
+                log.write(record)
+                tracker.log(record, step)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                run.save(ckpt_dir, step, elapsed + time.time() - t0, cfg.keep_last)
     tracker.finish()
 
-    denoiser.load_state_dict(ema.shadow)
-    source = {"type": "trained", "steps": cfg.steps, "data_sha256": train.meta["source_sha256"]}
-    save_model(out_dir, denoiser, {**model_cfg, "source": source},
+    net.load_state_dict(run.ema.shadow)
+    source = {"type": "trained", "steps": cfg.steps, "data_sha256": run.batches.dataset.meta["source_sha256"]}
+    save_model(paths.teacher, net, {**run.model_config, "source": source},
                extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
-    summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1),
-               "invocation_seconds": round(time.time() - started, 1)}
-    return summary
+    return {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1),
+            "invocation_seconds": round(time.time() - started, 1)}

@@ -1,6 +1,8 @@
 rule prepare_data:
     message:
         "Building the LMDB datasets of {EXP}"
+    input:
+        code=code("prepare_data"),
     output:
         train=directory(f"data/{EXP}/train.lmdb"),
         heldout=directory(f"data/{EXP}/heldout.lmdb"),
@@ -10,4 +12,4 @@ rule prepare_data:
     log:
         f"logs/{EXP}/prepare_data.log",
     shell:
-        "dmd2 prepare-data > {log} 2>&1"
+        "dmd2 prepare-data --experiment {EXP} > {log:q} 2>&1"

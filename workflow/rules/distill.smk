@@ -1,6 +1,8 @@
 rule launch_config:
     message:
         "Writing the accelerate launch configuration of {EXP}"
+    input:
+        code=code("launch_config"),
     output:
         config=f"configs/{EXP}/accelerate.yaml",
     params:
@@ -8,7 +10,7 @@ rule launch_config:
     log:
         f"logs/{EXP}/launch_config.log",
     shell:
-        "dmd2 launch-config > {log} 2>&1"
+        "dmd2 launch-config --experiment {EXP} > {log:q} 2>&1"
 
 
 rule distill:
@@ -18,6 +20,7 @@ rule distill:
         teacher=rules.teacher.output.model,
         train=rules.prepare_data.output.train,
         launch=rules.launch_config.output.config,
+        code=code("distill"),
     output:
         student=directory(f"models/{EXP}/student"),
     params:
@@ -31,4 +34,4 @@ rule distill:
         # `dmd2 distill` starts launch.num_machines × processes_per_machine processes itself: through
         # `accelerate launch` locally, or one srun task per machine inside a Slurm job (the `mpi` resource
         # makes the Slurm executor run this command directly in the allocation, so that srun works).
-        "dmd2 distill > {log} 2>&1"
+        "dmd2 distill --experiment {EXP} > {log:q} 2>&1"

@@ -4,6 +4,7 @@ rule fid_reference:
     input:
         train=rules.prepare_data.output.train,
         heldout=rules.prepare_data.output.heldout,
+        code=code("fid_reference"),
     output:
         reference=directory(f"models/{EXP}/fid_reference"),
     params:
@@ -13,7 +14,7 @@ rule fid_reference:
     log:
         f"logs/{EXP}/fid_reference.log",
     shell:
-        "dmd2 fid-reference > {log} 2>&1"
+        "dmd2 fid-reference --experiment {EXP} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -24,8 +25,10 @@ rule evaluate:
         student=rules.distill.output.student,
         reference=rules.fid_reference.output.reference,
         heldout=rules.prepare_data.output.heldout,
+        code=code("evaluate"),
     output:
-        metrics=report(f"results/{EXP}/metrics.json", category="Metrics"),
+        evaluation=report(f"results/{EXP}/evaluation.json", category="Metrics"),
+        metrics=f"results/{EXP}/metrics.json",
         samples=report(directory(f"results/{EXP}/samples"), patterns=["{name}.png"], category="Samples"),
         plots=directory(f"results/{EXP}/plots"),
         record=f"results/{EXP}/stage.json",
@@ -35,14 +38,14 @@ rule evaluate:
     log:
         f"logs/{EXP}/evaluate.log",
     shell:
-        "dmd2 evaluate > {log} 2>&1"
+        "dmd2 evaluate --experiment {EXP} > {log:q} 2>&1"
 
 
 rule report:
     message:
         "Writing results/{EXP}/report.html"
     input:
-        metrics=rules.evaluate.output.metrics,
+        evaluation=rules.evaluate.output.evaluation,
         samples=rules.evaluate.output.samples,
         plots=rules.evaluate.output.plots,
         record=rules.evaluate.output.record,
@@ -50,6 +53,7 @@ rule report:
         student=rules.distill.output.student,
         data=rules.prepare_data.output.record,
         reference=rules.fid_reference.output.reference,
+        code=code("report"),
     output:
         html=report(f"results/{EXP}/report.html", category="Report"),
     params:
@@ -57,4 +61,4 @@ rule report:
     log:
         f"logs/{EXP}/report.log",
     shell:
-        "dmd2 report > {log} 2>&1"
+        "dmd2 report --experiment {EXP} > {log:q} 2>&1"

@@ -3,6 +3,7 @@ rule teacher:
         "Training the {EXP} teacher (rerun to resume from work/{EXP}/teacher)"
     input:
         train=rules.prepare_data.output.train,
+        code=code("teacher"),
     output:
         model=directory(f"models/{EXP}/teacher"),
     params:
@@ -11,4 +12,4 @@ rule teacher:
     log:
         f"logs/{EXP}/teacher.log",
     shell:
-        "dmd2 teacher > {log} 2>&1"
+        "dmd2 teacher --experiment {EXP} > {log:q} 2>&1"

@@ -1,8 +1,8 @@
-"""A small class-conditional UNet and EDM preconditioning (Karras et al. 2022).
+"""The EDM family's network: a small class-conditional UNet and EDM preconditioning (Karras et al. 2022).
 
 The UNet is deliberately plain (ResBlocks, optional self-attention, skip connections) so it runs on a laptop
-CPU. `forward(..., return_bottleneck=True)` also returns the middle-block features: the diffusion-GAN head of
-DMD2 sits there on the fake critic.
+CPU. `forward(..., features_only=True)` stops after the middle blocks and returns their output: the
+diffusion-GAN head of DMD2 reads those features on the fake critic, so its forward never runs the decoder.
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
         self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout), SelfAttention(c), ResBlock(c, c, emb_dim, cfg.dropout)])
-        self.bottleneck_channels = c
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -115,7 +114,9 @@ class UNet(nn.Module):
             return block(h, emb)
         return block(h)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None, return_bottleneck: bool = False):
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None,
+                features_only: bool = False) -> torch.Tensor:
+        """F(x, c_noise, labels); with `features_only`, the middle blocks' output (the GAN head's input)."""
         emb = self.noise_embed(c_noise)
         if self.label_embed is not None and labels is not None:
             emb = emb + self.label_embed(labels.to(emb.dtype))
@@ -130,13 +131,13 @@ class UNet(nn.Module):
                 hs[-1] = h
         for block in self.mid:
             h = self._run(block, h, emb)
-        bottleneck = h
+        if features_only:
+            return h
         for block in self.up:
             if isinstance(block, ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(block, h, emb)
-        out = self.conv_out(F.silu(self.norm_out(h)))
-        return (out, bottleneck) if return_bottleneck else out
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class EDMPrecond(nn.Module):
@@ -146,53 +147,19 @@ class EDMPrecond(nn.Module):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None, return_bottleneck: bool = False):
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
+                features_only: bool = False) -> torch.Tensor:
+        """D(x; σ) in float32; with `features_only`, the raw network's middle-block features at (c_in·x, σ)."""
         sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
         sd = self.sigma_data
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         c_noise = sigma.flatten().log() / 4
-        result = self.net((c_in * x).to(x.dtype), c_noise, labels, return_bottleneck=return_bottleneck)
-        f, bottleneck = result if return_bottleneck else (result, None)
-        d = c_skip * x.float() + c_out * f.float()
-        return (d, bottleneck) if return_bottleneck else d
+        f = self.net((c_in * x).to(x.dtype), c_noise, labels, features_only=features_only)
+        if features_only:
+            return f
+        return c_skip * x.float() + c_out * f.float()
 
-    @property
-    def bottleneck_channels(self) -> int:
-        return self.net.bottleneck_channels
-
-
-class GANHead(nn.Module):
-    """Classifier on the critic bottleneck: [conv4x4/2 → GN → SiLU] down to 4x4, then conv4x4/4 → GN → SiLU → 1x1.
-
-    Small bottlenecks (below 4x4) skip the halving blocks and use a global-average head, so the same class
-    serves 8x8 (ImageNet-64, SD1.5), 32x32 (SDXL) and the tiny maps of our default experiment.
-    """
-
-    def __init__(self, channels: int, spatial: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        while spatial > 4:
-            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _norm(channels), nn.SiLU()]
-            spatial //= 2
-        if spatial == 4:
-            layers += [nn.Conv2d(channels, channels, 4, stride=4), _norm(channels), nn.SiLU()]
-        else:
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1), nn.SiLU()]
-        layers += [nn.Conv2d(channels, 1, 1)]
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # (N, 1, 1, 1) → (N,) as a new tensor, not a view: FSDP2 warns about module outputs that are views
-        return self.layers(features.float()).flatten().clone()
-
-
-def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
-    """Integer labels → one-hot; label -1 means 'no label' (the unconditional branch used by CFG)."""
-    if labels is None or num_classes == 0:
-        return None
-    out = torch.zeros(labels.shape[0], num_classes, device=labels.device)
-    keep = labels >= 0
-    out[keep] = F.one_hot(labels[keep].long(), num_classes).float()
-    return out
+    def enable_gradient_checkpointing(self) -> None:
+        self.net.gradient_checkpointing = True

@@ -1,0 +1,79 @@
+"""The trainable side of DMD2: the fake-score critic and, optionally, the diffusion-GAN head on its features.
+
+The original calls this pair "guidance" (beside `real_guidance_scale`, which is classifier-free guidance of the
+teacher); here it is the critic. It is one module with one forward per critic turn, so DDP and FSDP see a single
+forward before each backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmd2.families import Family
+from dmd2.losses import gan_critic_loss
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class GANHead(nn.Module):
+    """Classifier on the critic's features: [conv4x4/2 → GN → SiLU] down to 4x4, then conv4x4/4 → GN → SiLU → 1x1.
+
+    Feature maps smaller than 4x4 skip the halving blocks and use a global-average head, so the same class
+    serves 8x8 (ImageNet-64, SD1.5), 32x32 (SDXL) and the tiny maps of the embedded experiments.
+    """
+
+    def __init__(self, channels: int, spatial: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        while spatial > 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), _norm(channels), nn.SiLU()]
+            spatial //= 2
+        if spatial == 4:
+            layers += [nn.Conv2d(channels, channels, 4, stride=4), _norm(channels), nn.SiLU()]
+        else:
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1), nn.SiLU()]
+        layers += [nn.Conv2d(channels, 1, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # (N, 1, 1, 1) → (N,) as a new tensor, not a view: FSDP2 warns about module outputs that are views
+        return self.layers(features.float()).flatten().clone()
+
+
+class Critic(nn.Module):
+    """The fake-score network (initialised from the teacher) plus the GAN head that reads its features."""
+
+    def __init__(self, family: Family, score: nn.Module, head: nn.Module | None, gan_max_timestep: int, draw):
+        super().__init__()
+        self.family, self.score, self.head = family, score, head
+        self.gan_max_timestep, self.draw = gan_max_timestep, draw
+
+    def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None = None,
+                real_cond: Any = None) -> dict[str, torch.Tensor]:
+        """The critic turn's losses on detached generator samples (and, with the GAN, a real batch)."""
+        t = self.draw.randint(0, self.family.num_train_timesteps, fake.shape[0], fake.device)  # the full range
+        out = {"loss_fake": self.family.fake_score_loss(self.score, fake, t, cond, self.draw.randn_like(fake))}
+        if self.head is not None and real is not None:
+            logits_real = self.logits(real, real_cond)
+            logits_fake = self.logits(fake, cond)
+            out["loss_gan_critic"] = gan_critic_loss(logits_real, logits_fake)
+            out["logit_real"], out["logit_fake"] = logits_real.detach().mean(), logits_fake.detach().mean()
+        return out
+
+    def logits(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Diffusion-GAN: noise at t ~ U{0 … gan_max_timestep − 1}, classify the critic's features there."""
+        t = self.draw.randint(0, self.gan_max_timestep, x.shape[0], x.device)
+        x_t = self.family.add_noise(x, self.draw.randn_like(x), t)
+        return self.head(self.family.gan_features(self.score, x_t, t, cond))
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Toggle the critic and head only (the original also re-enables the frozen teacher's gradients here)."""
+        self.score.requires_grad_(trainable)
+        if self.head is not None:
+            self.head.requires_grad_(trainable)

@@ -1,0 +1,21 @@
+"""Expected failures: bad input, a missing or corrupt file, a held lock, a diverged run.
+
+Each carries one message that names the file or key and the fix. `dmd2` prints it as one `error:` line and exits
+non-zero, without a traceback; set DMD2_DEBUG=1 to get the traceback as well.
+"""
+
+
+class Dmd2Error(Exception):
+    """Base of every expected failure (the CLI prints these without a traceback)."""
+
+
+class CheckpointError(Dmd2Error, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or cannot be written."""
+
+
+class RunLockedError(Dmd2Error, RuntimeError):
+    """Another live process is writing the same run directory."""
+
+
+class TrainingDiverged(Dmd2Error, FloatingPointError):
+    """A loss or an intermediate value became non-finite; the last good checkpoint is intact."""

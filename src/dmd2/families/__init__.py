@@ -1,0 +1,115 @@
+"""Model families behind one interface (`Family`), and the normalised model format every stage reads.
+
+A model directory holds `config.json` (`format`, `family`, `kind`: teacher or student, and the family's own
+keys) and, unless the family records its weights by reference, `model.safetensors`. Teachers trained here,
+converted or referenced, and students written by `distill`, all land in this format, so `distill`, `generate`
+and `evaluate` never care where a model came from; `config.json`'s `family` picks the module that reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmd2.families.base import FORMAT, Family, ModelError, read_config
+from dmd2.families.diffusers import DiffusersFamily
+from dmd2.families.edm import EDMFamily
+
+FAMILIES: dict[str, type[Family]] = {"edm": EDMFamily, "diffusers": DiffusersFamily}
+
+__all__ = ["FAMILIES", "FORMAT", "Family", "Model", "ModelError", "family_for", "load_model", "read_config",
+           "save_model", "student_config", "teacher_config"]
+
+
+def family_for(config: dict[str, Any]) -> Family:
+    """The family object for a model config (config.json's `family`)."""
+    name = config.get("family")
+    if name not in FAMILIES:
+        raise ModelError(f"model family {name!r} is not known (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name](config)
+
+
+def teacher_config(teacher_cfg, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """config.json of a teacher described by params.yaml's `teacher:` block, for data of `sample_shape`."""
+    from dmd2.families import diffusers, edm
+
+    if teacher_cfg.family == "edm":
+        return edm.teacher_config(teacher_cfg, sample_shape, num_classes)
+    if teacher_cfg.source == "pretrained":
+        return diffusers.pretrained_teacher_config(teacher_cfg)
+    return diffusers.teacher_config(teacher_cfg, sample_shape, num_classes)
+
+
+def student_config(teacher: dict[str, Any], timesteps: list[int], source: dict[str, Any]) -> dict[str, Any]:
+    """A student's config.json: its teacher's architecture and family, its own weights, and the generator's
+    timesteps (one step: [999]; four: [999, 749, 499, 249])."""
+    config = {k: v for k, v in teacher.items() if k not in ("pretrained", "source", "format")}
+    return {**config, "kind": "student", "generator": {"timesteps": list(timesteps)}, "source": source}
+
+
+@dataclass
+class Model:
+    """A loaded teacher or student: its network, its family and its config.json."""
+
+    net: nn.Module
+    family: Family
+    config: dict[str, Any]
+
+    @property
+    def is_student(self) -> bool:
+        return self.config["kind"] == "student"
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The generator's timesteps (students only)."""
+        return list(self.config["generator"]["timesteps"])
+
+    def steps(self, num_steps: int | None = None) -> int:
+        """Sampling steps: a student's own count, or `num_steps` (default: the teacher's full sampler)."""
+        return len(self.timesteps) if self.is_student else (num_steps or self.family.default_teacher_steps)
+
+    def nfe(self, num_steps: int | None = None) -> int:
+        return self.steps() if self.is_student else self.family.teacher_nfe(self.steps(num_steps))
+
+    def describe(self, num_steps: int | None = None) -> str:
+        """How it samples, for tables: '18 Heun steps', '50 DDIM steps', '1-step generator (t = 999)'."""
+        if self.is_student:
+            return f"{self.steps()}-step generator (t = {', '.join(map(str, self.timesteps))})"
+        n = self.steps(num_steps)
+        return f"{n} {self.family.sampler_name} step{'s' if n != 1 else ''}"
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
+    """A teacher or student directory → a frozen, eval-mode `Model` on `device`."""
+    config = read_config(path)
+    family = family_for(config)
+    net = family.load_network(Path(path))
+    return Model(net.to(device).eval().requires_grad_(False), family, config)
+
+
+def save_model(out_dir: str | Path, weights: nn.Module | dict[str, torch.Tensor] | None, config: dict[str, Any],
+               extra_files: dict[str, str] | None = None) -> None:
+    """Write config.json (+ the weights, unless None: a reference) into `out_dir` atomically (a temp directory
+    renamed over the old one)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if weights is not None:
+        state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+                  metadata={"format": FORMAT})
+    (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)

@@ -1,0 +1,197 @@
+"""The model-family interface: everything DMD2, sampling and evaluation need to know about a teacher family.
+
+A family object is built from a model's `config.json` (the normalised format every teacher and student is
+stored in) and owns what differs between families: building, loading and saving the network; the noise
+parameterisation (σ-space EDM, or ε/v-prediction over `alphas_cumprod`); conditions and their
+unconditional branch; the sample shape and decoding to pixels; the teacher's own multi-step sampler; where the
+GAN head reads its features; gradient checkpointing. The loop, the losses, sampling, evaluation and the report
+only talk to this interface (k-diffusion's `external.py` wraps other families into one denoiser in the same
+spirit). Adding a family means adding one module under `dmd2/families/` and one line in `FAMILIES`.
+
+Timesteps are discrete indices t ∈ {0, …, num_train_timesteps − 1}, higher = noisier, for every family: DMD2's
+step ranges (20…980, the generator's 999 or [999, 749, 499, 249]) mean the same thing whatever the family.
+Conditions come in two forms: *raw* conditions (integer class labels, −1 = no label; prompts later) that data
+and samplers hand around, and *encoded* conditions (`encode_conditions`) that the networks take.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmd2.errors import Dmd2Error
+
+FORMAT = "dmd2-denoiser/1"
+
+
+class ModelError(Dmd2Error, RuntimeError):
+    """A model directory is missing, not in the normalised format, or does not match its config."""
+
+
+class Family(ABC):
+    """One teacher family, configured by a model's config.json (`self.config`)."""
+
+    name: str
+    sampler_name: str  # the teacher's own sampler, for tables ("Heun", "DDIM")
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    # ------------------------------------------------------------------------------------------ network
+
+    @abstractmethod
+    def build_network(self) -> nn.Module:
+        """A randomly initialised network of the configured architecture."""
+
+    def load_network(self, model_dir: Path) -> nn.Module:
+        """The network with the weights stored in (or referenced by) `model_dir`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        net = self.build_network()
+        weights = Path(model_dir) / "model.safetensors"
+        try:
+            state = load_file(weights)
+        except (OSError, SafetensorError) as err:
+            raise ModelError(f"{weights} cannot be read ({err}); rerun the stage that wrote it") from None
+        config = Path(model_dir) / "config.json"
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # a tensor of another shape
+            detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err)[:200])
+            raise ModelError(f"{weights} does not match {config} ({detail}); rerun the stage that wrote it") from None
+        if missing or unexpected:
+            raise ModelError(f"{weights} does not match {config} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                             "rerun the stage that wrote it")
+        return net
+
+    @abstractmethod
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        """Recompute activations in backward (memory for compute)."""
+
+    # ------------------------------------------------------------------------------- shapes, conditions
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample the networks see (pixels, or latents)."""
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels the model is conditioned on (0: not class-conditional)."""
+        return int(self.config.get("num_classes", 0))
+
+    def random_conditions(self, n: int, draw) -> torch.Tensor | None:
+        """Raw conditions for n generated samples (labels uniform over the classes), drawn from `draw`
+        (`GlobalBatchRandom`, so every rank draws the global batch and keeps its slice)."""
+        return draw.randint(0, self.num_classes, n, "cpu") if self.num_classes else None
+
+    def balanced_conditions(self, n: int) -> torch.Tensor | None:
+        """Raw conditions for evaluation: every class equally often, in order 0, 1, …, 0, 1, …"""
+        return torch.arange(n) % self.num_classes if self.num_classes else None
+
+    @abstractmethod
+    def encode_conditions(self, raw: torch.Tensor | None, device: torch.device | str) -> Any:
+        """Raw conditions (labels, −1 = unconditional) → what the network takes."""
+
+    @abstractmethod
+    def unconditional(self, cond: Any) -> Any:
+        """The family's own unconditional input for a batch of encoded conditions (the CFG branch)."""
+
+    # ------------------------------------------------------------------------------ noise and predictions
+
+    @property
+    @abstractmethod
+    def num_train_timesteps(self) -> int:
+        """Length of the discrete noise table."""
+
+    @abstractmethod
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: a clean sample noised to timestep t (forward process)."""
+
+    @abstractmethod
+    def generator_input(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The generator's input at timestep t made from unit Gaussian noise alone (no clean sample)."""
+
+    @abstractmethod
+    def denoise(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """One network call, as an x0 prediction in float32."""
+
+    def predict_x0(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+                   guidance_scale: float = 1.0) -> torch.Tensor:
+        """x0 prediction at timestep t, with classifier-free guidance when `guidance_scale` is not 1."""
+        return self.guided(lambda c: self.denoise(net, x_t, t, c), cond, guidance_scale)
+
+    def guided(self, denoise: Callable[[Any], torch.Tensor], cond: Any, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance in x0 space, x̂_u + s·(x̂_c − x̂_u), for a `denoise(cond)` at fixed (x_t, t).
+
+        The one place guidance is written (training, `generate`, `evaluate`, the teachers' samplers). Guidance is
+        linear in the network output, so guiding x0 equals guiding ε or v at the same (x_t, t)."""
+        x0 = denoise(cond)
+        if guidance_scale == 1.0 or cond is None:
+            return x0
+        x0_uncond = denoise(self.unconditional(cond))
+        return x0_uncond + guidance_scale * (x0 - x0_uncond)
+
+    @abstractmethod
+    def fake_score_loss(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, cond: Any,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """The critic's own denoising loss on (detached) generator samples x0 at timesteps t."""
+
+    # --------------------------------------------------------------------------------------- GAN head
+
+    @abstractmethod
+    def gan_features(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The critic's features the diffusion-GAN head classifies (N × C × H × W)."""
+
+    @property
+    @abstractmethod
+    def gan_feature_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of `gan_features` for one sample."""
+
+    # -------------------------------------------------------------------------------------- teacher
+
+    @abstractmethod
+    def teacher_loss(self, net: nn.Module, x0: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The family's own training objective (the teacher stage), drawing its noise from torch's RNG."""
+
+    @abstractmethod
+    def sample_teacher(self, net: nn.Module, noise: torch.Tensor, cond: Any, num_steps: int,
+                       guidance_scale: float = 1.0) -> torch.Tensor:
+        """The teacher's own multi-step sampler: unit Gaussian noise → x0 (float32)."""
+
+    @abstractmethod
+    def teacher_nfe(self, num_steps: int) -> int:
+        """Network evaluations of `sample_teacher` with `num_steps` steps (without guidance)."""
+
+    @property
+    def default_teacher_steps(self) -> int:
+        return int(self.config["sampler"]["num_steps"])
+
+    # ---------------------------------------------------------------------------------------- pixels
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples → images in [−1, 1] (pixel-space families: the samples themselves)."""
+        return x
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """A model directory's config.json, checked to be the normalised format."""
+    cfg_file = Path(model_dir) / "config.json"
+    if not cfg_file.exists():
+        raise ModelError(f"no model at {model_dir} (missing {cfg_file}); run the stage that writes it "
+                         "(`dmd2 teacher` or `dmd2 distill`) first")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{cfg_file} is not valid JSON ({err}); rerun the stage that wrote it") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ModelError(f"{cfg_file}: format {found!r}, expected {FORMAT!r}; rerun the stage that wrote it")
+    return config

@@ -1,0 +1,304 @@
+"""The diffusers family: discrete-time ε- or v-prediction UNets (`UNet2DModel`, `UNet2DConditionModel`) over a
+noise schedule `alphas_cumprod` taken from the model's scheduler config.
+
+    x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε                       (forward process, `add_noise`)
+    x0  = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t                 (ε-prediction, in float64 as the method notes say)
+    x0  = √ᾱ_t·x_t − √(1−ᾱ_t)·v̂                     (v-prediction)
+
+The critic's own loss is the unweighted ε-MSE (or v-MSE) at t ~ U{0…T−1}, as the original's SD path; the
+generator's input at any timestep is the unit noise itself (t = 999 ≈ pure noise; the SDXL one-step recipe feeds
+the same noise at t = 399). Class labels go in as `class_labels` with one extra "null" class (index
+`num_classes`) as the unconditional branch that label dropout trains. The teacher's own sampler is
+deterministic DDIM with trailing timestep spacing (so one step starts at t = T − 1, not at t = 0).
+The GAN head reads the UNet's mid-block output, taken with a forward hook.
+
+Weights: a teacher trained here is stored as `model.safetensors` beside config.json; a pretrained teacher is
+recorded by reference (its directory, and each weight file's size and sha256) and loaded from there, never
+copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmd2.config import DiffusersTeacherConfig, to_dict
+from dmd2.families.base import Family, ModelError
+
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def unet_class(name: str) -> type[nn.Module]:
+    if name not in UNET_CLASSES:
+        raise ModelError(f"unet_class {name!r} is not supported (supported: {', '.join(UNET_CLASSES)})")
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def build_scheduler(config: dict[str, Any]):
+    """A diffusers scheduler from its config dict (`_class_name` names the class; only scheduler classes)."""
+    import diffusers
+
+    name = config.get("_class_name", "DDPMScheduler")
+    if not name.endswith("Scheduler") or not hasattr(diffusers, name):
+        raise ModelError(f"scheduler class {name!r} is not a diffusers scheduler")
+    return getattr(diffusers, name).from_config(config)
+
+
+class DiffusersFamily(Family):
+    name, sampler_name = "diffusers", "DDIM"
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        self.prediction_type = config["scheduler"].get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ModelError(f"prediction_type {self.prediction_type!r} is not supported "
+                             "(epsilon, v_prediction or sample)")
+        # ᾱ as the scheduler computes it (float32), held in float64 for the x0 conversions
+        self.alphas_cumprod = build_scheduler(config["scheduler"]).alphas_cumprod.double()
+
+    # ------------------------------------------------------------------------------------------ network
+
+    def build_network(self) -> nn.Module:
+        return unet_class(self.config["unet_class"]).from_config(self.config["unet"])
+
+    def load_network(self, model_dir: Path) -> nn.Module:
+        ref = self.config.get("pretrained")
+        if ref is None:
+            return super().load_network(model_dir)
+        check_reference(ref)
+        return unet_class(self.config["unet_class"]).from_pretrained(ref["path"], subfolder=ref.get("subfolder"))
+
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        net.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------------------- shapes, conditions
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        unet = self.config["unet"]
+        size = unet["sample_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        return (unet["in_channels"], height, width)
+
+    @property
+    def null_class(self) -> int:
+        """The class index label dropout trained as 'no label' (teachers trained here: the last embedding)."""
+        null = self.config.get("null_class")
+        if null is None:
+            raise ModelError("this class-conditional UNet has no unconditional class (a pretrained model whose label "
+                             "convention is unknown): use real_guidance_scale 1 and labels >= 0")
+        return int(null)
+
+    def encode_conditions(self, raw, device):
+        if raw is None or not self.num_classes:
+            return None
+        labels = raw.to(device).long()
+        if (labels < 0).any():
+            labels = torch.where(labels < 0, self.null_class, labels)  # −1 → the null class
+        return {"class_labels": labels}
+
+    def unconditional(self, cond):
+        return {**cond, "class_labels": torch.full_like(cond["class_labels"], self.null_class)}
+
+    # ------------------------------------------------------------------------------ noise and predictions
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def _coefficients(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1−ᾱ_t)) in float64, shaped to broadcast over a batch of `ndim`-dimensional samples."""
+        abar = self.alphas_cumprod.to(t.device)[t.long()].reshape(-1, *[1] * (ndim - 1))
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def add_noise(self, x0, noise, t):
+        a, s = self._coefficients(t, x0.ndim)
+        return (a * x0.double() + s * noise.double()).to(x0.dtype)
+
+    def generator_input(self, noise, t):
+        return noise
+
+    def _call(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        kwargs = dict(cond or {})
+        if self.config.get("unet_class") == "UNet2DConditionModel":
+            kwargs.setdefault("encoder_hidden_states", None)  # class-conditional without cross-attention
+        out = net(x_t, t, **kwargs)
+        return (out.sample if hasattr(out, "sample") else out).float()
+
+    def _target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output at (x0, ε, t)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        a, s = self._coefficients(t, x0.ndim)
+        return (a * noise.double() - s * x0.double()).float()  # v = √ᾱ·ε − √(1−ᾱ)·x0
+
+    def denoise(self, net, x_t, t, cond):
+        out = self._call(net, x_t, t, cond).double()
+        if self.prediction_type == "sample":
+            return out.float()
+        a, s = self._coefficients(t, x_t.ndim)
+        x = x_t.double()
+        x0 = (x - s * out) / a if self.prediction_type == "epsilon" else a * x - s * out
+        return x0.float()
+
+    def fake_score_loss(self, net, x0, t, cond, noise):
+        pred = self._call(net, self.add_noise(x0, noise, t), t, cond)
+        return F.mse_loss(pred, self._target(x0, noise, t).float())
+
+    # --------------------------------------------------------------------------------------- GAN head
+
+    def gan_features(self, net, x_t, t, cond):
+        with capture_output(_mid_block(net)) as captured:
+            self._call(net, x_t, t, cond)
+        return captured[0]
+
+    @property
+    def gan_feature_shape(self) -> tuple[int, int, int]:
+        unet = self.config["unet"]
+        down = 2 ** (len(unet["down_block_types"]) - 1)  # every down block but the last halves the size
+        _, height, width = self.sample_shape
+        return (unet["block_out_channels"][-1], height // down, width // down)
+
+    # -------------------------------------------------------------------------------------- teacher
+
+    def teacher_loss(self, net, x0, cond):
+        """The DDPM objective: ε-MSE (or v-MSE) at t ~ U{0…T−1}."""
+        t = torch.randint(0, self.num_train_timesteps, (len(x0),), device=x0.device)
+        return self.fake_score_loss(net, x0, t, cond, torch.randn_like(x0))
+
+    @torch.no_grad()
+    def sample_teacher(self, net, noise, cond, num_steps, guidance_scale=1.0):
+        from diffusers import DDIMScheduler
+
+        ddim = DDIMScheduler.from_config(self.config["scheduler"], prediction_type="sample",
+                                         timestep_spacing="trailing")
+        ddim.set_timesteps(num_steps)
+        x = noise * ddim.init_noise_sigma
+        for t in ddim.timesteps:
+            t_batch = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
+            x0 = self.predict_x0(net, x, t_batch, cond, guidance_scale)
+            x = ddim.step(x0, t, x).prev_sample
+        return x0
+
+    def teacher_nfe(self, num_steps: int) -> int:
+        return num_steps
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _mid_block(net: nn.Module) -> nn.Module:
+    mid = getattr(net, "mid_block", None)
+    if mid is None:
+        raise ModelError("the GAN head reads the UNet's mid-block output, but this UNet has no mid_block "
+                         "(unet.mid_block_type: null); set a mid block or turn distill.gan.enabled off")
+    return mid
+
+
+@contextlib.contextmanager
+def capture_output(module: nn.Module):
+    """Collect `module`'s forward output for the duration of the block (a forward hook; no patched forward)."""
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def teacher_config(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """The config.json of a diffusers UNet trained here on samples of `sample_shape`."""
+    channels, size = sample_shape[0], sample_shape[-1]
+    unet = {**to_dict(cfg.unet), "sample_size": size, "in_channels": channels, "out_channels": channels,
+            "num_class_embeds": num_classes + 1 if num_classes else None}  # + the null class
+    if cfg.unet_class == "UNet2DModel":
+        for key in ("cross_attention_dim",):
+            unet.pop(key)
+    else:
+        unet.pop("add_attention")
+    scheduler = {"_class_name": "DDPMScheduler", **to_dict(cfg.scheduler), "clip_sample": False}
+    return {"family": "diffusers", "kind": "teacher", "unet_class": cfg.unet_class, "unet": unet,
+            "scheduler": scheduler, "num_classes": num_classes, "null_class": num_classes if num_classes else None,
+            "sampler": to_dict(cfg.sampler)}
+
+
+# ------------------------------------------------------------------------------------- pretrained teachers
+
+
+def resolve_pretrained(name: str) -> Path:
+    """A local diffusers directory for `name` (a path, or a hub id already in the local hub cache); offline or
+    absent, one line that says what is missing, where it was looked for, and how to fetch it."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path.resolve()
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"teacher.pretrained: {name} does not exist (looked for a local directory); give a diffusers "
+                         "directory or a hub id such as google/ddpm-cifar10-32")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(name, local_files_only=offline))
+    except (LocalEntryNotFoundError, OSError, ValueError) as err:
+        where = f"the hub cache {HF_HUB_CACHE}" + ("" if offline else " and the hub")
+        raise ModelError(f"teacher.pretrained: {name} is not a local directory and is not in {where} "
+                         f"({type(err).__name__}); on a connected "
+                         f"machine run `hf download {name}` (or `hf download {name} --local-dir DIR` and set "
+                         "teacher.pretrained: DIR)") from None
+
+
+def pretrained_teacher_config(cfg: DiffusersTeacherConfig) -> dict[str, Any]:
+    """The config.json of a pretrained diffusers teacher, recorded by reference and hash."""
+    root = resolve_pretrained(cfg.pretrained)
+    unet_dir = root / cfg.subfolder if cfg.subfolder else root
+    if not (unet_dir / "config.json").exists():
+        raise ModelError(f"{unet_dir / 'config.json'} not found: {root} is not a diffusers UNet directory "
+                         "(set teacher.subfolder to where the UNet is, or null if it is at the top)")
+    unet = {k: v for k, v in _read_json(unet_dir / "config.json").items() if not k.startswith("_")}
+    scheduler_dir = next((d for d in (root / "scheduler", root) if (d / "scheduler_config.json").exists()), None)
+    if scheduler_dir is None:
+        raise ModelError(f"no scheduler_config.json in {root}/scheduler or {root}: the noise schedule of a pretrained "
+                         "teacher comes from its own scheduler config")
+    scheduler = {k: v for k, v in _read_json(scheduler_dir / "scheduler_config.json").items()
+                 if k == "_class_name" or not k.startswith("_")}
+    files = sorted(p for p in unet_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise ModelError(f"no weights (*.safetensors or *.bin) in {unet_dir}")
+    from dmd2.checkpoint import sha256_file
+
+    reference = {"path": str(root), "subfolder": cfg.subfolder,
+                 "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
+    # a pretrained class-conditional UNet: every embedding is a class; its unconditional input is unknown
+    return {"family": "diffusers", "kind": "teacher", "unet_class": cfg.unet_class, "unet": unet,
+            "scheduler": scheduler, "num_classes": int(unet.get("num_class_embeds") or 0), "null_class": None,
+            "sampler": to_dict(cfg.sampler), "pretrained": reference}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path} cannot be read as JSON ({err})") from None
+
+
+def check_reference(ref: dict[str, Any]) -> None:
+    """The referenced weight files are still there with the recorded sizes (hashes are checked by the teacher
+    stage and feed the distillation run's fingerprint)."""
+    folder = Path(ref["path"]) / (ref.get("subfolder") or "")
+    for name, info in ref["files"].items():
+        path = folder / name
+        if not path.exists() or path.stat().st_size != info["size"]:
+            raise ModelError(f"{path} is missing or changed since `dmd2 teacher` recorded it; rerun `dmd2 teacher`")

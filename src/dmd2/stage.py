@@ -1,0 +1,76 @@
+"""What every stage function receives: the parameters, the experiment it runs for, and its fixed paths.
+
+Every stage is `run_<stage>(ctx: StageContext, **options) -> dict`, returning the figures that the CLI writes
+into the stage's `stage.json` (wall time and hardware added), the one place stage records are written.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmd2.config import ExperimentConfig, Params
+from dmd2.paths import ExperimentPaths
+
+
+@dataclass(frozen=True)
+class StageContext:
+    params: Params
+    experiment: str
+    paths: ExperimentPaths
+
+    @property
+    def exp(self) -> ExperimentConfig:
+        """The selected experiment's block of params.yaml."""
+        return self.params.current(self.experiment)
+
+
+# The module each pipeline stage (a Snakemake rule / DVC stage) runs; its code dependencies are the package
+# files that module reaches through `dmd2` imports (at any depth, function-level imports included).
+STAGE_MODULES = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_config": ("launch",),
+                 "distill": ("distill", "launch"), "fid_reference": ("fid",), "evaluate": ("evaluate",),
+                 "report": ("report",)}
+DATA_FILES = {"report": ["templates/report.html.j2"]}
+
+
+def stage_code(stage: str, root: str | Path = ".") -> list[str]:
+    """The files under `root`/src/dmd2 that a stage's code reads, as paths relative to `root` (sorted), so that
+    editing e.g. the losses reruns distillation in Snakemake and DVC. [] when `root` has no src/dmd2."""
+    package = Path(root) / "src" / "dmd2"
+    if not package.is_dir():
+        return []
+    seen: set[str] = set()
+    todo = list(STAGE_MODULES[stage])  # not `cli`: it only dispatches (and imports every stage)
+    while todo:
+        name = todo.pop()
+        file = _module_file(package, name)
+        if file is None or name in seen:
+            continue
+        seen.add(name)
+        todo += _dmd2_imports(file)
+    files = {_module_file(package, name) for name in seen} | {package / f for f in DATA_FILES.get(stage, [])}
+    return sorted(str(f.relative_to(root)) for f in files if f is not None)
+
+
+def _module_file(package: Path, name: str) -> Path | None:
+    base = package.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _dmd2_imports(file: Path) -> list[str]:
+    """`dmd2.x.y` names a module imports (relative to the package), wherever the import statement sits; a package's
+    modules also bring in the package's __init__."""
+    found = []
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dmd2":
+            base = node.module.split(".")[1:]
+            found.append(".".join(base))
+            found += [".".join([*base, alias.name]) for alias in node.names]  # `from dmd2.families import edm`
+        elif isinstance(node, ast.Import):
+            found += [".".join(a.name.split(".")[1:]) for a in node.names if a.name.split(".")[0] == "dmd2"]
+    parents = [".".join(name.split(".")[:i]) for name in found for i in range(1, name.count(".") + 1)]
+    return [n for n in found + parents if n]

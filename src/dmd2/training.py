@@ -1,0 +1,64 @@
+"""What the training stages share: the learning-rate warm-up, the EMA of weights, rank-invariant randomness."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Constant LR after a linear warm-up (diffusers' `constant_with_warmup`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (the teacher's sampling weights)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up so early EMA is not stuck at random init
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach(), 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+class GlobalBatchRandom:
+    """Random draws made for the *global* batch on every rank, then sliced to this rank's part.
+
+    Every rank seeds the same generator, so a run's randomness, and therefore its result up to floating-point
+    reduction order, does not depend on how many processes share the batch; resuming on a different number of
+    ranks continues the same stream.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def _mine(self, full: torch.Tensor, n: int, device) -> torch.Tensor:
+        return full[self.rank * n : (self.rank + 1) * n].to(device)
+
+    def randn(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
+        return self._mine(torch.randn((n * self.world, *shape)), n, device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape[0], tuple(x.shape[1:]), x.device).to(x.dtype)
+
+    def randint(self, low: int, high: int, n: int, device) -> torch.Tensor:
+        return self._mine(torch.randint(low, high, (n * self.world,)), n, device)
+
+
+def all_ranks_agree(ok: bool, device: torch.device | str = "cpu") -> bool:
+    """True only if `ok` is True on every rank (one all-reduce when a process group is up): a decision such as
+    "stop, a value is not finite" is taken by all ranks together, so none is left waiting in a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
