@@ -37,14 +37,9 @@ def family_for(config: dict[str, Any]) -> Family:
 
 
 def teacher_config(teacher_cfg, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """config.json of a teacher described by params.yaml's `teacher:` block, for data of `sample_shape`."""
-    from dmd2.families import diffusers, edm
-
-    if teacher_cfg.family == "edm":
-        return edm.teacher_config(teacher_cfg, sample_shape, num_classes)
-    if teacher_cfg.source == "pretrained":
-        return diffusers.pretrained_teacher_config(teacher_cfg)
-    return diffusers.teacher_config(teacher_cfg, sample_shape, num_classes)
+    """config.json of a teacher described by params.yaml's `teacher:` block (trained here on data of
+    `sample_shape` with `num_classes` classes, or recorded from a pretrained model)."""
+    return FAMILIES[teacher_cfg.family].teacher_config(teacher_cfg, sample_shape, num_classes)
 
 
 def student_config(teacher: dict[str, Any], timesteps: list[int], source: dict[str, Any]) -> dict[str, Any]:

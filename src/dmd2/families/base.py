@@ -43,6 +43,12 @@ class Family(ABC):
     def __init__(self, config: dict[str, Any]):
         self.config = config
 
+    @staticmethod
+    @abstractmethod
+    def teacher_config(cfg: Any, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+        """The config.json of a teacher from params.yaml's `teacher:` block of this family (trained here on
+        samples of `sample_shape` with `num_classes` classes, or recorded from a pretrained model)."""
+
     # ------------------------------------------------------------------------------------------ network
 
     @abstractmethod

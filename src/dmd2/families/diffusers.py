@@ -56,6 +56,12 @@ def build_scheduler(config: dict[str, Any]):
 class DiffusersFamily(Family):
     name, sampler_name = "diffusers", "DDIM"
 
+    @staticmethod
+    def teacher_config(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+        if cfg.source == "pretrained":
+            return pretrained_teacher_config(cfg)
+        return teacher_config(cfg, sample_shape, num_classes)
+
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         self.prediction_type = config["scheduler"].get("prediction_type", "epsilon")

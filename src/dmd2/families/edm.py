@@ -76,6 +76,10 @@ def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | Non
 class EDMFamily(Family):
     name, sampler_name = "edm", "Heun"
 
+    @staticmethod
+    def teacher_config(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+        return teacher_config(cfg, sample_shape, num_classes)
+
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         s = config["sampler"]
