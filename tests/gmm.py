@@ -51,7 +51,7 @@ class GaussianMixture:
 
 
 class AnalyticTeacher(nn.Module):
-    """The exact denoiser, behind the same call signature as `EDMPrecond`."""
+    """The exact denoiser, behind the same call signature as `edm_networks.Preconditioned`."""
 
     def __init__(self, mixture: GaussianMixture):
         super().__init__()

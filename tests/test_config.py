@@ -41,7 +41,7 @@ def test_unknown_top_level_key_and_missing_experiment_block():
     with pytest.raises(ConfigError, match="did you mean 'wandb'"):
         parse_params(raw)
     raw = raw_params()
-    raw["experiment"] = "cifar10"
+    raw["experiment"] = "celeba"
     with pytest.raises(ConfigError, match="no block"):
         parse_params(raw)
 

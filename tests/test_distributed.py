@@ -92,12 +92,12 @@ def test_fsdp_shards_keeps_optimiser_state_and_resumes_across_world_sizes(one, p
     checkpoint = latest_checkpoint(run_dir(two, "distill") / "checkpoints")
     stored = FileSystemReader(str(checkpoint / "training")).read_metadata().state_dict_metadata
     # each rank wrote its own half of every parameter, and the optimisers' moments are in the checkpoint
-    conv = stored["generator.model.net.conv_in.weight"]
+    conv = stored["generator.model.model.conv_in.weight"]
     assert [tuple(c.sizes) for c in conv.chunks] == [(4, 1, 3, 3), (4, 1, 3, 3)]
     for model in ("generator", "critic"):
         assert sum(k.startswith(f"{model}.optim.state.") and k.endswith(".exp_avg_sq") for k in stored) > 10
     assert json.loads((checkpoint / "meta.json").read_text())["sharded"] is True
-    assert load_file(checkpoint / "student/model.safetensors")["net.conv_in.weight"].shape == (8, 1, 3, 3)
+    assert load_file(checkpoint / "student/model.safetensors")["model.conv_in.weight"].shape == (8, 1, 3, 3)
 
     # a sharded run stopped half way resumes in 1 process, and a 1-process run resumes sharded over 2:
     # both land on the uninterrupted run, which they could not if the Adam moments were lost

@@ -7,11 +7,12 @@ from gmm import MixtureEDM
 
 from dmd2.config import UNetConfig
 from dmd2.families.edm import edm_loss_weight, heun_nfe, heun_sample, karras_sigmas
-from dmd2.families.edm_unet import EDMPrecond, UNet
+from dmd2.families.edm_networks import Preconditioned, precondition, vp_sigma_to_t
+from dmd2.families.edm_unet import UNet
 
 
 class Spy(torch.nn.Module):
-    """Records what EDMPrecond feeds the raw network; returns a constant F = 1."""
+    """Records what the preconditioning feeds the raw network; returns a constant F = 1."""
 
     def forward(self, x, c_noise, labels, features_only=False):
         self.x, self.c_noise = x, c_noise
@@ -20,13 +21,27 @@ class Spy(torch.nn.Module):
 
 def test_preconditioning_coefficients():
     spy = Spy()
-    d = EDMPrecond(spy, sigma_data=0.5)
+    d = Preconditioned(spy, "edm", sigma_data=0.5)
     x = torch.full((1, 1, 1, 1), 2.0)
     out = d(x, torch.tensor([1.0]))
     # σ = 1, σ_d = 0.5: c_skip = 0.25/1.25 = 0.2, c_out = 0.5/√1.25, c_in = 1/√1.25, c_noise = ln(1)/4 = 0
     assert math.isclose(out.item(), 0.2 * 2.0 + 0.5 / math.sqrt(1.25), rel_tol=1e-6)
     assert math.isclose(spy.x.item(), 2.0 / math.sqrt(1.25), rel_tol=1e-6)
     assert spy.c_noise.item() == 0.0
+
+
+def test_vp_and_ve_preconditioning_coefficients():
+    # VP (EDM's VPPrecond, beta_d 19.9, beta_min 0.1): sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1), so at
+    # t = 0.5: exp(2.4875 + 0.05) = 12.6482..., sigma = 3.4129...; c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2 + 1),
+    # c_noise = 999 t = 499.5.
+    sigma = torch.tensor([math.sqrt(math.exp(19.9 * 0.25 / 2 + 0.1 * 0.5) - 1)], dtype=torch.float64)
+    assert math.isclose(vp_sigma_to_t(sigma).item(), 0.5, rel_tol=1e-12)
+    c_skip, c_out, c_in, c_noise = precondition("vp", sigma, 0.5)
+    assert c_skip.item() == 1 and math.isclose(c_out.item(), -sigma.item())
+    assert math.isclose(c_in.item(), 1 / math.sqrt(sigma.item() ** 2 + 1)) and math.isclose(c_noise.item(), 499.5)
+    # VE: c_skip 1, c_out sigma, c_in 1, c_noise ln(sigma / 2); at sigma = 2: c_noise = 0
+    c_skip, c_out, c_in, c_noise = precondition("ve", torch.tensor([2.0]), 0.5)
+    assert (c_skip.item(), c_out.item(), c_in.item(), c_noise.item()) == (1.0, 2.0, 1.0, 0.0)
 
 
 def test_karras_table_endpoints_and_adapter_indexing():
@@ -47,7 +62,7 @@ def test_loss_weight_is_lambda_of_edm():
 
 def test_one_heun_step_is_one_denoiser_call_at_sigma_max():
     torch.manual_seed(0)
-    net = EDMPrecond(UNet(UNetConfig(channels=8, channel_mult=[1]), 1, 8, 0)).eval()
+    net = Preconditioned(UNet(UNetConfig(channels=8, channel_mult=[1]), 1, 8, 0)).eval()
     noise = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         direct = net(noise * 80, torch.full((2,), 80.0), None)

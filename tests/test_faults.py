@@ -294,8 +294,6 @@ class _Boom:
 
 
 def test_a_hostile_training_state_index_is_refused_without_running_it(tmp_path):
-    from dmd2.families.edm_unet import EDMPrecond  # noqa: F401 - any module is fine: the index is never trusted
-
     training = tmp_path / "training"
     training.mkdir()
     marker = tmp_path / "PWNED"
@@ -414,7 +412,7 @@ def test_the_gan_head_sees_real_as_real_and_fake_as_fake():
 
 
 def test_edm_preconditioning_far_from_sigma_one():
-    from dmd2.families.edm_unet import EDMPrecond
+    from dmd2.families.edm_networks import Preconditioned
 
     class Spy(torch.nn.Module):
         def forward(self, x, c_noise, labels, features_only=False):
@@ -424,7 +422,7 @@ def test_edm_preconditioning_far_from_sigma_one():
     spy = Spy()
     x = torch.full((2, 1, 1, 1), 3.0)
     sigma = torch.tensor([80.0, 0.002])
-    out = EDMPrecond(spy, sigma_data=0.5)(x, sigma)
+    out = Preconditioned(spy, "edm", sigma_data=0.5)(x, sigma)
     for i, s in enumerate(sigma.tolist()):
         c_skip, c_out, c_in = 0.25 / (s**2 + 0.25), s * 0.5 / (s**2 + 0.25) ** 0.5, 1 / (s**2 + 0.25) ** 0.5
         assert abs(out[i].item() - (c_skip * 3.0 + c_out * 2.0)) < 1e-5 * max(1.0, abs(out[i].item()))

@@ -141,3 +141,5 @@ def test_paper_numbers_slot_in_for_other_experiments():
     assert paper_match("imagenet64", {"model": "teacher", "steps": 256, "nfe": 511})["fid"] == 2.32
     assert paper_match("sdxl", {"model": "student", "steps": 4, "nfe": 4})["clip_score"] == 0.332
     assert paper_match("mnist", {"model": "student", "steps": 1, "nfe": 1}) is None
+    assert paper_match("cifar10-edm", {"model": "teacher", "steps": 18, "nfe": 35, "num_samples": 50000})["fid"] == 1.79
+    assert paper_match("cifar10-edm", {"model": "teacher", "steps": 18, "nfe": 35, "num_samples": 2000}) is None

@@ -69,3 +69,42 @@ def run_dir(root: Path, stage: str) -> Path:
     runs = sorted((root / "work/mnist" / stage).glob("run-*"), key=lambda p: p.stat().st_mtime)
     assert runs, f"no run directory under {root / 'work/mnist' / stage}"
     return runs[-1]
+
+
+# EDM's released-checkpoint path at tiny size: a CIFAR-10 archive and an ImageNet-style dataset_tool zip written in
+# the official formats, and EDM-style pickles of tiny DDPM++ and ADM networks (tests/edm_fixtures.py).
+EDM_TINY_NETWORKS = {
+    "cifar10-tiny": {"model_type": "SongUNet", "embedding_type": "positional", "encoder_type": "standard",
+                     "decoder_type": "standard", "channel_mult_noise": 1, "resample_filter": [1, 1],
+                     "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [16],
+                     "augment_dim": 9, "dropout": 0.13, "use_fp16": False, "img_resolution": 32, "img_channels": 3,
+                     "label_dim": 10},
+    "imagenet64-tiny": {"model_type": "DhariwalUNet", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+                        "attn_resolutions": [8], "dropout": 0.1, "use_fp16": True, "img_resolution": 16,
+                        "img_channels": 3, "label_dim": 10},
+}
+
+
+def add_edm_experiments(root: Path) -> list[str]:
+    """Write the tiny inputs under root/downloads and add `cifar10-tiny` and `imagenet64-tiny` to root/params.yaml."""
+    from edm_fixtures import write_cifar10_archive, write_dataset_tool_zip, write_edm_checkpoint
+
+    downloads = root / "downloads"
+    downloads.mkdir(exist_ok=True)
+    md5 = write_cifar10_archive(downloads / "cifar-10-binary.tar.gz")
+    write_dataset_tool_zip(downloads / "imagenet-tiny.zip", 120, 16, 10)
+    for name, constructor in EDM_TINY_NETWORKS.items():
+        write_edm_checkpoint(downloads / f"{name}.pkl", constructor)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    teacher = {"family": "edm", "source": "edm_pickle", "sampler": {"num_steps": 3}}
+    blocks = {
+        "cifar10-tiny": {**params["mnist"], "data": {"source": "cifar10", "path": "downloads/cifar-10-binary.tar.gz",
+                                                     "md5": md5, "resolution": 32},
+                         "teacher": {**teacher, "pickle": "downloads/cifar10-tiny.pkl"}},
+        "imagenet64-tiny": {**params["mnist"], "data": {"source": "image_folder", "path": "downloads/imagenet-tiny.zip",
+                                                        "num_classes": 10, "resolution": 16},
+                            "teacher": {**teacher, "pickle": "downloads/imagenet64-tiny.pkl"}},
+    }
+    params.update(blocks)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return list(blocks)

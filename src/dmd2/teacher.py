@@ -26,22 +26,23 @@ from dmd2.checkpoint import (
 from dmd2.config import to_dict
 from dmd2.data import RandomBatches, open_split
 from dmd2.errors import TrainingDiverged
-from dmd2.families import Family, family_for, save_model, teacher_config
+from dmd2.families import Family, family_for, import_teacher, save_model, teacher_config
 from dmd2.stage import StageContext
-from dmd2.training import EMA, warmup_schedule
+from dmd2.training import EMA, device, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 TEACHER_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
 
 
 def run_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[str, Any]:
-    """`teacher.source: train` trains here (rerun to resume); `pretrained` records the referenced model."""
+    """`teacher.source: train` trains here (rerun to resume); any other source (a pretrained diffusers model, an
+    EDM checkpoint) is imported by its family: recorded by reference or converted."""
     cfg = ctx.exp.teacher
-    if cfg.source == "pretrained":
-        config = teacher_config(cfg, (), 0)
-        save_model(ctx.paths.teacher, None, {**config, "source": {"type": "pretrained", "name": cfg.pretrained}})
-        print(f"teacher: recorded {cfg.pretrained} ({config['pretrained']['path']}) by reference")
-        return {"source": "pretrained", "pretrained": cfg.pretrained}
+    if cfg.source != "train":
+        train = open_split(ctx.paths.data, "train", ctx.exp.data.resolution)
+        config, weights = import_teacher(cfg, train.shape, train.num_classes, ctx.paths.root)
+        save_model(ctx.paths.teacher, weights, config)
+        return {"source": cfg.source, "imported": config["source"]}
     return train_teacher(ctx, resume_from)
 
 
@@ -55,7 +56,7 @@ def train_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[st
     family = family_for(model_cfg)
 
     torch.manual_seed(cfg.seed)
-    net = family.build_network()
+    net = family.build_network().to(device())
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     run = TeacherRun(family, net, EMA(net, cfg.ema_decay), optimizer, warmup_schedule(optimizer, cfg.warmup_steps),
                      RandomBatches(train, cfg.batch_size, cfg.seed), model_cfg)
@@ -88,7 +89,8 @@ class TeacherRun:
         """Restore everything from a checkpoint; returns (step, training seconds so far)."""
         models, state, meta = load_checkpoint(checkpoint)
         self.net.load_state_dict(models["model"])
-        self.ema.shadow = models["ema"]
+        on = next(self.net.parameters()).device
+        self.ema.shadow = {k: v.to(on) for k, v in models["ema"].items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
@@ -108,6 +110,7 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
 
     cfg, paths, ckpt_dir = ctx.exp.teacher, ctx.paths, run_dir / "checkpoints"
     family, net, optimizer, scheduler = run.family, run.net, run.optimizer, run.scheduler
+    dev = next(net.parameters()).device
     print(f"teacher run directory: {run_dir}")
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
     tracker = Wandb(ctx.params.wandb, "teacher", ctx.experiment, to_dict(cfg))
@@ -118,7 +121,8 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
         while step < cfg.steps:
             x, y = run.batches.next()
             y = torch.where(torch.rand(len(y)) < cfg.label_dropout, -1, y)  # −1: the unconditional branch for CFG
-            loss = family.teacher_loss(net, x, family.encode_conditions(y, "cpu"))
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                loss = family.teacher_loss(net, x.to(dev), family.encode_conditions(y, dev))
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"teacher loss is {loss.item()} at step {step}; the last good checkpoint "
                                        f"({latest_checkpoint(ckpt_dir)}) is intact. Lower teacher.lr and rerun to resume.")

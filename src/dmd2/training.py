@@ -11,6 +11,11 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
+def device() -> torch.device:
+    """The accelerator if there is one: teacher training, evaluation and FID features run there."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class EMA:
     """Exponential moving average of a module's parameters (the teacher's sampling weights)."""
 

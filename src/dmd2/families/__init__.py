@@ -24,7 +24,7 @@ from dmd2.families.edm import EDMFamily
 
 FAMILIES: dict[str, type[Family]] = {"edm": EDMFamily, "diffusers": DiffusersFamily}
 
-__all__ = ["FAMILIES", "FORMAT", "Family", "Model", "ModelError", "family_for", "load_model", "read_config",
+__all__ = ["FAMILIES", "FORMAT", "Family", "Model", "ModelError", "family_for", "import_teacher", "load_model", "read_config",
            "save_model", "student_config", "teacher_config"]
 
 
@@ -40,6 +40,13 @@ def teacher_config(teacher_cfg, sample_shape: tuple[int, ...], num_classes: int)
     """config.json of a teacher described by params.yaml's `teacher:` block (trained here on data of
     `sample_shape` with `num_classes` classes, or recorded from a pretrained model)."""
     return FAMILIES[teacher_cfg.family].teacher_config(teacher_cfg, sample_shape, num_classes)
+
+
+def import_teacher(teacher_cfg, sample_shape: tuple[int, ...], num_classes: int,
+                   root: Path) -> tuple[dict[str, Any], Any]:
+    """A teacher from somewhere else (`teacher.source` other than train): its config.json and weights (None: by
+    reference), checked against the experiment's data (`sample_shape`, `num_classes`)."""
+    return FAMILIES[teacher_cfg.family].import_teacher(teacher_cfg, sample_shape, num_classes, root)
 
 
 def student_config(teacher: dict[str, Any], timesteps: list[int], source: dict[str, Any]) -> dict[str, Any]:

@@ -49,6 +49,13 @@ class Family(ABC):
         """The config.json of a teacher from params.yaml's `teacher:` block of this family (trained here on
         samples of `sample_shape` with `num_classes` classes, or recorded from a pretrained model)."""
 
+    @staticmethod
+    def import_teacher(cfg: Any, sample_shape: tuple[int, ...], num_classes: int,
+                       root: Path) -> tuple[dict[str, Any], Any]:
+        """A teacher not trained here (`teacher.source` other than train): its config.json and its weights (a state
+        dict, or None when the config records them by reference); relative input paths are relative to `root`."""
+        raise ModelError(f"teacher.source: {cfg.source} is not available for the {cfg.family} family")
+
     # ------------------------------------------------------------------------------------------ network
 
     @abstractmethod

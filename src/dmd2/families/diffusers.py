@@ -57,6 +57,12 @@ class DiffusersFamily(Family):
     name, sampler_name = "diffusers", "DDIM"
 
     @staticmethod
+    def import_teacher(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int, root: Path):
+        config = pretrained_teacher_config(cfg)
+        print(f"teacher: recorded {cfg.pretrained} ({config['pretrained']['path']}) by reference")
+        return {**config, "source": {"type": "pretrained", "name": cfg.pretrained}}, None
+
+    @staticmethod
     def teacher_config(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
         if cfg.source == "pretrained":
             return pretrained_teacher_config(cfg)

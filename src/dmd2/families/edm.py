@@ -1,13 +1,16 @@
-"""The EDM family: σ-space denoisers D(x; σ) with EDM preconditioning (Karras et al. 2022), class labels as
-one-hot vectors, pixel samples, and EDM's deterministic Heun sampler.
+"""The EDM family: σ-space denoisers D(x; σ) with EDM preconditioning (Karras et al. 2022; VP and VE too), class
+labels as one-hot vectors, pixel samples, and EDM's deterministic Heun sampler.
 
-Serves the teachers trained here (`teacher.family: edm`); EDM's released CIFAR-10 and ImageNet-64 networks are
-the same parameterisation. DMD2 indexes noise levels through an ascending Karras table of
+Serves the teachers trained here (`teacher.family: edm`: our small UNet, or EDM's ADM / DDPM++ / NCSN++) and EDM's
+released CIFAR-10 and ImageNet-64 checkpoints, converted by `edm_pickle` into the same format. DMD2 indexes noise levels through an ascending Karras table of
 `num_train_timesteps` entries (t = 999 ↔ σ_max = 80, t = 20 … 980 ↔ σ ≈ 0.0032 … 72), as the original does.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,8 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmd2.config import EDMTeacherConfig, UNetConfig, to_dict
-from dmd2.families.base import Family
-from dmd2.families.edm_unet import EDMPrecond, UNet
+from dmd2.families.base import Family, ModelError
+from dmd2.families.edm_networks import Preconditioned, build_edm_network
+from dmd2.families.edm_unet import UNet
+from dmd2.paths import input_path
 
 # ----------------------------------------------------------------------------------------- EDM formulas
 
@@ -80,6 +85,10 @@ class EDMFamily(Family):
     def teacher_config(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
         return teacher_config(cfg, sample_shape, num_classes)
 
+    @staticmethod
+    def import_teacher(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_classes: int, root: Path):
+        return import_edm_pickle(cfg, sample_shape, num_classes, root)
+
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         s = config["sampler"]
@@ -88,7 +97,12 @@ class EDMFamily(Family):
 
     def build_network(self) -> nn.Module:
         c = self.config
-        return EDMPrecond(UNet(UNetConfig(**c["unet"]), c["in_channels"], c["resolution"], c["label_dim"]), c["sigma_data"])
+        architecture = c.get("architecture", "unet")
+        if architecture == "unet":
+            model = UNet(UNetConfig(**c["unet"]), c["in_channels"], c["resolution"], c["label_dim"])
+        else:
+            model = build_edm_network(architecture, c["resolution"], c["in_channels"], c["label_dim"], c["network"])
+        return Preconditioned(model, c.get("precond", "edm"), c["sigma_data"])
 
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
         net.enable_gradient_checkpointing()
@@ -133,14 +147,19 @@ class EDMFamily(Family):
 
     @property
     def gan_feature_shape(self) -> tuple[int, int, int]:
-        unet = self.config["unet"]
-        spatial = self.config["resolution"] // 2 ** (len(unet["channel_mult"]) - 1)
-        return (unet["channels"] * unet["channel_mult"][-1], spatial, spatial)
+        """The shape `gan_features` returns, found by running the network on the meta device (no memory, no
+        arithmetic), so every architecture answers the same way."""
+        with torch.device("meta"):
+            net = self.build_network()
+            x = torch.zeros(1, *self.sample_shape)
+            labels = torch.zeros(1, self.num_classes) if self.num_classes else None
+            return tuple(net(x, torch.ones(1), labels, features_only=True).shape[1:])
 
     def teacher_loss(self, net, x0, cond):
         """EDM-weighted x0 regression at log-normal σ: mean λ(σ)·(D(x0 + σε; σ) − x0)²."""
         training = self.config["training"]
-        sigma = sample_training_sigma(len(x0), training["p_mean"], training["p_std"]).reshape(-1, *[1] * (x0.ndim - 1))
+        sigma = sample_training_sigma(len(x0), training["p_mean"], training["p_std"]).to(x0.device)
+        sigma = sigma.reshape(-1, *[1] * (x0.ndim - 1))
         pred = net(x0 + sigma * torch.randn_like(x0), sigma.flatten(), cond)
         return (edm_loss_weight(sigma, self.sigma_data) * (pred - x0) ** 2).mean()
 
@@ -157,8 +176,72 @@ class EDMFamily(Family):
 
 
 def teacher_config(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """The config.json of an EDM teacher trained here on samples of `sample_shape`."""
+    """The config.json of an EDM teacher trained here on samples of `sample_shape` (or, for `source: edm_pickle`,
+    the part the checkpoint does not record: sampler and training settings)."""
     channels, resolution = sample_shape[0], sample_shape[-1]
+    network = {"unet": to_dict(cfg.unet)} if cfg.architecture == "unet" else {"network": dict(cfg.network)}
     return {"family": "edm", "kind": "teacher", "in_channels": channels, "resolution": resolution,
-            "label_dim": num_classes, "sigma_data": cfg.sigma_data, "unet": to_dict(cfg.unet),
-            "sampler": to_dict(cfg.sampler), "training": {"p_mean": cfg.p_mean, "p_std": cfg.p_std}}
+            "label_dim": num_classes, "sigma_data": cfg.sigma_data, "architecture": cfg.architecture,
+            "precond": cfg.precond, **network, "sampler": to_dict(cfg.sampler),
+            "training": {"p_mean": cfg.p_mean, "p_std": cfg.p_std}}
+
+
+# ------------------------------------------------------------------------------------ EDM's checkpoints
+
+def edm_cache() -> Path:
+    """Where fetched EDM checkpoints are kept: $DMD2_CACHE/edm (default ~/.cache/dmd2/edm)."""
+    return Path(os.environ.get("DMD2_CACHE", Path.home() / ".cache" / "dmd2")) / "edm"
+
+
+def local_pickle(location: str, root: Path) -> Path:
+    """A local path (relative to the project `root`); an http(s) URL fetched once into the cache (never offline)."""
+    if not location.startswith(("http://", "https://")):
+        path = input_path(location, root)
+        if not path.is_file():
+            raise ModelError(f"teacher.pickle: {path} does not exist; fetch EDM's checkpoint on a connected machine "
+                             f"(e.g. `curl -L -o {path} https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+                             f"{path.name}`) or give its URL")
+        return path
+    target = edm_cache() / location.rstrip("/").rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    fetch = f"`curl -L --create-dirs -o {target} {location}`"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("DMD2_OFFLINE") == "1":
+        raise ModelError(f"teacher.pickle: {location} is not in {target.parent} and this machine is offline "
+                         f"(HF_HUB_OFFLINE/DMD2_OFFLINE); fetch it on a connected machine with {fetch}")
+    import urllib.request
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(location, timeout=60) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise ModelError(f"teacher.pickle: fetching {location} failed ({err}); fetch it with {fetch}") from None
+    os.replace(partial, target)
+    return target
+
+
+def import_edm_pickle(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_classes: int, root: Path):
+    """`teacher.source: edm_pickle`: EDM's checkpoint converted (nothing in it executed) into our format."""
+    from dmd2.checkpoint import sha256_file
+    from dmd2.families.edm_pickle import convert_edm_pickle
+
+    path = local_pickle(cfg.pickle, root)
+    digest = sha256_file(path)
+    if cfg.pickle_sha256 and digest != cfg.pickle_sha256:
+        raise ModelError(f"teacher.pickle: {path} has sha256 {digest}, not the pinned teacher.pickle_sha256 "
+                         f"{cfg.pickle_sha256}; fetch the intended file again, or update the pin if the change is meant")
+    network, weights = convert_edm_pickle(path)
+    data_shape = (network["in_channels"], network["resolution"], network["resolution"])
+    if tuple(sample_shape) != data_shape or network["label_dim"] != num_classes:
+        raise ModelError(f"{path} is a {network['label_dim']}-class network for {data_shape} images, but the data is "
+                         f"{tuple(sample_shape)} with {num_classes} classes: set data.resolution (and the dataset) to match")
+    config = {**teacher_config(cfg, sample_shape, num_classes), **network}
+    config.pop("unet", None)
+    source = {"type": "edm_pickle", "pickle": cfg.pickle, "path": str(path), "sha256": digest,
+              "parameters": sum(v.numel() for v in weights.values())}
+    print(f"teacher: converted {path} ({network['architecture']}, {network['precond']} preconditioning, "
+          f"{source['parameters']:,} parameters) without running its code")
+    return {**config, "source": source}, weights

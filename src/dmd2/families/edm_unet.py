@@ -1,4 +1,5 @@
-"""The EDM family's network: a small class-conditional UNet and EDM preconditioning (Karras et al. 2022).
+"""The EDM family's small network: a class-conditional UNet for laptop-sized experiments (`architecture: unet`),
+preconditioned like EDM's own networks by `edm_networks.Preconditioned`.
 
 The UNet is deliberately plain (ResBlocks, optional self-attention, skip connections) so it runs on a laptop
 CPU. `forward(..., features_only=True)` stops after the middle blocks and returns their output: the
@@ -70,7 +71,7 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """F(c_in·x, c_noise, label) of EDM: a raw network, preconditioned by `EDMPrecond`."""
+    """F(c_in·x, c_noise, label) of EDM: a raw network, preconditioned by `edm_networks.Preconditioned`."""
 
     def __init__(self, cfg: UNetConfig, in_channels: int, resolution: int, label_dim: int):
         super().__init__()
@@ -138,28 +139,3 @@ class UNet(nn.Module):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(block, h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class EDMPrecond(nn.Module):
-    """D(x; σ) = c_skip·x + c_out·F(c_in·x, c_noise): the denoiser that every DMD2 loss talks to."""
-
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
-        super().__init__()
-        self.net, self.sigma_data = net, sigma_data
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None,
-                features_only: bool = False) -> torch.Tensor:
-        """D(x; σ) in float32; with `features_only`, the raw network's middle-block features at (c_in·x, σ)."""
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        c_noise = sigma.flatten().log() / 4
-        f = self.net((c_in * x).to(x.dtype), c_noise, labels, features_only=features_only)
-        if features_only:
-            return f
-        return c_skip * x.float() + c_out * f.float()
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.net.gradient_checkpointing = True

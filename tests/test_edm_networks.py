@@ -1,0 +1,150 @@
+"""EDM's released networks: our ADM / DDPM++ / NCSN++ match EDM's checkpoints name for name and shape for shape,
+compute what EDM's own code computes, and EDM's pickles are converted without executing anything they carry.
+
+Test data (`tests/data/edm/`), derived from reading EDM's `training/networks.py` and `train.py` (no EDM code is
+in this repository):
+- `edm-*.json`: the constructor arguments of a released checkpoint's `ema` network and its state dict's names and
+  shapes in order (ImageNet-64 ADM: 553 entries, 295,899,267 parameters; CIFAR-10 DDPM++: 427 entries, 55,735,299);
+- `tiny-*.json`: the same for tiny configurations;
+- `reference-outputs.*`: EDM's networks' outputs for fixed inputs under the weight fill `_fill` below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from edm_fixtures import build_edm as build
+from edm_fixtures import edm_style_pickle
+from safetensors.torch import load_file
+
+from dmd2.families import ModelError
+from dmd2.families.edm_pickle import ALLOWED_GLOBALS, pickle_globals, read_edm_pickle
+
+DATA = Path(__file__).parent / "data" / "edm"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in DATA.glob("*.json") if p.stem != "reference-outputs"))
+def test_state_dict_names_and_shapes_match_edm(name):
+    spec = json.loads((DATA / f"{name}.json").read_text())
+    net = build(spec["constructor"], meta=True)
+    ours = [[k, list(v.shape)] for k, v in net.state_dict().items()]
+    assert ours == spec["state_dict"]
+
+
+def test_full_size_parameter_counts_match_the_published_networks():
+    counts = {}
+    for name in ("edm-imagenet-64x64-cond-adm", "edm-cifar10-32x32-cond-vp"):
+        net = build(json.loads((DATA / f"{name}.json").read_text())["constructor"], meta=True)
+        counts[name] = sum(p.numel() for p in net.parameters())
+    assert counts == {"edm-imagenet-64x64-cond-adm": 295_899_267, "edm-cifar10-32x32-cond-vp": 55_735_299}
+
+
+def _fill(net: torch.nn.Module) -> None:
+    """The weight fill the reference outputs were computed under: N(0, 0.1²) for every parameter, N(0, 4²) for
+    NCSN++'s Fourier frequencies, in state-dict order from one generator; FIR filters untouched."""
+    g = torch.Generator().manual_seed(2024)
+    with torch.no_grad():
+        for name, t in net.state_dict(keep_vars=True).items():
+            if not name.endswith("resample_filter"):
+                t.copy_(torch.randn(t.shape, generator=g) * (4.0 if name.endswith("freqs") else 0.1))
+
+
+@pytest.mark.parametrize("case", ["adm", "adm_heads", "ddpmpp", "ddpmpp_vp", "ncsnpp"])
+def test_outputs_match_edm_networks(case):
+    constructors = json.loads((DATA / "reference-outputs.json").read_text())
+    ref = load_file(DATA / "reference-outputs.safetensors")
+    constructor = dict(constructors[case])
+    net = build(constructor, constructor.pop("class_name")).eval()
+    _fill(net)
+    with torch.no_grad():
+        model_kwargs = {"augment_labels": ref["augment_labels"]} if constructor.get("augment_dim") else {}
+        sigma = ref["sigma"].reshape(-1, 1, 1, 1)
+        from dmd2.families.edm_networks import precondition
+
+        c_skip, c_out, c_in, c_noise = precondition(net.kind, sigma, net.sigma_data)
+        out = c_skip * ref["x"] + c_out * net.model(c_in * ref["x"], c_noise.flatten(), ref["class_labels"], **model_kwargs)
+    expected = ref[f"{case}.output"]
+    assert (out - expected).abs().max() < 1e-4 * expected.abs().max()
+    assert (out - ref["x"]).abs().max() > 0.5  # the network's own contribution is being compared, not c_skip·x
+
+
+def test_features_stop_at_the_encoder_output():
+    net = build(json.loads((DATA / "tiny-adm.json").read_text())["constructor"])
+    x = torch.randn(2, 3, 16, 16)
+    features = net(x, torch.tensor([1.0, 2.0]), None, features_only=True)
+    assert features.shape == (2, 128, 8, 8)  # model_channels · channel_mult[-1] at 16 / 2 px
+
+
+# ------------------------------------------------------------------------------------------- pickles
+
+
+def test_an_edm_pickle_converts_to_the_same_network(tmp_path):
+    constructor = json.loads((DATA / "tiny-ddpmpp.json").read_text())["constructor"]
+    original = build(constructor).eval()
+    _fill(original)
+    edm_style_pickle(original, {**constructor, "dropout": 0.13}, tmp_path / "net.pkl")
+
+    assert {f"{m}.{n}" for m, n in pickle_globals((tmp_path / "net.pkl").read_bytes())} <= {
+        f"{m}.{n}" for m, n in ALLOWED_GLOBALS}
+    from dmd2.families.edm_pickle import convert_edm_pickle
+
+    config, state = convert_edm_pickle(tmp_path / "net.pkl")
+    assert config["architecture"] == "ddpmpp" and config["precond"] == "edm" and config["network"]["dropout"] == 0.0
+    converted = build(constructor).eval()
+    converted.load_state_dict(state, strict=True)
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 5.0]), torch.eye(10)[[2, 4]]
+    with torch.no_grad():
+        assert torch.equal(converted(x, sigma, labels), original(x, sigma, labels))
+
+
+class _System:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _Eval:
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return eval, (self.code,)
+
+
+class _NestedLoad:
+    """A 'storage' whose bytes are themselves a pickle that runs a command: torch.storage._load_from_bytes would
+    hand them to an unrestricted torch.load."""
+
+    def __init__(self, command: str):
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(_System(command), buffer)  # the zip format torch.load reads, with a command inside
+        self.payload = buffer.getvalue()
+
+    def __reduce__(self):
+        from torch.storage import _load_from_bytes
+
+        return _load_from_bytes, (self.payload,)
+
+
+@pytest.mark.parametrize("attack, refused", [
+    (_System, "posix.system"),
+    (_Eval, "builtins.eval"),
+    (_NestedLoad, "not plain tensor data"),
+])
+def test_hostile_pickles_are_refused_without_running_anything(tmp_path, attack, refused):
+    marker = tmp_path / "pwned"
+    payload = attack(f"touch {marker}") if attack is not _Eval else attack(f"open({str(marker)!r}, 'w')")
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": payload, "loss_fn": None}, protocol=4))
+    with pytest.raises(ModelError, match=refused):
+        read_edm_pickle(path)
+    assert not marker.exists()

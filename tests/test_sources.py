@@ -1,0 +1,101 @@
+"""Dataset sources in their official formats (written by the tests), and EDM checkpoints as teachers: what is read,
+and one clear line for each way they go wrong."""
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edm_fixtures import write_cifar10_archive, write_dataset_tool_zip, write_edm_checkpoint
+from tiny import EDM_TINY_NETWORKS
+
+from dmd2.config import DataConfig, EDMTeacherConfig
+from dmd2.data import DataError, open_source, prepare
+from dmd2.families import ModelError, import_teacher
+
+
+def test_cifar10_binary_archive_records_and_splits(tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    md5 = write_cifar10_archive(archive, per_batch=4, test=3)
+    source = open_source(DataConfig(source="cifar10", path=str(archive), md5=md5, resolution=32))
+    assert len(source) == 23 and len(source.splits["train"]) == 20 and list(source.splits["heldout"]) == [20, 21, 22]
+    with tarfile.open(archive) as tar:  # record 0 of data_batch_1: label byte, then the red, green, blue planes
+        raw = tar.extractfile("cifar-10-batches-bin/data_batch_1.bin").read()
+    assert source.labels[0] == raw[0]
+    assert np.array_equal(source.read_image(0), np.frombuffer(raw[1:3073], np.uint8).reshape(3, 32, 32))
+    summary = prepare(tmp_path / "data", source, 32, 0.1, 0)
+    assert (summary["train"], summary["heldout"]) == (20, 3)
+
+
+def test_cifar10_archive_problems_are_one_line_with_the_fix(tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with pytest.raises(DataError, match=r"missing; fetch it on a connected machine with `curl -L -o .*cifar-10-binary"):
+        open_source(DataConfig(source="cifar10", path=str(archive), resolution=32))
+    write_cifar10_archive(archive, per_batch=2, test=2)
+    with pytest.raises(DataError, match="has md5 [0-9a-f]{32}, not c32a1d4ab5d03f1284b67883e8d87530"):
+        open_source(DataConfig(source="cifar10", path=str(archive), resolution=32))
+
+    python_version = tmp_path / "cifar-10-python.tar.gz"  # the pickled version: refused, never unpickled
+    with tarfile.open(python_version, "w:gz") as tar:
+        data = pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]})
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    md5 = __import__("hashlib").md5(python_version.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match="not the CIFAR-10 binary version"):
+        open_source(DataConfig(source="cifar10", path=str(python_version), md5=md5, resolution=32))
+
+
+def test_dataset_tool_zip_and_folder_give_the_same_images_and_labels(tmp_path):
+    import zipfile
+
+    write_dataset_tool_zip(tmp_path / "set.zip", 12, 8, 3)
+    zipfile.ZipFile(tmp_path / "set.zip").extractall(tmp_path / "folder")
+    zipped = open_source(DataConfig(source="image_folder", path=str(tmp_path / "set.zip"), resolution=8))
+    folder = open_source(DataConfig(source="image_folder", path=str(tmp_path / "folder"), resolution=8))
+    labels = dict(json.loads((tmp_path / "folder/dataset.json").read_text())["labels"])
+    assert list(zipped.labels) == list(folder.labels) == [labels[f"00000/img{i:08d}.png"] for i in range(12)]
+    assert all(np.array_equal(zipped.read_image(i), folder.read_image(i)) for i in range(12))
+    assert zipped.read_image(0).shape == (3, 8, 8) and zipped.num_classes == max(labels.values()) + 1
+
+    table = json.loads((tmp_path / "folder/dataset.json").read_text())
+    table["labels"] = table["labels"][1:]
+    (tmp_path / "folder/dataset.json").write_text(json.dumps(table))
+    with pytest.raises(DataError, match="dataset.json has no label for 00000/img00000000.png"):
+        open_source(DataConfig(source="image_folder", path=str(tmp_path / "folder"), resolution=8))
+    with pytest.raises(DataError, match="missing; prepare it with EDM's dataset_tool"):
+        open_source(DataConfig(source="image_folder", path=str(tmp_path / "nowhere"), resolution=8))
+
+
+def _teacher(tmp_path: Path, **fields) -> EDMTeacherConfig:
+    return EDMTeacherConfig(source="edm_pickle", pickle=str(tmp_path / "net.pkl"), **fields)
+
+
+def test_an_edm_teacher_must_fit_the_data_and_its_pin(tmp_path):
+    write_edm_checkpoint(tmp_path / "net.pkl", EDM_TINY_NETWORKS["cifar10-tiny"])
+    config, weights = import_teacher(_teacher(tmp_path), (3, 32, 32), 10, tmp_path)
+    assert config["source"]["type"] == "edm_pickle" and len(config["source"]["sha256"]) == 64
+    assert config["architecture"] == "ddpmpp" and "unet" not in config and len(weights) == 149
+
+    with pytest.raises(ModelError, match=r"10-class network for \(3, 32, 32\) images, but the data is \(1, 16, 16\)"):
+        import_teacher(_teacher(tmp_path), (1, 16, 16), 10, tmp_path)
+    with pytest.raises(ModelError, match="not the pinned teacher.pickle_sha256"):
+        import_teacher(_teacher(tmp_path, pickle_sha256="0" * 64), (3, 32, 32), 10, tmp_path)
+
+
+def test_an_edm_checkpoint_url_is_not_fetched_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DMD2_CACHE", str(tmp_path / "cache"))
+    from dmd2.families.edm import local_pickle
+
+    url = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl"
+    with pytest.raises(ModelError, match=r"this machine is offline .* `curl -L --create-dirs -o .*cache/edm/"
+                                         r"edm-cifar10-32x32-cond-vp.pkl https://"):
+        local_pickle(url, tmp_path)
+    cached = tmp_path / "cache/edm/edm-cifar10-32x32-cond-vp.pkl"  # once fetched, the cached copy is used offline
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert local_pickle(url, tmp_path) == cached
