@@ -63,7 +63,7 @@ def dvc_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str,
     }
 
 
-@pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm", "cifar10", "cifar10-edm", "imagenet64"])
+@pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm", "fashion", "cifar10", "cifar10-edm", "imagenet64"])
 def test_snakemake_and_dvc_describe_the_same_dag(experiment):
     smk, dvc = snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment)
     assert sorted(smk) == sorted(dvc)

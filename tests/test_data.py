@@ -90,3 +90,12 @@ def test_random_batches_resume_exactly(tmp_path):
     b = RandomBatches(ds, 4, seed=99)
     b.load_state_dict(state)
     assert torch.equal(b.next()[1], expected)
+
+
+def test_the_map_is_large_enough_for_many_small_records(tmp_path):
+    """60,000 16x16 images (Fashion-MNIST's train split) once overflowed the map size estimated from the image bytes
+    alone: three keys per record cost more than the pixels."""
+    images = np.zeros((60000, 1, 16, 16), np.uint8)
+    write_lmdb(tmp_path / "big.lmdb", images, np.arange(60000) % 10, {"num_classes": 10, "source": "test",
+                                                                        "source_sha256": "x"})
+    assert len(LMDBImageDataset(tmp_path / "big.lmdb")) == 60000

@@ -57,8 +57,10 @@ def test_metrics_schema(metrics):
         assert math.isfinite(row["fid"]) and row["fid"] >= 0
         assert 0 <= row["class_accuracy"] <= 1 and row["diversity"] > 0
         assert row["images_per_s"] > 0 and row["latency_ms"] > 0 and row["batch_size"] == EVAL_OVERRIDES["batch_size"]
+        assert row["fid_std"] > 0  # bootstrap spread (eval.fid.bootstrap resamples)
+        assert row["fid_at_floor_count"] is None  # 100 samples: fewer than two subsets of the floor's 500
     real = metrics["real_data"]
-    assert real["split"] == "heldout" and real["count"] == 500 and real["fid"] >= 0
+    assert real["split"] == "heldout" and real["count"] == 500 and real["fid"] >= 0 and real["fid_std"] > 0
     assert "diversity_definition" in metrics and "hardware" in metrics
     assert 0 <= metrics["feature_classifier_heldout_accuracy"] <= 1
 

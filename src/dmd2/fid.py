@@ -422,6 +422,25 @@ class FIDReference:
         mu, sigma = feature_stats(features)
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
+    def fid_spread(self, features: np.ndarray, repeats: int, seed: int = 0) -> float | None:
+        """How much the draw of samples moves the FID: the standard deviation over `repeats` bootstrap resamples
+        (with replacement, same size) of `features`; None when `repeats` < 2."""
+        if repeats < 2:
+            return None
+        rng = np.random.default_rng(seed)
+        values = [self.fid(features[rng.integers(0, len(features), len(features))]) for _ in range(repeats)]
+        return float(np.std(values, ddof=1))
+
+    def fid_in_subsets(self, features: np.ndarray, n: int) -> tuple[float, float] | None:
+        """Mean and standard deviation of the FID over disjoint subsets of `n` samples: a model's FID at the real
+        floor's sample count (FID is biased upwards at small N, so only equal counts compare); None without at
+        least two subsets."""
+        k = len(features) // n if n > 0 else 0
+        if k < 2:
+            return None
+        values = [self.fid(features[i * n:(i + 1) * n]) for i in range(k)]
+        return float(np.mean(values)), float(np.std(values, ddof=1))
+
     def real_fid(self) -> float:
         """FID of the other real split against the reference: the floor of this metric at that sample size."""
         return frechet_distance(self.other_mu, self.other_sigma, self.mu, self.sigma)

@@ -43,6 +43,14 @@ class ExperimentPaths:
         """The proxy-FID classifier and the cached reference statistics."""
         return self.root / "models" / self.experiment / "fid_reference"
 
+    def student_run(self) -> Path:
+        """The work directory of the distillation run that wrote the student (its checkpoints and FID curve)."""
+        import json
+
+        config = self.student / "config.json"
+        run = json.loads(config.read_text()).get("source", {}).get("run", "") if config.exists() else ""
+        return self.work("distill") / run
+
     @property
     def results(self) -> Path:
         return self.root / "results" / self.experiment

@@ -302,6 +302,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _with_spread(value: float | None, std: float | None) -> str:
+    return _fmt(value) if std is None or value is None else f"{_fmt(value)} ± {_fmt(std)}"
+
+
 def metric_rows(metrics: dict[str, Any], experiment: str) -> list[dict[str, str]]:
     ref = metrics.get("fid_reference", {})
     extractor = (f"proxy CNN ({ref.get('feature_dim')}-d)" if metrics.get("fid_is_proxy")
@@ -313,7 +317,9 @@ def metric_rows(metrics: dict[str, Any], experiment: str) -> list[dict[str, str]
         paper = paper_match(experiment, row)
         out.append({"model": row["model"].capitalize(), "setting": row["setting"], "nfe": str(row["nfe"]),
                     "extractor": extractor, "reference": reference, "n": str(row.get("num_samples", metrics.get("num_samples"))),
-                    "resolution": resolution, "fid": _fmt(row.get("fid")), "class_accuracy": _fmt(row.get("class_accuracy")),
+                    "resolution": resolution, "fid": _with_spread(row.get("fid"), row.get("fid_std")),
+                    "fid_at_floor": _with_spread(row.get("fid_at_floor_count"), row.get("fid_at_floor_count_std")),
+                    "class_accuracy": _fmt(row.get("class_accuracy")),
                     "diversity": _fmt(row.get("diversity")), "clip_score": _fmt(row.get("clip_score")),
                     "paper_fid": _fmt(paper["fid"], 2) if paper else "—",
                     "paper_clip": _fmt(paper.get("clip_score"), 3) if paper else "—",
@@ -359,7 +365,7 @@ def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str
     proxy = bool(metrics.get("fid_is_proxy"))
     teacher_log = read_jsonl(paths.teacher / "metrics.jsonl")
     student_log = read_jsonl(paths.student / "metrics.jsonl")
-    fid_curve = read_jsonl(_student_run(paths) / "fid_curve.jsonl")
+    fid_curve = read_jsonl(paths.student_run() / "fid_curve.jsonl")
     charts = [
         {"title": "Quality versus NFE", "src": fid_nfe_chart(metrics.get("rows", []), proxy)},
         {"title": "Teacher training", "src": curve_chart(teacher_log, CURVES["teacher"],
@@ -372,6 +378,8 @@ def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str
         "experiment": name, "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "metrics": metrics, "proxy": proxy,
         "fid_label": "Proxy FID" if proxy else "FID", "rows": metric_rows(metrics, name),
         "has_clip": any(r.get("clip_score") is not None for r in metrics.get("rows", [])),
+        "has_floor_column": bool(metrics.get("real_data"))
+        and any(r.get("fid_at_floor_count") is not None for r in metrics.get("rows", [])),
         "real": metrics.get("real_data"), "speed": speed_rows(metrics.get("rows", [])),
         "grids": sample_grids(metrics, paths.results), "charts": [c for c in charts if c["src"]],
         "missing_charts": [c["title"] for c in charts if not c["src"]], "paper": paper,
@@ -387,13 +395,6 @@ def render(context: dict[str, Any]) -> str:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = _fmt
     return env.get_template("report.html.j2").render(**context)
-
-
-def _student_run(paths: ExperimentPaths) -> Path:
-    """The work directory of the run that produced the student (`dmd2 evaluate-folder` writes its curve there)."""
-    config = paths.student / "config.json"
-    run = json.loads(config.read_text()).get("source", {}).get("run", "") if config.exists() else ""
-    return paths.work("distill") / run
 
 
 def run_report(ctx: StageContext) -> dict[str, Any]:

@@ -4,6 +4,9 @@
 - `cifar10`: the official CIFAR-10 *binary* archive (`cifar-10-binary.tar.gz`, md5-checked). The binary version is
   plain bytes — one label byte and 3,072 pixel bytes per record — so nothing is unpickled. Its own train (50,000)
   and test (10,000) batches are the train and held-out splits.
+- `idx`: a folder with MNIST's idx files (`train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`, `t10k-…`), the
+  format of MNIST and Fashion-MNIST (Debian's `dataset-fashion-mnist` installs it in /usr/share/datasets/fashion-mnist);
+  its train and t10k files are the train and held-out splits.
 - `image_folder`: a folder or zip in the layout EDM's `dataset_tool.py` writes (`00000/img00000000.png`, …, and
   `dataset.json` with `{"labels": [[name, label], …]}`, labels optional) — how EDM's ImageNet-64 is prepared.
 
@@ -106,6 +109,47 @@ def cifar10_binary(archive: str | Path, md5: str = CIFAR10_MD5) -> Source:
     splits = {"train": np.arange(len(labels) - n_test), "heldout": np.arange(len(labels) - n_test, len(labels))}
     return Source(labels, lambda i: images[i], file_digest(archive), f"CIFAR-10 binary archive {archive.name}", 10,
                   splits, CIFAR10_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------- idx files
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "heldout": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _read_idx(path: Path, dims: int) -> np.ndarray:
+    """One idx file (optionally gzipped): magic 0x0000 08 <dims>, big-endian sizes, then uint8 data."""
+    import gzip
+
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 + 4 * dims or data[:3] != b"\x00\x00\x08" or data[3] != dims:
+        raise SourceError(f"{path} is not an idx file of {dims}-d uint8 data")
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * dims)
+    if body.size != int(np.prod(shape)):
+        raise SourceError(f"{path} is truncated ({body.size} bytes of data for the shape {shape})")
+    return body.reshape(shape)
+
+
+def idx_folder(path: str | Path) -> Source:
+    """MNIST-format idx files (MNIST, Fashion-MNIST): train = train-*, held-out = t10k-*."""
+    root = Path(path)
+
+    def find(stem: str) -> Path:
+        for name in (stem + ".gz", stem):
+            if (root / name).is_file():
+                return root / name
+        raise SourceError(f"{root} has no {stem}(.gz); for Fashion-MNIST install the Debian package "
+                          "dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`, or envs/system-packages.sh) "
+                          "and set data.path to /usr/share/datasets/fashion-mnist")
+
+    parts = {split: (_read_idx(find(images), 3), _read_idx(find(labels), 1)) for split, (images, labels) in IDX_FILES.items()}
+    images = np.concatenate([parts["train"][0], parts["heldout"][0]])[:, None]
+    labels = np.concatenate([parts["train"][1], parts["heldout"][1]]).astype(np.int64)
+    n_train = len(parts["train"][1])
+    splits = {"train": np.arange(n_train), "heldout": np.arange(n_train, len(labels))}
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return Source(labels, lambda i: images[i], digest, f"idx files in {root}", int(labels.max()) + 1, splits)
 
 
 # ------------------------------------------------------------------------------------ EDM image folder
