@@ -164,6 +164,15 @@ class _EDMNetwork(nn.Module):
             return checkpoint(block, x, emb, use_reentrant=False)
         return block(x, emb)
 
+    def _level_head(self, res: int, c: int, lowest: bool, block: dict[str, Any]) -> None:
+        """What opens a decoder level: the two "in0/in1" blocks at the lowest resolution (in0 with attention),
+        a 2x upsampling block everywhere else."""
+        if lowest:
+            self.dec[f"{res}x{res}_in0"] = UNetBlock(c, c, attention=True, **block)
+            self.dec[f"{res}x{res}_in1"] = UNetBlock(c, c, **block)
+        else:
+            self.dec[f"{res}x{res}_up"] = UNetBlock(c, c, up=True, **block)
+
     def _label(self, labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         if labels is None:  # no labels given: the all-zero vector, the branch label dropout trains
             labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
@@ -206,11 +215,7 @@ class ADMUNet(_EDMNetwork):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(c, c, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(c, c, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(c, c, up=True, **block)
+            self._level_head(res, c, level == len(channel_mult) - 1, block)
             for i in range(num_blocks + 1):
                 self.dec[f"{res}x{res}_block{i}"] = UNetBlock(c + skips.pop(), model_channels * mult,
                                                              attention=res in attn_resolutions, **block)
@@ -291,11 +296,7 @@ class SongUNet(_EDMNetwork):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(c, c, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(c, c, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(c, c, up=True, **block)
+            self._level_head(res, c, level == len(channel_mult) - 1, block)
             for i in range(num_blocks + 1):
                 attention = i == num_blocks and res in attn_resolutions  # only after the last block of a level
                 self.dec[f"{res}x{res}_block{i}"] = UNetBlock(c + skips.pop(), model_channels * mult, attention=attention, **block)
