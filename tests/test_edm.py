@@ -84,3 +84,15 @@ def test_heun_is_a_second_order_solver_of_the_probability_flow_ode():
     errors = [abs(heun_sample(exact_denoiser, z, n).item() - exact) for n in (32, 64, 128)]
     assert errors[2] < 2e-3 * exact
     assert 3.0 < errors[0] / errors[1] < 5.0 and 3.0 < errors[1] / errors[2] < 5.0, errors
+
+
+def test_heun_hands_the_denoiser_sigmas_on_the_samples_device():
+    """On a GPU the σ passed to the network must live beside the samples (the meta device stands in for one)."""
+    devices = []
+
+    def denoise(x, sigma):
+        devices.append(sigma.device)
+        return x
+
+    heun_sample(denoise, torch.zeros(2, 1, 4, 4, device="meta"), 2)
+    assert devices and all(d.type == "meta" for d in devices)

@@ -49,12 +49,13 @@ def heun_sample(denoise, noise: torch.Tensor, num_steps: int, sigma_min: float =
     """EDM Algorithm 1 (deterministic Heun, 2n−1 evaluations of `denoise(x, σ)`); one step is a single call
     at σ_max."""
     sigmas = torch.cat([karras_sigmas(num_steps, sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)])
+    sigmas = sigmas.to(noise.device)  # the σ handed to `denoise` live where the samples do (GPU evaluation)
     x = noise.double() * sigmas[0]
     for i in range(num_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = (x - denoise(x.float(), s.float().expand(x.shape[0])).double()) / s
         x_next = x + (s_next - s) * d
-        if s_next > 0:
+        if i < num_steps - 1:  # every step but the last (to σ = 0) takes Heun's correction
             d2 = (x_next - denoise(x_next.float(), s_next.float().expand(x.shape[0])).double()) / s_next
             x_next = x + (s_next - s) * (d + d2) / 2
         x = x_next
