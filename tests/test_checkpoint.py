@@ -44,3 +44,53 @@ def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
     # the next save cleans the debris and rotates normally
     save_checkpoint(tmp_path, 2, {"net": {"w": torch.zeros(1)}}, {}, {}, keep_last=2)
     assert not tmp_dir.exists() and latest_checkpoint(tmp_path).name == "ckpt-0000002"
+
+
+def _trained_part(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.SiLU(), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.5, 0.9))
+    for _ in range(3):
+        net(torch.randn(5, 3)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return net, opt
+
+
+def test_unsharded_training_state_is_one_file_and_round_trips_the_optimiser(tmp_path):
+    from dmd2.checkpoint import load_training_state, save_training_state, training_state_path
+
+    saved = {"generator": _trained_part(0), "critic": _trained_part(1)}
+    path = save_training_state(tmp_path, saved, sharded=False)
+    assert path == tmp_path / "training.safetensors" == training_state_path(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["training.safetensors"]
+
+    loaded = {"generator": _trained_part(2), "critic": _trained_part(3)}
+    load_training_state(path, loaded)
+    for name in saved:
+        (net_a, opt_a), (net_b, opt_b) = saved[name], loaded[name]
+        for a, b in zip(net_a.parameters(), net_b.parameters(), strict=True):
+            assert torch.equal(a, b)
+        state_a, state_b = opt_a.state_dict(), opt_b.state_dict()
+        assert state_a["param_groups"][0]["betas"][0] == state_b["param_groups"][0]["betas"][0] == 0.5
+        for i, moments in state_a["state"].items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(moments[key], state_b["state"][i][key]), (name, i, key)
+        # and training continues identically from both
+        x = torch.randn(5, 3)
+        for net, opt in (saved[name], loaded[name]):
+            net(x).square().mean().backward()
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(net_a.parameters(), net_b.parameters(), strict=True))
+
+
+def test_a_truncated_training_state_file_is_a_checkpoint_error(tmp_path):
+    import pytest
+
+    from dmd2.checkpoint import load_training_state, save_training_state
+    from dmd2.errors import CheckpointError
+
+    path = save_training_state(tmp_path, {"generator": _trained_part(0)}, sharded=False)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="training.safetensors is corrupt"):
+        load_training_state(path, {"generator": _trained_part(1)})

@@ -135,3 +135,25 @@ def test_the_teacher_block_is_a_union_picked_by_family():
     with pytest.raises(ConfigError, match=r"mnist-ddpm\.teacher\.unet\.block_out_chanels: unknown key; did you mean "
                                           r"'block_out_channels'"):
         parse_params(raw)
+
+
+def test_teacher_lr_schedules_warm_up_then_hold_or_decay_to_zero():
+    import math
+
+    import torch
+
+    from dmd2.training import warmup_schedule
+
+    def lrs(decay):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched, out = warmup_schedule(opt, 2, decay, total_steps=6), []
+        for _ in range(7):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs("constant") == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert lrs("linear") == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    cosine = lrs("cosine")
+    assert cosine[:3] == [0.5, 1.0, 1.0] and math.isclose(cosine[4], 0.5) and math.isclose(cosine[6], 0.0, abs_tol=1e-12)

@@ -1,5 +1,7 @@
 """Snakemake and DVC describe the same DAG, and both really run it with the expected caching behaviour."""
 
+import csv
+import io
 import json
 import os
 import re
@@ -108,6 +110,8 @@ def project_copy(dest: Path, **overrides: dict) -> Path:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
+        if name.startswith("results/"):
+            continue  # a local run's committed-able figures (metrics.json …) are outputs, not part of a clone
         src, dst = REPO / name, dest / name
         if not src.exists() and not src.is_symlink():
             continue  # deleted in the working tree, not yet committed
@@ -207,6 +211,15 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
     assert params.current().distill.steps == 7 and params.current().distill.mixed_precision == "no"
     shown, _ = sh(root, "dvc", "exp", "show", "--csv")
     assert "mnist.distill.steps" in shown.splitlines()[0]
+
+    # a queued experiment runs in a temporary copy; its figures must still reach `dvc exp show` (the tuning study
+    # in the README is a queue): results/*/metrics.json is committed with the experiment, not git-ignored
+    sh(root, "dvc", "exp", "run", "--queue", "-n", "queued", "-S", "mnist.distill.steps=5")
+    sh(root, "dvc", "exp", "run", "--run-all")
+    shown, _ = sh(root, "dvc", "exp", "show", "--csv")
+    rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(shown))}
+    assert rows["queued"]["mnist.distill.steps"] == "5"
+    float(rows["queued"]["student_nfe1.fid"])  # a number, not DVC's "!" for a missing metric
     dag, _ = sh(root, "dvc", "dag", "--md")
     for stage in ALL_STAGES:
         assert stage in dag

@@ -179,3 +179,21 @@ def test_inception_weights_under_another_file_name(fake_weights, tmp_path):
     other.write_bytes(fake_weights.read_bytes())
     images, _ = digits(4)
     np.testing.assert_allclose(fid.InceptionExtractor(other)(images), fid.InceptionExtractor(fake_weights)(images))
+
+
+def test_paired_fid_difference_cancels_the_shared_seed_noise():
+    from dmd2.fid import FIDReference
+
+    ref = object.__new__(FIDReference)  # only the reference statistics are needed here
+    ref.mu, ref.sigma = np.array([0.7, 0, 0, 0]), np.eye(4)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 4))  # a model 0.7 off the reference mean
+    b = a + np.array([0.1, 0, 0, 0]) + 0.05 * rng.standard_normal((400, 4))  # the same seeds, a model 0.6 off
+
+    difference, std = ref.paired_difference(b, a, repeats=50)
+    assert difference == pytest.approx(ref.fid(b) - ref.fid(a))
+    assert difference == pytest.approx(0.6**2 - 0.7**2, abs=0.05)
+    # the two FIDs' own spreads are several times the paired spread of their difference
+    assert std < 0.5 * min(ref.fid_spread(a, 50), ref.fid_spread(b, 50))
+    assert ref.paired_difference(a, a, repeats=50) == (0.0, 0.0)
+    assert ref.paired_difference(a, b[:300], repeats=50)[1] is None  # unpaired counts: no paired spread

@@ -145,3 +145,10 @@ def test_paper_numbers_slot_in_for_other_experiments():
     assert paper_match("mnist", {"model": "student", "steps": 1, "nfe": 1}) is None
     assert paper_match("cifar10-edm", {"model": "teacher", "steps": 18, "nfe": 35, "num_samples": 50000})["fid"] == 1.79
     assert paper_match("cifar10-edm", {"model": "teacher", "steps": 18, "nfe": 35, "num_samples": 2000}) is None
+
+
+def test_throughput_is_the_median_full_batch_after_the_warm_up():
+    from dmd2.evaluate import throughput
+
+    assert throughput(250, [9.0, 1.0, 2.0, 0.5]) == 250 / 1.0  # the 9 s warm-up batch is left out
+    assert throughput(250, [9.0, 1.0, 2.0]) is None  # too few batches: evaluate times separate calls instead

@@ -2,9 +2,9 @@
 
 A checkpoint is a directory `ckpt-<step>` holding `meta.json`, `state.pt` (schedulers, RNG and data
 position; plain tensors and numbers, loaded with `weights_only=True`) and the weights: safetensors files (one
-per model) for the teacher; for distillation, `training/` with both models and both optimisers written by
-torch.distributed.checkpoint (every rank writes its own shards, and any number of ranks, sharded or not, can
-load them) plus a full `generator.safetensors` for evaluation. It is written into a hidden
+per model) for the teacher; for distillation, both models and both optimisers (`training.safetensors`, or for
+a sharded run `training/`, written by torch.distributed.checkpoint, every rank its own shards; any number of
+ranks, sharded or not, can load either) plus the full generator as a student model directory for evaluation. It is written into a hidden
 `.ckpt-<step>.tmp` directory and renamed into place only when complete, so a process killed mid-write leaves
 the previous checkpoint untouched and the next run ignores the debris.
 """
@@ -197,24 +197,73 @@ def _training_state(parts: TrainingParts) -> dict[str, Any]:
     return state
 
 
-def save_training_state(directory: str | Path, parts: TrainingParts) -> None:
-    """Models and their optimisers through torch.distributed.checkpoint. A collective: every rank calls it and
-    writes its own shards (replicated tensors are written once), onto a filesystem all ranks share."""
-    import torch.distributed.checkpoint as dcp
+def save_training_state(checkpoint: str | Path, parts: TrainingParts, sharded: bool) -> Path:
+    """Models and their optimisers. A collective: every rank calls it.
 
-    with _single_process_is_fine(), writing(Path(directory)):
-        dcp.save(_training_state(parts), checkpoint_id=str(directory))
+    Sharded (FSDP2): through torch.distributed.checkpoint into `training/`, each rank writing its own shards onto
+    a filesystem all ranks share. Unsharded (one process, or DDP's identical replicas): rank 0 writes one
+    `training.safetensors` (tensors, keyed by parameter name) whose metadata holds the rest (optimiser
+    hyper-parameters); one write instead of DCP's one per tensor, which cost more than the iterations between
+    checkpoints on small models. Either loads into any number of ranks, sharded or not. Returns the path."""
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        directory = Path(checkpoint) / "training"
+        with _single_process_is_fine(), writing(directory):
+            dcp.save(_training_state(parts), checkpoint_id=str(directory))
+        return directory
+    path = Path(checkpoint) / "training.safetensors"
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _flatten(_training_state(parts), "", tensors)
+        with writing(path):
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+                      metadata={"structure": json.dumps(skeleton)})
+    return path
 
 
-def load_training_state(directory: str | Path, parts: TrainingParts) -> None:
+def training_state_path(checkpoint: str | Path) -> Path:
+    """Where a checkpoint keeps its training state: `training.safetensors` (unsharded) or `training/` (DCP)."""
+    single = Path(checkpoint) / "training.safetensors"
+    return single if single.exists() else Path(checkpoint) / "training"
+
+
+def load_training_state(path: str | Path, parts: TrainingParts) -> None:
     """Load `save_training_state`'s files into `parts`, resharding to this run's ranks (any number, any mode).
 
-    DCP stores its index (`.metadata`) and non-tensor values as pickles; both are read with restricted
-    unpicklers here (`_SafeReader`, `_SafeLoadPlanner`), so a crafted checkpoint directory cannot run code."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    Nothing in them can run code: the one-file form is safetensors plus JSON; DCP stores its index (`.metadata`)
+    and non-tensor values as pickles, both read with restricted unpicklers here (`_SafeReader`,
+    `_SafeLoadPlanner`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    directory = Path(directory)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = _read_single_file(path)
+        options = StateDictOptions(full_state_dict=True)  # each rank takes its own shards of the full tensors
+    else:
+        state, options = _read_dcp(path, parts), None
+    for name, (model, optimizer) in parts.items():
+        if name not in state:
+            raise CheckpointError(f"{path} holds no state for the {name} (it has {sorted(state)})")
+        set_state_dict(model, [optimizer], model_state_dict=state[name]["model"],
+                       optim_state_dict=state[name]["optim"], options=options)
+
+
+def _read_single_file(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            skeleton = json.loads((f.metadata() or {})["structure"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as err:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        raise CheckpointError(f"{path} is corrupt ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    return _unflatten(skeleton, tensors)
+
+
+def _read_dcp(directory: Path, parts: TrainingParts) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
     if not (directory / ".metadata").exists():
         raise CheckpointError(f"{directory} holds no training state (no .metadata); this checkpoint was not "
                               "written by this version of `dmd2 distill`. Resume from another checkpoint, or "
@@ -228,8 +277,32 @@ def load_training_state(directory: str | Path, parts: TrainingParts) -> None:
         except dcp.api.CheckpointException as err:
             detail = next((line for line in str(err).splitlines() if "Error" in line), str(err).splitlines()[0])
             raise CheckpointError(f"{directory} cannot be loaded ({detail.strip()[:300]})") from err
-    for name, (model, optimizer) in parts.items():
-        set_state_dict(model, [optimizer], model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"])
+    return state
+
+
+_TENSOR = "__tensor__"
+
+
+def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON skeleton of nested dicts/lists in which each tensor is replaced by {"__tensor__": its key}."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        return {str(k): _flatten(v, f"{key}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_flatten(v, f"{key}/{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return tensors[value[_TENSOR]]
+        return {k: _unflatten(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unflatten(v, tensors) for v in value]
+    return value
 
 
 def full_state_dict(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:

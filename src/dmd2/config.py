@@ -103,6 +103,9 @@ class TeacherTraining(Strict):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(200, ge=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after the warm-up: constant, or decayed to zero at `steps` (then raising `steps` "
+        "starts a new run instead of extending this one)")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     label_dropout: float = Field(0.1, ge=0, lt=1, description="drop labels to train an unconditional branch (CFG)")
     checkpoint_every: int = Field(1000, ge=1)
@@ -237,6 +240,9 @@ class DistillConfig(Strict):
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(100, ge=0, description="linear LR warm-up, counted in iterations")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after the warm-up, for both models: constant (the original's), or decayed to zero at "
+        "`steps` (then raising `steps` starts a new run instead of extending this one)")
     max_grad_norm: float = Field(10.0, gt=0)
     dfake_gen_update_ratio: int = Field(5, ge=1, description="generator updates every N iterations")
     min_step_percent: float = Field(0.02, ge=0, le=1)

@@ -33,6 +33,7 @@ from dmd2.checkpoint import (
     run_lock,
     save_training_state,
     set_rng_state,
+    training_state_path,
     writing,
 )
 from dmd2.config import ConfigError, DistillConfig, LaunchConfig, to_dict
@@ -107,8 +108,8 @@ class DMD2Trainer:
         else:
             # accelerate's rule for several models: prepare models before/with their optimisers, in the same order
             self.generator, self.critic, self.opt_g, self.opt_c = accelerator.prepare(generator, critic, opt_g, opt_c)
-        self.sched_g = warmup_schedule(self.opt_g, cfg.warmup_steps)
-        self.sched_c = warmup_schedule(self.opt_c, cfg.warmup_steps)
+        self.sched_g = warmup_schedule(self.opt_g, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
+        self.sched_c = warmup_schedule(self.opt_c, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
         self.dm_range = dm_step_range(family.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
 
     # ---------------------------------------------------------------------------------------------- pieces
@@ -285,7 +286,9 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     run_dir = None
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
         inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors") if f.exists()]
-        run_dir = run_directory(paths.work("distill"), to_dict(cfg), DISTILL_PROGRESS_KEYS, inputs)
+        # a decaying LR ends at `steps`: a different length is a different run, not an extension of this one
+        progress = DISTILL_PROGRESS_KEYS - ({"steps"} if cfg.lr_scheduler != "constant" else set())
+        run_dir = run_directory(paths.work("distill"), to_dict(cfg), progress, inputs)
     run_dir = broadcast_object_list([run_dir])[0]
     with _one_writer(run_dir, acc):
         step, elapsed = _resume(trainer, real, run_dir / "checkpoints", resume_from, cfg.steps, acc)
@@ -366,7 +369,7 @@ def _resume(trainer: DMD2Trainer, real: RandomBatches | None, ckpt_dir: Path, re
 
     def load(checkpoint: Path) -> tuple[int, float]:
         state, meta = read_checkpoint(checkpoint)
-        load_training_state(checkpoint / "training", trainer.training_parts())  # reshards to this run's ranks
+        load_training_state(training_state_path(checkpoint), trainer.training_parts())  # reshards to this run's ranks
         trainer.load_scheduler_states(state["schedulers"])
         set_rng_state(state["rng"])  # one stream for all ranks (GlobalBatchRandom), whatever their number
         if real is not None:
@@ -428,7 +431,7 @@ def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, rea
         begin_checkpoint(ckpt_dir, step)
     acc.wait_for_everyone()
     tmp = pending_checkpoint(ckpt_dir, step)
-    save_training_state(tmp / "training", trainer.training_parts())
+    save_training_state(tmp, trainer.training_parts(), trainer.sharded)
     weights = trainer.generator_weights()
     if acc.is_main_process:
         with writing(tmp):

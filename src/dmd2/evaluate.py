@@ -2,7 +2,8 @@
 
 Every model is sampled from the same fixed noise (`eval.seed`) and the same balanced labels, so differences
 between rows come from the models alone. Quality, class fidelity and diversity use the features cached by
-`dmd2 fid-reference`; speed is timed separately, after a warm-up, so sampling for the metrics never skews it.
+`dmd2 fid-reference`. Throughput is the median time of the metric sampling's own full batches after the first
+(a warm-up), so the slow full-step teacher is not sampled twice; batch-1 latency is timed separately.
 It writes results/<exp>/evaluation.json (every row with its protocol and definitions, read by the report) and
 results/<exp>/metrics.json (the same figures as numbers only, for `dvc metrics show/diff`).
 """
@@ -73,14 +74,26 @@ def _timed_call(model: Model, n: int, num_steps: int | None, seed: int) -> float
     return time.perf_counter() - start
 
 
-def time_model(model: Model, batch_size: int, num_steps: int | None, latency_repeats: int,
-               seed: int) -> tuple[float, float]:
-    """(images per second at `batch_size`, median batch-1 latency in ms), each after one warm-up call."""
-    _timed_call(model, batch_size, num_steps, seed)
-    batch_times = [_timed_call(model, batch_size, num_steps, seed) for _ in range(THROUGHPUT_REPEATS)]
+def throughput(batch_size: int, batch_seconds: list[float]) -> float | None:
+    """Images per second from the wall times of full batches, the first (a warm-up) left out; None when fewer
+    than THROUGHPUT_REPEATS remain."""
+    timed = list(batch_seconds)[1:]
+    return batch_size / statistics.median(timed) if len(timed) >= THROUGHPUT_REPEATS else None
+
+
+def time_model(model: Model, batch_size: int, num_steps: int | None, latency_repeats: int, seed: int,
+               batch_seconds: list[float] = ()) -> tuple[float, float]:
+    """(images per second at `batch_size`, median batch-1 latency in ms), each after one warm-up call.
+
+    `batch_seconds`, the full batches' times of the quality sampling that just ran, give the throughput when
+    there are enough of them: the same calls, not run twice (the full-step teacher's are the slow ones)."""
+    ips = throughput(batch_size, batch_seconds)
+    if ips is None:
+        ips = throughput(batch_size, [_timed_call(model, batch_size, num_steps, seed)
+                                      for _ in range(THROUGHPUT_REPEATS + 1)])
     _timed_call(model, 1, num_steps, seed)
     latencies = [_timed_call(model, 1, num_steps, seed) for _ in range(latency_repeats)]
-    return batch_size / statistics.median(batch_times), 1000 * statistics.median(latencies)
+    return ips, 1000 * statistics.median(latencies)
 
 
 def evaluate_model(kind: str, model: Model, num_steps: int | None, exp: ExperimentConfig,
@@ -90,10 +103,12 @@ def evaluate_model(kind: str, model: Model, num_steps: int | None, exp: Experime
     steps, nfe = model.steps(num_steps), model.nfe(num_steps)
     started = time.time()
     raw_cond = model.family.balanced_conditions(cfg.num_samples)
-    images = sample_images(model, cfg.num_samples, cfg.seed, cfg.batch_size, num_steps, raw_cond)
+    batch_seconds: list[float] = []
+    images = sample_images(model, cfg.num_samples, cfg.seed, cfg.batch_size, num_steps, raw_cond, batch_seconds)
     row = {"model": kind, "steps": int(steps), "nfe": int(nfe), "setting": model.describe(num_steps),
            **score_images(ref, images, raw_cond, cfg.fid.bootstrap, int(ref.other_info.get("count") or 0))}
-    ips, latency = time_model(model, cfg.batch_size, num_steps, cfg.latency_repeats, cfg.seed)
+    full_batches = batch_seconds[: cfg.num_samples // cfg.batch_size]  # a smaller last batch is not a throughput
+    ips, latency = time_model(model, cfg.batch_size, num_steps, cfg.latency_repeats, cfg.seed, full_batches)
     row.update(images_per_s=round(ips, 2), latency_ms=round(latency, 3), batch_size=cfg.batch_size,
                num_samples=cfg.num_samples, eval_seconds=round(time.time() - started, 1))
     print(f"evaluate: {kind} {steps} step(s) (NFE {nfe}): FID {row['fid']:.3f}, class accuracy "
@@ -165,7 +180,28 @@ def real_data_row(ref: FIDReference, exp: ExperimentConfig, paths) -> dict[str, 
                     f"of this FID at {other.get('count')} samples (FID is biased upwards at small N)"}
 
 
-def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: bool) -> dict[str, Any]:
+def compare_student_with_teacher(ref: FIDReference, rows: list[dict[str, Any]], samples: list[torch.Tensor],
+                                 bootstrap: int) -> dict[str, Any] | None:
+    """Student FID − full-step teacher FID with its paired-bootstrap spread: both were sampled from the same noise
+    and labels, so resampling the same indices for both cancels most of the seed noise in the comparison."""
+    kinds = [r["model"] for r in rows]
+    if "student" not in kinds or "teacher" not in kinds:
+        return None
+    full = max((i for i, k in enumerate(kinds) if k == "teacher"), key=lambda i: rows[i]["nfe"])
+    student = kinds.index("student")
+    difference, std = ref.paired_difference(ref.extractor(samples[student].numpy()),
+                                            ref.extractor(samples[full].numpy()), bootstrap)
+    verdict = ("indistinguishable at this sample count" if std is None or abs(difference) < 2 * std
+               else "student better" if difference < 0 else "teacher better")
+    return {"fid_difference": round(difference, 4), "fid_difference_std": round(std, 4) if std is not None else None,
+            "teacher_nfe": rows[full]["nfe"], "verdict": verdict,
+            "definition": f"student FID − teacher FID (NFE {rows[full]['nfe']}) on the same noise and labels; ± the "
+                          f"standard deviation over {bootstrap} paired bootstrap resamples (the same indices for "
+                          "both); a verdict needs |difference| ≥ 2 standard deviations"}
+
+
+def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: bool,
+                    comparison: dict[str, Any] | None = None) -> dict[str, Any]:
     """Numbers only, one block per row, for `dvc metrics show/diff` (metrics.json); the definitions, protocol
     and provenance stay in evaluation.json, so DVC's tables hold figures rather than paragraphs."""
     keys = ("fid", "fid_std", "fid_at_floor_count", "fid_at_floor_count_std", "class_accuracy", "diversity",
@@ -179,6 +215,9 @@ def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: 
         full = max(teachers, key=lambda r: r["nfe"])
         out["student_speedup_vs_full_teacher"] = round(student["images_per_s"] / full["images_per_s"], 2)
         out["student_fid_over_full_teacher_fid"] = round(student["fid"] / max(full["fid"], 1e-12), 4)
+    if comparison is not None:
+        out["student_minus_full_teacher_fid"] = {k: comparison[k] for k in ("fid_difference", "fid_difference_std")
+                                                 if comparison[k] is not None}
     out["fid_is_proxy"] = is_proxy
     return out
 
@@ -215,15 +254,17 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 
         clip, class_names = load_clip(exp.eval.clip, dev), read_meta(paths.data / "train.lmdb").get("class_names")
     runs = [("teacher", teacher, s) for s in exp.eval.teacher_steps] + [("student", student, None)]
-    rows = []
+    rows, samples = [], []
     for kind, model, steps in runs:
         row, images = evaluate_model(kind, model, steps, exp, ref)
+        samples.append(images)
         if clip is not None:  # on the same samples, not a second generation
             row["clip_score"] = _clip_row_score(exp, clip, model, images, class_names)
         row["sample_grid"] = f"samples/{kind}_nfe{row['nfe']}.png"
         save_sample_grid(model, steps, exp, out / row["sample_grid"])
         rows.append(row)
     write_plots(paths, rows)
+    comparison = compare_student_with_teacher(ref, rows, samples, exp.eval.fid.bootstrap)
     real = real_data_row(ref, exp, paths)
     checkpoints = paths.student_run() / "checkpoints"
     if exp.eval.fid_curve and checkpoints.is_dir():  # the report's FID-versus-step curve, from the kept checkpoints
@@ -237,18 +278,20 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         "fid_reference": {k: ref.info.get(k) for k in ("dataset", "split", "count", "resolution", "source", "feature_dim")},
         "num_samples": exp.eval.num_samples, "seed": exp.eval.seed, "resolution": exp.data.resolution,
         "rows": rows,
+        "student_vs_full_teacher": comparison,
         "real_data": real,
         "diversity_definition": DIVERSITY_DEFINITION,
         "class_accuracy_definition": ACCURACY_DEFINITION,
         "feature_classifier_heldout_accuracy": ref.classifier_info.get("heldout_accuracy"),
-        "timing": {"throughput": f"median of {THROUGHPUT_REPEATS} batches of eval.batch_size after one warm-up batch",
+        "timing": {"throughput": "median wall time of the quality sampling's full batches of eval.batch_size, the "
+                                 "first (a warm-up) left out",
                    "latency": f"median of eval.latency_repeats={exp.eval.latency_repeats} batch-1 calls after one "
                               "warm-up call", "device": str(dev)},
         "hardware": hardware_summary(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(record, indent=2))
-    (out / "metrics.json").write_text(json.dumps(numeric_metrics(rows, real, ref.is_proxy), indent=2))
+    (out / "metrics.json").write_text(json.dumps(numeric_metrics(rows, real, ref.is_proxy, comparison), indent=2))
     print(f"evaluate: wrote {out / 'evaluation.json'} and {out / 'metrics.json'}")
     return {"fid_is_proxy": ref.is_proxy, "rows": len(rows)}
 

@@ -422,14 +422,30 @@ class FIDReference:
         mu, sigma = feature_stats(features)
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
+    def fid_bootstrap(self, features: np.ndarray, repeats: int, seed: int = 0) -> list[float]:
+        """The FID of `repeats` bootstrap resamples (with replacement, same size) of `features`. The resampled
+        indices depend only on the seed and the count, so two models sampled from the same noise are resampled
+        alike: their differences are paired."""
+        rng = np.random.default_rng(seed)
+        return [self.fid(features[rng.integers(0, len(features), len(features))]) for _ in range(repeats)]
+
     def fid_spread(self, features: np.ndarray, repeats: int, seed: int = 0) -> float | None:
-        """How much the draw of samples moves the FID: the standard deviation over `repeats` bootstrap resamples
-        (with replacement, same size) of `features`; None when `repeats` < 2."""
+        """How much the draw of samples moves the FID: the standard deviation over `repeats` bootstrap resamples;
+        None when `repeats` < 2."""
         if repeats < 2:
             return None
-        rng = np.random.default_rng(seed)
-        values = [self.fid(features[rng.integers(0, len(features), len(features))]) for _ in range(repeats)]
-        return float(np.std(values, ddof=1))
+        return float(np.std(self.fid_bootstrap(features, repeats, seed), ddof=1))
+
+    def paired_difference(self, features_a: np.ndarray, features_b: np.ndarray, repeats: int,
+                          seed: int = 0) -> tuple[float, float | None]:
+        """FID(a) − FID(b) and its standard deviation over paired bootstrap resamples, for two models sampled
+        from the same noise and labels (sample i of a and of b share them). Much tighter than the two FIDs'
+        own spreads, which mostly move together with the draw of seeds."""
+        difference = self.fid(features_a) - self.fid(features_b)
+        if repeats < 2 or len(features_a) != len(features_b):
+            return difference, None
+        paired = np.subtract(self.fid_bootstrap(features_a, repeats, seed), self.fid_bootstrap(features_b, repeats, seed))
+        return difference, float(np.std(paired, ddof=1))
 
     def fid_in_subsets(self, features: np.ndarray, n: int) -> tuple[float, float] | None:
         """Mean and standard deviation of the FID over disjoint subsets of `n` samples: a model's FID at the real

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ def fixed_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def sample_images(model: Model, n: int, seed: int, batch_size: int = 256, num_steps: int | None = None,
-                  raw_cond: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 N×C×H×W images from fixed noise (seed) and, by default, balanced conditions, in batches."""
+                  raw_cond: torch.Tensor | None = None, batch_seconds: list[float] | None = None) -> torch.Tensor:
+    """uint8 N×C×H×W images from fixed noise (seed) and, by default, balanced conditions, in batches; each batch's
+    wall time is appended to `batch_seconds` when given (the evaluation's throughput figure)."""
     noise = fixed_noise(n, model.family.sample_shape, seed)
     if raw_cond is None:
         raw_cond = model.family.balanced_conditions(n)
@@ -72,7 +74,10 @@ def sample_images(model: Model, n: int, seed: int, batch_size: int = 256, num_st
     out = []
     for i in range(0, n, batch_size):
         cond = raw_cond[i : i + batch_size] if raw_cond is not None else None
-        out.append(to_uint8(sample(model, noise[i : i + batch_size], cond, num_steps, renoise)).cpu())
+        start = time.perf_counter()
+        out.append(to_uint8(sample(model, noise[i : i + batch_size], cond, num_steps, renoise)).cpu())  # .cpu() syncs
+        if batch_seconds is not None:
+            batch_seconds.append(time.perf_counter() - start)
     return torch.cat(out)
 
 

@@ -58,10 +58,13 @@ def train_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[st
     torch.manual_seed(cfg.seed)
     net = family.build_network().to(device())
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    run = TeacherRun(family, net, EMA(net, cfg.ema_decay), optimizer, warmup_schedule(optimizer, cfg.warmup_steps),
+    schedule = warmup_schedule(optimizer, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
+    run = TeacherRun(family, net, EMA(net, cfg.ema_decay), optimizer, schedule,
                      RandomBatches(train, cfg.batch_size, cfg.seed), model_cfg)
 
-    run_dir = run_directory(paths.work("teacher"), {**to_dict(cfg), "data": train.meta}, TEACHER_PROGRESS_KEYS, [])
+    # a decaying LR ends at `steps`: a different length is a different run, not an extension of this one
+    progress = TEACHER_PROGRESS_KEYS - ({"steps"} if cfg.lr_scheduler != "constant" else set())
+    run_dir = run_directory(paths.work("teacher"), {**to_dict(cfg), "data": train.meta}, progress, [])
     ckpt_dir = run_dir / "checkpoints"
     with run_lock(run_dir):
         step, elapsed = 0, 0.0

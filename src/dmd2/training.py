@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Constant LR after a linear warm-up (diffusers' `constant_with_warmup`)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str = "constant",
+                    total_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A linear warm-up, then the LR held constant (diffusers' `constant_with_warmup`) or decayed to zero at
+    `total_steps` along a half cosine (`cosine`) or a line (`linear`)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def device() -> torch.device:

@@ -1,0 +1,69 @@
+"""The CLIP tokenizer, built offline from the BPE vocabulary that open_clip ships.
+
+Stable Diffusion's tokenizers are CLIP's byte-level BPE. The hub copies (`openai/clip-vit-large-patch14`, the tiny
+test ones) are unreachable offline, but `open_clip/bpe_simple_vocab_16e6.txt.gz` holds the same merges. CLIP's
+vocabulary is derived from them: the 256 byte symbols, the same with the end-of-word marker `</w>`, one token per
+merge (its pair joined), then the start and end tokens, 49,408 in all. `write_clip_bpe_files` writes them as
+`vocab.json` + `merges.txt`, which `transformers.CLIPTokenizer` loads like a hub tokenizer; a tiny text model keeps
+only the first merges so that every id fits its embedding table.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+START, END = "<|startoftext|>", "<|endoftext|>"
+FULL_VOCAB_SIZE = 49_408
+BYTE_SYMBOLS = 256
+MAX_LENGTH = 77  # CLIP's context length: every Stable Diffusion text encoder reads 77 tokens
+
+
+def byte_symbols() -> list[str]:
+    """The printable stand-in for each of the 256 bytes, in vocabulary order (GPT-2's byte-level BPE table):
+    printable Latin-1 bytes stand for themselves, the others are shifted past 255 so none is whitespace."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [256 + i for i in range(256 - len(printable))]  # the other bytes, in byte order
+    return [chr(c) for c in printable + shifted]
+
+
+def open_clip_merges() -> list[tuple[str, str]]:
+    """CLIP's 48,894 BPE merges, from the file inside the installed open_clip package."""
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the CLIP tokenizer is built from the BPE file open_clip ships; "
+                                "reinstall open-clip-torch (make env)")
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    count = FULL_VOCAB_SIZE - 2 * BYTE_SYMBOLS - 2
+    return [tuple(line.split()) for line in lines[1 : count + 1]]  # line 0 is the "#version" header
+
+
+def write_clip_bpe_files(directory: str | Path, vocab_size: int = FULL_VOCAB_SIZE) -> Path:
+    """`vocab.json` and `merges.txt` for `CLIPTokenizer` in `directory`. With `vocab_size` below CLIP's 49,408
+    (a tiny test text model), only the first merges are kept and the start/end tokens take the last two ids."""
+    merges_needed = vocab_size - 2 * BYTE_SYMBOLS - 2
+    if merges_needed < 0:
+        raise ValueError(f"vocab_size {vocab_size} is too small: the 512 byte tokens and 2 special tokens need 514")
+    merges = open_clip_merges()[:merges_needed]
+    symbols = byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges] + [START, END]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return directory
+
+
+def clip_tokenizer(directory: str | Path, vocab_size: int = FULL_VOCAB_SIZE, pad_token: str = END):
+    """A `CLIPTokenizer` (77 tokens) from the files `write_clip_bpe_files` writes into `directory`, which are
+    written first if missing. Stable Diffusion pads with the end token; SDXL's second tokenizer pads with "!"."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    if not (directory / "vocab.json").exists() or not (directory / "merges.txt").exists():
+        write_clip_bpe_files(directory, vocab_size)
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=MAX_LENGTH,
+                         pad_token=pad_token)
