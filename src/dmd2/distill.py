@@ -45,7 +45,7 @@ from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, shard, total_norm
 from dmd2.stage import StageContext
-from dmd2.training import GlobalBatchRandom, all_ranks_agree, warmup_schedule
+from dmd2.training import GlobalBatchRandom, all_ranks_agree, progress_keys, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 DISTILL_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every"}
@@ -286,9 +286,8 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     run_dir = None
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
         inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors") if f.exists()]
-        # a decaying LR ends at `steps`: a different length is a different run, not an extension of this one
-        progress = DISTILL_PROGRESS_KEYS - ({"steps"} if cfg.lr_scheduler != "constant" else set())
-        run_dir = run_directory(paths.work("distill"), to_dict(cfg), progress, inputs)
+        run_dir = run_directory(paths.work("distill"), to_dict(cfg),
+                                progress_keys(DISTILL_PROGRESS_KEYS, cfg.lr_scheduler), inputs)
     run_dir = broadcast_object_list([run_dir])[0]
     with _one_writer(run_dir, acc):
         step, elapsed = _resume(trainer, real, run_dir / "checkpoints", resume_from, cfg.steps, acc)

@@ -28,7 +28,7 @@ from dmd2.data import RandomBatches, open_split
 from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, family_for, import_teacher, save_model, teacher_config
 from dmd2.stage import StageContext
-from dmd2.training import EMA, device, warmup_schedule
+from dmd2.training import EMA, device, progress_keys, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 TEACHER_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
@@ -62,9 +62,8 @@ def train_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[st
     run = TeacherRun(family, net, EMA(net, cfg.ema_decay), optimizer, schedule,
                      RandomBatches(train, cfg.batch_size, cfg.seed), model_cfg)
 
-    # a decaying LR ends at `steps`: a different length is a different run, not an extension of this one
-    progress = TEACHER_PROGRESS_KEYS - ({"steps"} if cfg.lr_scheduler != "constant" else set())
-    run_dir = run_directory(paths.work("teacher"), {**to_dict(cfg), "data": train.meta}, progress, [])
+    run_dir = run_directory(paths.work("teacher"), {**to_dict(cfg), "data": train.meta},
+                            progress_keys(TEACHER_PROGRESS_KEYS, cfg.lr_scheduler), [])
     ckpt_dir = run_dir / "checkpoints"
     with run_lock(run_dir):
         step, elapsed = 0, 0.0

@@ -36,7 +36,8 @@ def open_clip_merges() -> list[tuple[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the CLIP tokenizer is built from the BPE file open_clip ships; "
                                 "reinstall open-clip-torch (make env)")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     count = FULL_VOCAB_SIZE - 2 * BYTE_SYMBOLS - 2
     return [tuple(line.split()) for line in lines[1 : count + 1]]  # line 0 is the "#version" header
 

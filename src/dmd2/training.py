@@ -24,6 +24,13 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def progress_keys(keys: set[str], lr_scheduler: str) -> set[str]:
+    """The settings that only say how far or how visibly to train (`run_directory` leaves them out of a run's
+    fingerprint, so changing them resumes the run). A decaying LR ends at `steps`, so under one a different
+    length is a different run, not an extension of this one."""
+    return keys - ({"steps"} if lr_scheduler != "constant" else set())
+
+
 def device() -> torch.device:
     """The accelerator if there is one: teacher training, evaluation and FID features run there."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
