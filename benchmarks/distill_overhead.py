@@ -24,7 +24,8 @@ from dmd2.config import load_params
 from dmd2.paths import ExperimentPaths
 from dmd2.stage import StageContext
 
-TIMES: dict[str, float] = defaultdict(float)
+TIMES: dict[str, float] = defaultdict(float)  # model passes
+OTHER: dict[str, float] = defaultdict(float)  # named parts of everything else
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,20 @@ def timed_module(module: torch.nn.Module, name: str) -> None:
 
     module.register_forward_pre_hook(pre, with_kwargs=True)
     module.register_forward_hook(post, with_kwargs=True)
+
+
+def timed_call(owner, attribute: str, name: str) -> None:
+    """Accumulate the time of `owner.attribute(...)` under `name` (a part of "everything else")."""
+    original = getattr(owner, attribute)
+
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            OTHER[name] += time.perf_counter() - start
+
+    setattr(owner, attribute, call)
 
 
 def timed_backward(accelerator) -> None:
@@ -90,6 +105,9 @@ def main() -> None:
             timed_module(gan_head, "gan_head")
         original_init(self, family, teacher, generator, critic_score, gan_head, *rest, **kw)
         timed_backward(self.acc)
+        timed_call(self.opt_g, "step", "optimiser steps")
+        timed_call(self.opt_c, "step", "optimiser steps")
+        timed_call(self, "_clip", "gradient clipping")
 
     original_step = distill.DMD2Trainer.train_step
 
@@ -97,6 +115,8 @@ def main() -> None:
         TIMES.setdefault("_loop_start", time.perf_counter())
         return original_step(self, step, batch)
 
+    timed_call(distill, "_save", "checkpoints (loop's share)")
+    timed_call(distill.RandomBatches, "next", "real data batches")
     distill.DMD2Trainer.__init__ = instrumented_init
     distill.DMD2Trainer.train_step = instrumented_step
     with tempfile.TemporaryDirectory() as scratch:
@@ -117,8 +137,11 @@ def main() -> None:
     for key in sorted(k for k in TIMES if not k.startswith("_")):
         print(f"  {key:22s} {TIMES[key]:8.2f} s  {100 * TIMES[key] / total:5.1f} %")
     print(f"model forward+backward:  {model:8.2f} s  {100 * model / total:5.1f} %")
-    print(f"everything else:         {total - model:8.2f} s  {100 * (total - model) / total:5.1f} %"
-          "  (data, optimiser steps, logging, checkpoints)")
+    print(f"everything else:         {total - model:8.2f} s  {100 * (total - model) / total:5.1f} %")
+    for key in sorted(OTHER):
+        print(f"  {key:30s} {OTHER[key]:8.2f} s  {100 * OTHER[key] / total:5.1f} %")
+    rest = total - model - sum(OTHER.values())
+    print(f"  {'the rest':30s} {rest:8.2f} s  {100 * rest / total:5.1f} %  (loss arithmetic, random draws, logging)")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
 from dmd2.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from dmd2.errors import CheckpointError
 
 
 def test_save_load_and_rotate(tmp_path):
@@ -94,3 +96,20 @@ def test_a_truncated_training_state_file_is_a_checkpoint_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="training.safetensors is corrupt"):
         load_training_state(path, {"generator": _trained_part(1)})
+
+
+def test_the_background_writer_runs_writes_in_order_and_reports_a_failure_at_the_next_wait():
+    from dmd2.checkpoint import BackgroundWriter
+
+    done, writer = [], BackgroundWriter()
+    writer.submit(lambda: done.append(1))
+    writer.submit(lambda: done.append(2))  # waits for the first
+    writer.wait()
+    assert done == [1, 2]
+
+    def fail():
+        raise CheckpointError("writing /x failed (the disk is full)")
+
+    writer.submit(fail)
+    with pytest.raises(CheckpointError, match="the disk is full"):
+        writer.close()

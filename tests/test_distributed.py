@@ -115,6 +115,16 @@ def test_fsdp_shards_keeps_optimiser_state_and_resumes_across_world_sizes(one, p
 
 
 @pytest.mark.integration
+def test_the_generator_average_is_kept_per_shard(prepared, tmp_path):
+    """distill.ema_decay under FSDP2: each rank averages its own shards; the gathered student is the 1-process one."""
+    one_ema = fresh_copy(prepared, tmp_path / "one_ema", distill={"ema_decay": 0.9})
+    run(one_ema, "distill")
+    two_ema = fresh_copy(prepared, tmp_path / "two_ema", distill={"ema_decay": 0.9}, **fsdp())
+    distill_subprocess(two_ema)
+    assert_matches(one_ema, two_ema, "2 processes (FSDP2 FULL_SHARD) with the generator's average")
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["SHARD_GRAD_OP", "HYBRID_SHARD"])
 def test_other_fsdp_strategies_match_one_process(one, prepared, tmp_path, strategy):
     settings = fsdp(strategy)

@@ -165,3 +165,15 @@ def test_diffusers_x0_conversion_inverts_the_forward_process(prediction_type):
             return target
 
     torch.testing.assert_close(family.predict_x0(Oracle(), x_t, t, None), x0, rtol=0, atol=2e-4)
+
+
+def test_weight_average_update_matches_the_formula_and_warms_up():
+    from dmd2.training import ema_update_, warmed_up_decay
+
+    assert warmed_up_decay(0.999, 0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0): the first update nearly replaces
+    assert warmed_up_decay(0.999, 90) == pytest.approx(91 / 100)
+    assert warmed_up_decay(0.9, 10_000) == 0.9
+    average = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
+    ema_update_(average, {"w": torch.tensor([3.0, -2.0]), "steps": torch.tensor(7)}, decay=0.75)
+    assert torch.allclose(average["w"], torch.tensor([0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * -2]))
+    assert average["steps"].item() == 7  # integers are copied, not averaged

@@ -36,15 +36,22 @@ def test_teacher_outputs_the_normalised_format(prepared):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("timesteps", [[999], [999, 499]], ids=["1step", "2step-backsim"])
-def test_resume_is_bit_identical(prepared, tmp_path, timesteps):
-    one_go = fresh_copy(prepared, tmp_path / "a", distill={"denoising_timesteps": timesteps})
+@pytest.mark.parametrize("settings", [{"denoising_timesteps": [999], "ema_decay": 0.9},
+                                      {"denoising_timesteps": [999, 499]}], ids=["1step-ema", "2step-backsim"])
+def test_resume_is_bit_identical(prepared, tmp_path, settings):
+    """The student (with `ema_decay`, the generator's weight average, which is then training state too)."""
+    one_go = fresh_copy(prepared, tmp_path / "a", distill=settings)
     run(one_go, "distill")
-    split = fresh_copy(prepared, tmp_path / "b", distill={"denoising_timesteps": timesteps, "steps": 3})
+    split = fresh_copy(prepared, tmp_path / "b", distill={**settings, "steps": 3})
     run(split, "distill")
-    write_tiny_params(split, distill={"denoising_timesteps": timesteps})  # steps back to 6: resume from ckpt 3
+    write_tiny_params(split, distill=settings)  # steps back to 6: resume from ckpt 3
     run(split, "distill")
     assert_identical(student_weights(one_go), student_weights(split))
+    if "ema_decay" in settings:  # the student is the generator's average, not its last weights
+        training = load_file(list_checkpoints(run_dir(split, "distill") / "checkpoints")[-1] / "training.safetensors")
+        key = "model.conv_in.weight"
+        assert torch.equal(student_weights(split)[key], training[f"generator_ema.model.{key}"])
+        assert not torch.equal(student_weights(split)[key], training[f"generator.model.{key}"])
     log = (run_dir(split, "distill") / "metrics.jsonl").read_text().splitlines()
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [1, 2, 3, 4, 5, 6]
 

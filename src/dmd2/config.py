@@ -244,6 +244,9 @@ class DistillConfig(Strict):
         "constant", description="after the warm-up, for both models: constant (the original's), or decayed to zero at "
         "`steps` (then raising `steps` starts a new run instead of extending this one)")
     max_grad_norm: float = Field(10.0, gt=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the generator's weights, "
+                             "updated after each generator step; the student (and each checkpoint's, the FID curve's "
+                             "and the sample grids') is the average. 0 = off, the original's choice")
     dfake_gen_update_ratio: int = Field(5, ge=1, description="generator updates every N iterations")
     min_step_percent: float = Field(0.02, ge=0, le=1)
     max_step_percent: float = Field(0.98, ge=0, le=1)

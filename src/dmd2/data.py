@@ -193,9 +193,12 @@ class LMDBImageDataset(torch.utils.data.Dataset):
 
     def raw(self, index: int) -> tuple[np.ndarray, int]:
         with _open(self.path).begin() as txn:
-            image = txn.get(f"image/{index:08d}".encode())
-            label = txn.get(f"label/{index:08d}".encode())
-            crc = txn.get(f"crc/{index:08d}".encode())
+            return self._record(txn, index)
+
+    def _record(self, txn: lmdb.Transaction, index: int) -> tuple[np.ndarray, int]:
+        image = txn.get(f"image/{index:08d}".encode())
+        label = txn.get(f"label/{index:08d}".encode())
+        crc = txn.get(f"crc/{index:08d}".encode())
         fix = "rebuild it with `dmd2 prepare-data`"
         if image is None or label is None or crc is None:
             raise DataError(f"LMDB {self.path}: record {index} is missing; {fix}")
@@ -212,11 +215,12 @@ class LMDBImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.raw(index)
-        return torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0), label
+        return _to_model_range(image), label
 
     def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self[int(i)] for i in indices]
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+        with _open(self.path).begin() as txn:  # one read transaction for the whole batch
+            items = [self._record(txn, int(i)) for i in indices]
+        return _to_model_range(np.stack([x for x, _ in items])), torch.tensor([y for _, y in items], dtype=torch.long)
 
     def all_uint8(self) -> tuple[np.ndarray, np.ndarray]:
         items = [self.raw(i) for i in range(len(self))]
@@ -224,6 +228,11 @@ class LMDBImageDataset(torch.utils.data.Dataset):
 
     def close(self) -> None:
         _forget(self.path)
+
+
+def _to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 [0, 255] → float32 [-1, 1]."""
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
 
 
 class RandomBatches:

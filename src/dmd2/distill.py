@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dmd2.checkpoint import (
+    BackgroundWriter,
     begin_checkpoint,
     checkpoint_at_or_refuse,
     commit_checkpoint,
@@ -33,7 +34,9 @@ from dmd2.checkpoint import (
     run_lock,
     save_training_state,
     set_rng_state,
+    snapshot_training_state,
     training_state_path,
+    write_training_state,
     writing,
 )
 from dmd2.config import ConfigError, DistillConfig, LaunchConfig, to_dict
@@ -45,7 +48,15 @@ from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, shard, total_norm
 from dmd2.stage import StageContext
-from dmd2.training import GlobalBatchRandom, all_ranks_agree, progress_keys, warmup_schedule
+from dmd2.training import (
+    GlobalBatchRandom,
+    adamw,
+    all_ranks_agree,
+    ema_update_,
+    progress_keys,
+    warmed_up_decay,
+    warmup_schedule,
+)
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 DISTILL_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every", "sample_every"}
@@ -88,6 +99,9 @@ class DMD2Trainer:
         self.sharded = (launch is not None and launch.distributed == "fsdp" and accelerator.num_processes > 1
                         and launch.fsdp.sharding_strategy != "NO_SHARD")
         self.teacher = teacher.requires_grad_(False).eval().to(accelerator.device)
+        # the generator's weight average: a frozen copy, sharded like the generator so its shards line up
+        self.generator_ema = (copy.deepcopy(generator).requires_grad_(False).eval().to(accelerator.device)
+                              if cfg.ema_decay > 0 else None)
         # fsdp.activation_checkpointing asks for the same thing as distill.gradient_checkpointing: honour either
         if cfg.gradient_checkpointing or (self.sharded and launch.fsdp.activation_checkpointing):
             for net in (generator, critic_score):
@@ -95,19 +109,22 @@ class DMD2Trainer:
         if self.sharded:
             # Shard before building the optimisers, so that they hold (and checkpoint) only this rank's shards.
             mesh = device_mesh(launch, accelerator.num_processes, accelerator.device.type)
-            for net in (generator, critic_score, gan_head, self.teacher):
+            for net in (generator, critic_score, gan_head, self.teacher, self.generator_ema):
                 if net is not None:
                     shard(net.to(accelerator.device), launch.fsdp, mesh)
             accelerator.print(f"FSDP2 {launch.fsdp.sharding_strategy} over the mesh "
                               f"{dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True))}")
         opt = dict(weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
-        opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, **opt)
-        opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, **opt)
+        opt_g = adamw(generator.parameters(), lr=cfg.generator_lr, **opt)
+        opt_c = adamw(critic.parameters(), lr=cfg.critic_lr, **opt)
         if self.sharded:
             self.generator, self.critic, self.opt_g, self.opt_c = generator, critic, opt_g, opt_c
         else:
             # accelerate's rule for several models: prepare models before/with their optimisers, in the same order
             self.generator, self.critic, self.opt_g, self.opt_c = accelerator.prepare(generator, critic, opt_g, opt_c)
+        # the bare modules under accelerate's wrappers (DDP), looked up once: unwrap_model costs a millisecond
+        self.generator_module = accelerator.unwrap_model(self.generator)
+        self._critic_module = accelerator.unwrap_model(self.critic)
         self.sched_g = warmup_schedule(self.opt_g, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
         self.sched_c = warmup_schedule(self.opt_c, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
         self.dm_range = dm_step_range(family.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
@@ -115,8 +132,13 @@ class DMD2Trainer:
     # ---------------------------------------------------------------------------------------------- pieces
 
     @property
+    def student_module(self) -> nn.Module:
+        """What the run exports and samples from: the generator's weight average if there is one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator_module
+
+    @property
     def critic_module(self) -> Critic:
-        return self.acc.unwrap_model(self.critic)
+        return self._critic_module
 
     @property
     def forward_noises_real(self) -> bool:
@@ -134,10 +156,15 @@ class DMD2Trainer:
         return int(tensor.item())
 
     def _clip(self, model: nn.Module) -> float:
-        """Clip the gradient norm to `max_grad_norm`; returns the norm before clipping."""
-        if self.sharded:
-            return total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm))
-        return float(self.acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm))
+        """Clip the gradient norm to `max_grad_norm`; returns the norm before clipping. Gradients are already
+        all-reduced (DDP) or sharded (FSDP2, where the norm is a DTensor) and never loss-scaled (no fp16), so
+        torch's own multi-tensor norm and clip are all accelerate's would do."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        value = total_norm(norm)  # the same number on every rank, so every rank takes the same branch
+        if value > self.cfg.max_grad_norm:  # below it the rescaling pass would multiply by exactly 1
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), self.cfg.max_grad_norm, norm, foreach=True)
+        return value
 
     def _full(self, n: int, t: int) -> torch.Tensor:
         return torch.full((n,), t, dtype=torch.long, device=self.acc.device)
@@ -171,7 +198,7 @@ class DMD2Trainer:
         """Few-step generation as at inference (fresh re-noising noise from torch's RNG)."""
         if noise is None:
             noise = torch.randn((n, *self.shape), device=self.acc.device)
-        generator = self.acc.unwrap_model(self.generator)
+        generator = self.student_module
         return few_step_sample(self.family, generator, noise, cond, self.cfg.denoising_timesteps, torch.randn_like)
 
     # ---------------------------------------------------------------------------------------------- the step
@@ -204,6 +231,10 @@ class DMD2Trainer:
             metrics["grad_norm_generator"] = self._clip(self.generator)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
+            if self.generator_ema is not None:
+                updates = step // cfg.dfake_gen_update_ratio  # generator steps before this one
+                ema_update_(self.generator_ema.state_dict(), self.generator_module.state_dict(),
+                            warmed_up_decay(cfg.ema_decay, updates))
             self.opt_c.zero_grad(set_to_none=True)
             critic.set_trainable(True)
             metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
@@ -237,9 +268,11 @@ class DMD2Trainer:
     # ---------------------------------------------------------------------------------------------- state
 
     def training_parts(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
-        """What `save_training_state` writes: each trained model with its optimiser."""
-        return {"generator": (self.acc.unwrap_model(self.generator), self.opt_g),
-                "critic": (self.critic_module, self.opt_c)}
+        """What `save_training_state` writes: each trained model with its optimiser (and the generator's average)."""
+        parts = {"generator": (self.generator_module, self.opt_g), "critic": (self.critic_module, self.opt_c)}
+        if self.generator_ema is not None:
+            parts["generator_ema"] = (self.generator_ema, None)
+        return parts
 
     def scheduler_states(self) -> dict[str, Any]:
         return {"sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict()}
@@ -249,8 +282,8 @@ class DMD2Trainer:
         self.sched_c.load_state_dict(states["sched_c"])
 
     def generator_weights(self) -> dict[str, torch.Tensor]:
-        """The generator's full weights on rank 0 (a collective under FSDP; other ranks get {})."""
-        return full_state_dict(self.acc.unwrap_model(self.generator), self.sharded)
+        """The student's full weights on rank 0 (a collective under FSDP; other ranks get {})."""
+        return full_state_dict(self.student_module, self.sharded)
 
 
 # -------------------------------------------------------------------------------------------------- the stage
@@ -306,7 +339,10 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
     tracker = Wandb(ctx.params.wandb, "distill", ctx.experiment, to_dict(cfg), enabled=main)
     source = {"type": "dmd2", "teacher": str(paths.teacher), "run": run_dir.name}
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True, mininterval=2, disable=not main)
-    with bar:  # closed on errors too, so an error line never lands on the bar's line
+    writer = BackgroundWriter()
+    # the bar is closed on errors too, so an error line never lands on its line; the writer finishes the
+    # checkpoint in flight whatever happens, so a diverged run keeps its last good one
+    with bar, contextlib.closing(writer):
         t0, last_generator = time.time(), {}
         while step < cfg.steps:
             batch = Batch(per_rank, family.encode_conditions(family.random_conditions(per_rank, trainer.draw), acc.device))
@@ -330,8 +366,11 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
                 tracker.log_image("samples", grid, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 ckpt = _save(trainer, acc, ckpt_dir, step, real, elapsed + time.time() - t0, cfg.keep_last,
-                             student_config(teacher.config, cfg.denoising_timesteps, {**source, "iterations": step}))
-                tracker.log_checkpoint(ckpt, f"{ctx.experiment}-distill-{run_dir.name}")
+                             student_config(teacher.config, cfg.denoising_timesteps, {**source, "iterations": step}),
+                             writer)
+                if tracker.logs_checkpoints:
+                    writer.wait()  # the artifact is the committed directory
+                    tracker.log_checkpoint(ckpt, f"{ctx.experiment}-distill-{run_dir.name}")
     tracker.finish()
 
     summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
@@ -422,22 +461,34 @@ def _mean_over_ranks(metrics: dict[str, float], acc: Accelerator) -> dict[str, f
 
 
 def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, real: RandomBatches | None,
-          train_seconds: float, keep_last: int, student: dict[str, Any]) -> Path:
-    """Every rank writes its shards of the models and optimisers; rank 0 adds the full generator as a student
-    model directory (`student/`, for `evaluate-folder`) and the rest, which every rank holds identically (RNG,
-    data position, schedulers), and commits."""
+          train_seconds: float, keep_last: int, student: dict[str, Any], writer: BackgroundWriter) -> Path:
+    """Every rank writes its shards of the models and optimisers (sharded runs); rank 0 adds the full generator
+    as a student model directory (`student/`, for `evaluate-folder`) and the rest, which every rank holds
+    identically (RNG, data position, schedulers), and commits. Rank 0's part is a snapshot written and committed
+    by `writer` in the background while training goes on."""
     if acc.is_main_process:
+        writer.wait()  # the previous checkpoint is committed before this one begins
         begin_checkpoint(ckpt_dir, step)
     acc.wait_for_everyone()
     tmp = pending_checkpoint(ckpt_dir, step)
-    save_training_state(tmp, trainer.training_parts(), trainer.sharded)
-    weights = trainer.generator_weights()
+    if trainer.sharded:  # a collective write of every rank's shards
+        save_training_state(tmp, trainer.training_parts(), sharded=True)
+    weights = trainer.generator_weights()  # a collective under FSDP
     if acc.is_main_process:
-        with writing(tmp):
-            save_model(tmp / "student", weights, student)
-            torch.save({"schedulers": trainer.scheduler_states(), "rng": rng_state(),
-                        "data": real.state_dict() if real is not None else {}}, tmp / "state.pt")
-        commit_checkpoint(ckpt_dir, step, {"train_seconds": train_seconds, "num_processes": acc.num_processes,
-                                           "sharded": trainer.sharded}, keep_last)
+        training = None if trainer.sharded else snapshot_training_state(trainer.training_parts())
+        weights = {k: v.to("cpu", copy=True) for k, v in weights.items()}  # training goes on updating the originals
+        state = {"schedulers": trainer.scheduler_states(), "rng": rng_state(),
+                 "data": real.state_dict() if real is not None else {}}
+        meta = {"train_seconds": train_seconds, "num_processes": acc.num_processes, "sharded": trainer.sharded}
+
+        def write_and_commit() -> None:
+            if training is not None:
+                write_training_state(tmp, training)
+            with writing(tmp):
+                save_model(tmp / "student", weights, student)
+                torch.save(state, tmp / "state.pt")
+            commit_checkpoint(ckpt_dir, step, meta, keep_last)
+
+        writer.submit(write_and_commit)
     acc.wait_for_everyone()
     return ckpt_dir / f"ckpt-{step:07d}"

@@ -28,7 +28,7 @@ from dmd2.data import RandomBatches, open_split
 from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, family_for, import_teacher, save_model, teacher_config
 from dmd2.stage import StageContext
-from dmd2.training import EMA, device, progress_keys, warmup_schedule
+from dmd2.training import EMA, adamw, device, progress_keys, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 TEACHER_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
@@ -57,7 +57,7 @@ def train_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[st
 
     torch.manual_seed(cfg.seed)
     net = family.build_network().to(device())
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    optimizer = adamw(net.parameters(), lr=cfg.lr)
     schedule = warmup_schedule(optimizer, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
     run = TeacherRun(family, net, EMA(net, cfg.ema_decay), optimizer, schedule,
                      RandomBatches(train, cfg.batch_size, cfg.seed), model_cfg)
@@ -130,7 +130,7 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
                                        f"({latest_checkpoint(ckpt_dir)}) is intact. Lower teacher.lr and rerun to resume.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0, foreach=True)
             optimizer.step()
             scheduler.step()
             step += 1

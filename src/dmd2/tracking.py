@@ -76,8 +76,12 @@ class Wandb:
 
             self.run.log({key: wandb.Image(str(path))}, step=step)
 
+    @property
+    def logs_checkpoints(self) -> bool:
+        return self.run is not None and self.cfg.log_checkpoints
+
     def log_checkpoint(self, path: str | Path, name: str) -> None:
-        if self.run is not None and self.cfg.log_checkpoints:
+        if self.logs_checkpoints:
             import wandb
 
             artifact = wandb.Artifact(name, type="checkpoint")

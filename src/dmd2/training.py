@@ -43,14 +43,32 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up so early EMA is not stuck at random init
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1 - decay)
-            else:
-                self.shadow[k].copy_(v)
+        ema_update_(self.shadow, model.state_dict(), warmed_up_decay(self.decay, step))
+
+
+def warmed_up_decay(decay: float, step: int) -> float:
+    """min(decay, (1 + step) / (10 + step)): early averages follow the weights instead of staying at the start."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update_(average: dict[str, torch.Tensor], current: dict[str, torch.Tensor], decay: float) -> None:
+    """average ← decay · average + (1 − decay) · current, in place, for the floating-point tensors (others are
+    copied). Works on a module's `state_dict()`, whose tensors share storage with it (and on FSDP2's DTensor
+    shards, each rank averaging its own)."""
+    floats = [k for k, v in current.items() if v.dtype.is_floating_point]
+    # one multi-tensor kernel instead of a Python loop over a few hundred tensors
+    torch._foreach_lerp_([average[k] for k in floats], [current[k].detach() for k in floats], 1 - decay)
+    for k, v in current.items():
+        if not v.dtype.is_floating_point:
+            average[k].copy_(v)
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (CPU and CUDA): one pass over all tensors instead of a Python loop per
+    tensor, three times faster on the embedded experiment's small networks. weight_decay 0 is Adam."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
 
 
 class GlobalBatchRandom:
