@@ -77,3 +77,30 @@ def test_latents_round_trip_through_the_vae_with_its_scaling_factor(tiny):
     with torch.no_grad():
         expected = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     torch.testing.assert_close(codec.decode(latents), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_student_trains_only_its_adapter_and_loads_into_a_stock_pipeline(tiny, tmp_path):
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    from dmd2.families.stable_diffusion import add_lora, save_lora
+
+    kind, path, _ = tiny
+    unet = add_lora(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), rank=4, alpha=2)
+    trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any(".time_emb_proj.lora_A" in n for n in trainable) and any(".to_q.lora_B" in n for n in trainable)
+    with torch.no_grad():  # stand in for training: move every adapter weight
+        for name, p in unet.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    save_lora(path, unet, tmp_path / "lora")
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    pipe.load_lora_weights(tmp_path / "lora")
+    cond = PromptEncoder.from_pipeline(path, resolution=(16, 16))(["a photo of a cat"])
+    latents, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([999])
+    with torch.no_grad():
+        ours, theirs = unet(latents, t, **cond).sample, pipe.unet(latents, t, **cond).sample
+        plain = UNet2DConditionModel.from_pretrained(path, subfolder="unet")(latents, t, **cond).sample
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain, ours)  # the adapter changed the output

@@ -46,7 +46,7 @@ from dmd2.errors import RunLockedError, TrainingDiverged
 from dmd2.families import Family, Model, load_model, save_model, student_config
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
-from dmd2.sharding import device_mesh, shard, total_norm
+from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard, total_norm
 from dmd2.stage import StageContext
 from dmd2.training import (
     GlobalBatchRandom,
@@ -90,17 +90,18 @@ class DMD2Trainer:
 
     def __init__(self, family: Family, teacher: nn.Module, generator: nn.Module, critic_score: nn.Module,
                  gan_head: nn.Module | None, cfg: DistillConfig, accelerator: Accelerator,
-                 launch: LaunchConfig | None = None):
+                 launch: LaunchConfig | None = None, teacher_weights: dict[str, torch.Tensor] | None = None):
+        """Sharded runs may pass the networks as meta-device skeletons (see `run_distill`): each is sharded, then
+        filled from `teacher_weights` (rank 0: `full_weights` of the teacher; None elsewhere), which rank 0
+        broadcasts shard by shard."""
         self.family, self.cfg, self.acc = family, cfg, accelerator
         self.shape = family.sample_shape
         self.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
         critic = Critic(family, critic_score, gan_head, cfg.gan.diffusion_max_timestep, self.draw)
-        # NO_SHARD replicates every parameter: that is DDP, so it takes accelerate's DDP path.
-        self.sharded = (launch is not None and launch.distributed == "fsdp" and accelerator.num_processes > 1
-                        and launch.fsdp.sharding_strategy != "NO_SHARD")
-        self.teacher = teacher.requires_grad_(False).eval().to(accelerator.device)
+        self.sharded = shards(launch, accelerator.num_processes)
+        self.teacher = _to(teacher.requires_grad_(False).eval(), accelerator.device)
         # the generator's weight average: a frozen copy, sharded like the generator so its shards line up
-        self.generator_ema = (copy.deepcopy(generator).requires_grad_(False).eval().to(accelerator.device)
+        self.generator_ema = (_to(copy.deepcopy(generator).requires_grad_(False).eval(), accelerator.device)
                               if cfg.ema_decay > 0 else None)
         # fsdp.activation_checkpointing asks for the same thing as distill.gradient_checkpointing: honour either
         if cfg.gradient_checkpointing or (self.sharded and launch.fsdp.activation_checkpointing):
@@ -109,9 +110,13 @@ class DMD2Trainer:
         if self.sharded:
             # Shard before building the optimisers, so that they hold (and checkpoint) only this rank's shards.
             mesh = device_mesh(launch, accelerator.num_processes, accelerator.device.type)
-            for net in (generator, critic_score, gan_head, self.teacher, self.generator_ema):
+            copies = [net for net in (generator, critic_score, self.teacher, self.generator_ema) if net is not None]
+            for net in [*copies, gan_head]:
                 if net is not None:
-                    shard(net.to(accelerator.device), launch.fsdp, mesh)
+                    shard(_to(net, accelerator.device), launch.fsdp, mesh)
+            if any(_on_meta(net) for net in copies):
+                for net in copies:  # each starts as the teacher
+                    fill_from_rank0(net, teacher_weights, accelerator.device)
             accelerator.print(f"FSDP2 {launch.fsdp.sharding_strategy} over the mesh "
                               f"{dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True))}")
         opt = dict(weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
@@ -286,6 +291,22 @@ class DMD2Trainer:
         return full_state_dict(self.student_module, self.sharded)
 
 
+def shards(launch: LaunchConfig | None, num_processes: int) -> bool:
+    """Whether the run shards its networks with FSDP2 (NO_SHARD replicates every parameter: that is DDP, so it
+    takes accelerate's DDP path)."""
+    return (launch is not None and launch.distributed == "fsdp" and num_processes > 1
+            and launch.fsdp.sharding_strategy != "NO_SHARD")
+
+
+def _on_meta(net: nn.Module) -> bool:
+    return any(p.is_meta for p in net.parameters())
+
+
+def _to(net: nn.Module, device: torch.device) -> nn.Module:
+    """`net.to(device)`, except for a meta-device skeleton, which is filled after sharding."""
+    return net if _on_meta(net) else net.to(device)
+
+
 # -------------------------------------------------------------------------------------------------- the stage
 
 
@@ -298,7 +319,13 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     if cfg.batch_size % acc.num_processes:
         raise ConfigError(f"distill.batch_size={cfg.batch_size} must be divisible by the {acc.num_processes} processes")
     per_rank = cfg.batch_size // acc.num_processes
-    teacher = load_model(paths.teacher)
+    # Sharded, no rank builds full copies of the networks: every rank builds meta-device skeletons and only rank 0
+    # reads the teacher's weights (one full copy), which fill each network's shards after sharding.
+    sharded = shards(exp.launch, acc.num_processes)
+    teacher_weights = None
+    if sharded:
+        teacher_weights = full_weights(load_model(paths.teacher).net) if acc.is_main_process else None
+    teacher = load_model(paths.teacher, weights=not sharded)
     family = teacher.family
     _check_timesteps(cfg, family)
     real = None
@@ -314,7 +341,8 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     generator = copy.deepcopy(teacher.net).train().requires_grad_(True)
     critic_score = copy.deepcopy(teacher.net).train().requires_grad_(True)
     head = new_gan_head(family, cfg.seed) if cfg.gan.enabled else None
-    trainer = DMD2Trainer(family, teacher.net, generator, critic_score, head, cfg, acc, exp.launch)
+    trainer = DMD2Trainer(family, teacher.net, generator, critic_score, head, cfg, acc, exp.launch, teacher_weights)
+    del teacher_weights  # rank 0's full copy: the shards hold the weights now
 
     run_dir = None
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others

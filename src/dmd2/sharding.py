@@ -76,3 +76,27 @@ def shard(model: nn.Module, fsdp: FSDPConfig, mesh: DeviceMesh) -> nn.Module:
 def total_norm(norm: torch.Tensor) -> float:
     """`clip_grad_norm_`'s result as a number: over DTensor gradients it is a DTensor of per-shard partials."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def fill_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Allocate a sharded meta-device skeleton's local shards on `device` and fill them from rank 0's full weights
+    (a collective: rank 0 broadcasts each tensor, every rank keeps its shard; the others pass None). `full_state`
+    is the state dict plus every buffer, non-persistent ones included (`full_weights`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    rank0 = torch.distributed.get_rank() == 0
+    saved = set(model.state_dict())
+    weights = {k: v for k, v in full_state.items() if k in saved} if rank0 else {}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # buffers are not sharded, and set_model_state_dict leaves the non-persistent ones (e.g. a sinusoidal
+    # embedding's frequencies, made in __init__) as `to_empty` allocated them: send rank 0's
+    for name, buffer in model.named_buffers():
+        if rank0:
+            buffer.copy_(full_state[name])
+        torch.distributed.broadcast(buffer, src=0)
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `fill_from_rank0` needs from rank 0: the state dict and every buffer."""
+    return {**model.state_dict(), **dict(model.named_buffers())}

@@ -88,10 +88,14 @@ class Model:
         return f"{n} {self.family.sampler_name} step{'s' if n != 1 else ''}"
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
-    """A teacher or student directory → a frozen, eval-mode `Model` on `device`."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: bool = True) -> Model:
+    """A teacher or student directory → a frozen, eval-mode `Model` on `device`. With `weights=False` the network
+    is built on the meta device instead (shapes only, no memory): a skeleton to shard, then fill."""
     config = read_config(path)
     family = family_for(config)
+    if not weights:
+        with torch.device("meta"):
+            return Model(family.build_network().eval().requires_grad_(False), family, config)
     net = family.load_network(Path(path))
     return Model(net.to(device).eval().requires_grad_(False), family, config)
 

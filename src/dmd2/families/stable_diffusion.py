@@ -131,3 +131,42 @@ class LatentCodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → pixels in [-1, 1] (not clamped)."""
         return self.vae.decode(latents.float() / self.scaling_factor).sample
+
+
+# -------------------------------------------------------------------------------------------------- LoRA
+
+# The SDXL LoRA recipe's target modules: attention projections, the transformer blocks' in/out projections and
+# feed-forward, the ResNet convolutions and shortcuts, the down/up-samplers and the time-embedding projections.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def add_lora(unet: nn.Module, rank: int = 64, alpha: float = 8, targets: tuple[str, ...] = LORA_TARGETS) -> nn.Module:
+    """Attach a LoRA adapter (peft, through diffusers' `add_adapter`) and freeze everything else: only the
+    adapter's weights train. It starts as the identity (peft zero-initialises the up projections)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)))
+    return unet
+
+
+def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under peft's key names (`…to_q.lora_A.weight`), which `load_lora_weights` reads
+    (diffusers' older `lora.down` names would leave the attention projections unloaded)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet)
+
+
+def save_lora(pipeline_dir: str | Path, unet: nn.Module, out_dir: str | Path) -> Path:
+    """Write the UNet's adapter as `pytorch_lora_weights.safetensors` in `out_dir`, loadable with
+    `DiffusionPipeline.from_pretrained(pipeline_dir).load_lora_weights(out_dir)`."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, json.loads((Path(pipeline_dir) / "model_index.json").read_text())["_class_name"])
+    # the adapter's config (rank, alpha, targets) travels in the file's metadata: without it a loader assumes
+    # alpha = rank, which rescales the adapter
+    pipeline_class.save_lora_weights(str(out_dir), unet_lora_layers=lora_weights(unet), safe_serialization=True,
+                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
