@@ -50,8 +50,8 @@ def test_resume_is_bit_identical(prepared, tmp_path, settings):
     if "ema_decay" in settings:  # the student is the generator's average, not its last weights
         training = load_file(list_checkpoints(run_dir(split, "distill") / "checkpoints")[-1] / "training.safetensors")
         key = "model.conv_in.weight"
-        assert torch.equal(student_weights(split)[key], training[f"generator_ema.model.{key}"])
-        assert not torch.equal(student_weights(split)[key], training[f"generator.model.{key}"])
+        assert torch.equal(student_weights(split)[key], training[f"/generator_ema/model/{key}"])
+        assert not torch.equal(student_weights(split)[key], training[f"/generator/model/{key}"])
     log = (run_dir(split, "distill") / "metrics.jsonl").read_text().splitlines()
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in log] == [1, 2, 3, 4, 5, 6]
 

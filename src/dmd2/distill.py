@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dmd2.checkpoint import (
     BackgroundWriter,
+    TrainingParts,
     begin_checkpoint,
     checkpoint_at_or_refuse,
     commit_checkpoint,
@@ -272,7 +273,7 @@ class DMD2Trainer:
 
     # ---------------------------------------------------------------------------------------------- state
 
-    def training_parts(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+    def training_parts(self) -> TrainingParts:
         """What `save_training_state` writes: each trained model with its optimiser (and the generator's average)."""
         parts = {"generator": (self.generator_module, self.opt_g), "critic": (self.critic_module, self.opt_c)}
         if self.generator_ema is not None:

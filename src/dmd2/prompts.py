@@ -37,7 +37,8 @@ def read_captions(path: str | Path) -> list[str]:
     """The prompts of a captions file, in file order (see the module docstring for the formats)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"captions file {path} not found")
+        raise DataError(f"captions file {path} {'is a directory' if path.is_dir() else 'not found'}; give the path "
+                        f"of a {', '.join(FORMATS)} file")
     if path.suffix not in FORMATS:
         raise DataError(f"captions file {path}: unknown format {path.suffix or '(no suffix)'}; "
                         f"use one of {', '.join(FORMATS)}")

@@ -24,7 +24,7 @@ PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sd
 
 
 def pipeline_kind(path: str | Path) -> str:
-    """"sd15" or "sdxl", from the pipeline directory's model_index.json."""
+    """The kind of pipeline at `path`, "sd15" or "sdxl", from its model_index.json."""
     index = Path(path) / "model_index.json"
     try:
         name = json.loads(index.read_text())["_class_name"]
