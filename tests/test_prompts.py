@@ -6,7 +6,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from dmd2.data import DataError, write_lmdb
+from dmd2.data import DataError, LMDBImageDataset, write_lmdb
 from dmd2.prompts import PromptDataset, prompts_lmdb_from_captions, read_captions
 
 PROMPTS = ["a photo of a cat", "two dogs, on a beach", 'a sign that says "open"', "ünïcödé caption"]
@@ -76,8 +76,11 @@ def test_prompts_lmdb_round_trips_with_its_meta_and_checks_every_record(tmp_path
         PromptDataset(tmp_path / "prompts.lmdb")[2]
 
 
-def test_an_image_lmdb_is_not_taken_for_prompts(tmp_path):
+def test_an_image_lmdb_is_not_taken_for_prompts_nor_the_reverse(tmp_path):
     write_lmdb(tmp_path / "images.lmdb", np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 1]),
                {"num_classes": 2, "source": "t", "source_sha256": "x"})
     with pytest.raises(DataError, match=r"images\.lmdb is not a prompts LMDB .*kind 'images'"):
         PromptDataset(tmp_path / "images.lmdb")
+    prompts_lmdb_from_captions(write_captions(tmp_path, "txt"), tmp_path / "prompts.lmdb")
+    with pytest.raises(DataError, match=r"prompts\.lmdb is not an images LMDB \(kind 'prompts'\)"):
+        LMDBImageDataset(tmp_path / "prompts.lmdb")

@@ -152,7 +152,12 @@ def _forget(path: Path) -> None:
         env.close()
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+# keys per record of each kind of LMDB: image, label, crc; or prompt, crc (`dmd2.prompts`)
+KEYS_PER_RECORD = {"images": 3, "prompts": 2}
+
+
+def read_meta(path: str | Path, kind: str = "images") -> dict[str, Any]:
+    """The meta record of an LMDB of `kind`, after checking the file is one, of this schema, and complete."""
     path = Path(path)
     if not (path / "data.mdb").exists():
         raise DataError(f"LMDB {path} not found (no {path / 'data.mdb'}); run `dmd2 prepare-data` to build it")
@@ -164,12 +169,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise DataError(f"LMDB {path} has no {META_KEY.decode()} record: it was not written by `dmd2 prepare-data` "
                         "or the write was interrupted; delete it and run `dmd2 prepare-data` again")
     meta = json.loads(raw)
+    found = meta.get("kind", "images")  # image LMDBs predate the kind key
+    if found != kind:
+        raise DataError(f"LMDB {path} is not a{'n' if kind[0] in 'aeiou' else ''} {kind} LMDB (kind {found!r}); point the setting at the {kind} file, "
+                        "or rebuild it with `dmd2 prepare-data`")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"LMDB {path} has schema version {meta.get('schema_version')}, this code reads {SCHEMA_VERSION}; "
                         "rebuild it with `dmd2 prepare-data`")
-    if entries != 3 * meta["count"] + 1:
+    per_record = KEYS_PER_RECORD[kind]
+    if entries != per_record * meta["count"] + 1:
         raise DataError(f"LMDB {path} is truncated: meta says {meta['count']} records, file holds "
-                        f"{(entries - 1) // 3}; rebuild it with `dmd2 prepare-data`")
+                        f"{(entries - 1) // per_record}; rebuild it with `dmd2 prepare-data`")
     return meta
 
 

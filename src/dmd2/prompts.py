@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import zlib
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from typing import Any
 import lmdb
 import torch
 
-from dmd2.data import META_KEY, SCHEMA_VERSION, DataError, _forget, _open
+from dmd2.data import META_KEY, SCHEMA_VERSION, DataError, _forget, _open, read_meta
 
 CAPTION_KEYS = ("caption", "prompt", "text")
 FORMATS = (".txt", ".csv", ".jsonl", ".parquet")
@@ -132,7 +133,7 @@ def write_prompts_lmdb(path: str | Path, prompts: Sequence[str], meta: dict[str,
     env.close()
     _forget(path)
     shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    os.replace(tmp, path)
 
 
 def prompts_lmdb_from_captions(captions: str | Path, out: str | Path, split: str = "train") -> dict[str, Any]:
@@ -149,22 +150,7 @@ class PromptDataset:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        fix = "rebuild it with `dmd2 prepare-data`"
-        if not (self.path / "data.mdb").exists():
-            raise DataError(f"prompts LMDB {self.path} not found (no data.mdb); run `dmd2 prepare-data` to build it")
-        env = _open(self.path)
-        with env.begin() as txn:
-            raw = txn.get(META_KEY)
-            entries = env.stat()["entries"]
-        if raw is None:
-            raise DataError(f"prompts LMDB {self.path} has no meta record (an interrupted write?); {fix}")
-        self.meta = json.loads(raw)
-        if self.meta.get("kind") != KIND or self.meta.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(f"{self.path} is not a prompts LMDB of schema {SCHEMA_VERSION} (kind "
-                            f"{self.meta.get('kind', 'images')!r}, schema {self.meta.get('schema_version')}); {fix}")
-        if entries != 2 * self.meta["count"] + 1:
-            raise DataError(f"prompts LMDB {self.path} is truncated: meta says {self.meta['count']} prompts, the file "
-                            f"holds {(entries - 1) // 2}; {fix}")
+        self.meta = read_meta(self.path, kind=KIND)
 
     def __len__(self) -> int:
         return int(self.meta["count"])
