@@ -1,0 +1,115 @@
+"""Is a distillation setting better than another over seeds, not on one? Distill and evaluate each setting on
+several seeds against one teacher, and print each setting's mean and spread.
+
+    python benchmarks/distill_seeds.py --project . --seeds 0 1 2 3 --parallel 2 \\
+        base "ratio-3=distill.dfake_gen_update_ratio=3" "critic-4e-4=distill.critic_lr=4e-4"
+
+A setting is `NAME` (the experiment as it is) or `NAME=KEY=VALUE[,KEY=VALUE...]`. `--project` is a project
+directory whose experiment already has its data, teacher and FID reference (`snakemake models/mnist/fid_reference`
+or a default run). Each (setting, seed) runs the real `dmd2 distill` and `dmd2 evaluate` in its own directory under
+`--workdir`, which links to the project's inputs, so the project itself is not touched; `--parallel` runs that many
+at once (on a GPU, several small runs share it well). Every finished run appends a line to `--workdir/runs.jsonl`
+and prints it; the summary at the end gives, per setting, the mean ± standard deviation over seeds of the student's
+proxy FID and of its paired difference to the teacher, the class accuracy, and the mean FID-versus-iteration curve.
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+INPUTS = ("data", "models/{e}/teacher", "models/{e}/fid_reference")
+
+
+def parse_setting(text: str) -> tuple[str, list[str]]:
+    name, _, sets = text.partition("=")
+    return name, [s for s in re.split(r",(?=[\w.]+=)", sets) if s]  # a comma inside a value ([0.0, 0.99]) stays
+
+
+def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list[str], seed: int) -> dict:
+    """Distill and evaluate one (setting, seed) in its own directory; return its figures."""
+    run_dir = workdir / f"{name}-seed{seed}"
+    for relative in INPUTS:
+        link = run_dir / relative.format(e=experiment)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to((project / relative.format(e=experiment)).resolve())
+    params = run_dir / "params.yaml"
+    params.write_text((project / "params.yaml").read_text())
+    options = ["--experiment", experiment, "--params", str(params), "--root", str(run_dir)]
+    options += [f"--set={s}" for s in [*sets, f"distill.seed={seed}"]]
+    cli = [sys.executable, "-c", "from dmd2.cli import main; main()"]
+    with open(run_dir / "log.txt", "w") as log:
+        for stage in ("distill", "evaluate"):
+            subprocess.run([*cli, stage, *options], check=True, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir)
+    metrics = json.loads((run_dir / "results" / experiment / "metrics.json").read_text())
+    curve_files = sorted((run_dir / "work" / experiment / "distill").glob("run-*/fid_curve.jsonl"))
+    curve = [json.loads(line) for line in curve_files[-1].read_text().splitlines()] if curve_files else []
+    return {"setting": name, "sets": sets, "seed": seed,
+            "teacher_fid": metrics["teacher_nfe35"]["fid"] if "teacher_nfe35" in metrics else None,
+            "student_fid": metrics["student_nfe1"]["fid"], "student_fid_std": metrics["student_nfe1"]["fid_std"],
+            "difference": metrics["student_minus_full_teacher_fid"]["fid_difference"],
+            "difference_std": metrics["student_minus_full_teacher_fid"]["fid_difference_std"],
+            "class_accuracy": metrics["student_nfe1"]["class_accuracy"],
+            "curve": {row["step"]: row["fid"] for row in curve}}
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def summarise(rows: list[dict]) -> None:
+    print("\nsetting            seeds  student FID      student − teacher  class acc.  mean curve (iteration: FID)")
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == name]
+        steps = sorted({int(s) for r in mine for s in r["curve"]})
+        curve = "  ".join(f"{s}: {statistics.fmean(r['curve'][s] for r in mine if s in r['curve']):.2f}"
+                          for s in steps)
+        print(f"{name:18s} {len(mine):5d}  {mean_sd([r['student_fid'] for r in mine]):15s}  "
+              f"{mean_sd([r['difference'] for r in mine]):17s}  {statistics.fmean(r['class_accuracy'] for r in mine):.3f}"
+              f"       {curve}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("settings", nargs="+", help="NAME or NAME=KEY=VALUE[,KEY=VALUE...]")
+    parser.add_argument("--project", type=Path, default=Path("."))
+    parser.add_argument("--experiment", default="mnist")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dmd2-seeds"))
+    args = parser.parse_args()
+    for relative in INPUTS:
+        if not (args.project / relative.format(e=args.experiment)).exists():
+            raise SystemExit(f"{args.project / relative.format(e=args.experiment)} is missing: run the experiment's "
+                             f"data, teacher and fid-reference stages in {args.project} first")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    jobs = [(*parse_setting(s), seed) for s in args.settings for seed in args.seeds]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    def job(spec: tuple[str, list[str], int]) -> dict:
+        row = run_one(args.project, args.workdir, args.experiment, *spec)
+        with open(args.workdir / "runs.jsonl", "a") as out:
+            out.write(json.dumps(row) + "\n")
+        print(f"{row['setting']} seed {row['seed']}: student {row['student_fid']:.3f}, student − teacher "
+              f"{row['difference']:+.3f} ± {row['difference_std']:.3f}, class accuracy {row['class_accuracy']:.3f}",
+              flush=True)
+        return row
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(job, jobs))
+    summarise(rows)
+
+
+if __name__ == "__main__":
+    main()
