@@ -1,7 +1,7 @@
 """Is a distillation setting better than another over seeds, not on one? Distill and evaluate each setting on
 several seeds against one teacher, and print each setting's mean and spread.
 
-    python benchmarks/distill_seeds.py --project . --seeds 0 1 2 3 --parallel 2 \\
+    python benchmarks/distill_seeds.py --project . --seeds 0,1,2,3 --parallel 2 \\
         base "ratio-3=distill.dfake_gen_update_ratio=3" "critic-4e-4=distill.critic_lr=4e-4"
 
 A setting is `NAME` (the experiment as it is) or `NAME=KEY=VALUE[,KEY=VALUE...]`. `--project` is a project
@@ -49,7 +49,9 @@ def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list
     cli = [sys.executable, "-c", "from dmd2.cli import main; main()"]
     with open(run_dir / "log.txt", "w") as log:
         for stage in ("distill", "evaluate"):
-            subprocess.run([*cli, stage, *options], check=True, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir)
+            if subprocess.run([*cli, stage, *options], stdout=log, stderr=subprocess.STDOUT, cwd=run_dir).returncode:
+                last = (run_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise RuntimeError(f"{name} seed {seed}: {stage} failed ({last[0]}); its log: {run_dir / 'log.txt'}")
     metrics = json.loads((run_dir / "results" / experiment / "metrics.json").read_text())
     curve_files = sorted((run_dir / "work" / experiment / "distill").glob("run-*/fid_curve.jsonl"))
     curve = [json.loads(line) for line in curve_files[-1].read_text().splitlines()] if curve_files else []
@@ -84,7 +86,8 @@ def main() -> None:
     parser.add_argument("settings", nargs="+", help="NAME or NAME=KEY=VALUE[,KEY=VALUE...]")
     parser.add_argument("--project", type=Path, default=Path("."))
     parser.add_argument("--experiment", default="mnist")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0, 1, 2, 3],
+                        help="distillation seeds, comma-separated (default 0,1,2,3)")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dmd2-seeds"))
     args = parser.parse_args()
@@ -97,8 +100,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
 
-    def job(spec: tuple[str, list[str], int]) -> dict:
-        row = run_one(args.project, args.workdir, args.experiment, *spec)
+    def job(spec: tuple[str, list[str], int]) -> dict | None:
+        try:
+            row = run_one(args.project, args.workdir, args.experiment, *spec)
+        except RuntimeError as failure:  # one failed run does not stop the others or the summary
+            print(failure, flush=True)
+            return None
         with open(args.workdir / "runs.jsonl", "a") as out:
             out.write(json.dumps(row) + "\n")
         print(f"{row['setting']} seed {row['seed']}: student {row['student_fid']:.3f}, student − teacher "
@@ -107,7 +114,7 @@ def main() -> None:
         return row
 
     with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(job, jobs))
+        rows = [row for row in pool.map(job, jobs) if row is not None]
     summarise(rows)
 
 
