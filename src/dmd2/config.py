@@ -70,6 +70,13 @@ class DataConfig(Strict):
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of images kept out of training (sources "
                                     "without their own split)")
     seed: int = Field(0, description="seed of the deterministic train/held-out split")
+    caption_template: str = Field("a photo of a {class_name}", description="text-to-image teachers: each real "
+                                  "image's caption, from its label ({label}) or class name ({class_name}: the "
+                                  "source's, else the label), unless `image_captions` gives them")
+    image_captions: str | None = Field(None, description="text-to-image teachers: a captions file (.txt, .csv, "
+                                       ".jsonl, .parquet) with one caption per source image, in the source's order")
+    prompts: str | None = Field(None, description="text-to-image teachers: the captions file the generator trains "
+                                "on (LAION-style prompts); default: the training images' captions")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -213,11 +220,32 @@ def _teacher_family(value: Any) -> str:
     return (value.get("family", "edm") if isinstance(value, dict) else getattr(value, "family", "edm"))
 
 
+class TextSamplerConfig(Strict):
+    num_steps: int = Field(50, ge=1, description="deterministic DDIM steps of the teacher's own sampler (NFE = n, "
+                           "2n with guidance)")
+    guidance_scale: float = Field(1.0, ge=0, le=100, description="classifier-free guidance of the teacher's own "
+                                  "sampler in evaluation (the DM loss uses distill.real_guidance_scale)")
+
+
+class StableDiffusionTeacherConfig(Strict):
+    """`family: stable_diffusion`: a text-to-image latent diffusion pipeline (Stable Diffusion 1.5 or SDXL, or a tiny
+    one of the same shape) read from a local diffusers pipeline directory or a hub id; never trained here."""
+
+    family: Literal["stable_diffusion"] = "stable_diffusion"
+    source: Literal["pretrained"] = "pretrained"
+    pretrained: str = Field(description="a local diffusers pipeline directory (model_index.json, unet/, vae/, "
+                            "text_encoder/, tokenizer/, scheduler/), or a hub id such as "
+                            "stable-diffusion-v1-5/stable-diffusion-v1-5 already in the local hub cache when offline")
+    sampler: TextSamplerConfig = Field(default_factory=TextSamplerConfig)
+
+
 TeacherConfig = Annotated[
-    Annotated[EDMTeacherConfig, Tag("edm")] | Annotated[DiffusersTeacherConfig, Tag("diffusers")],
+    Annotated[EDMTeacherConfig, Tag("edm")] | Annotated[DiffusersTeacherConfig, Tag("diffusers")]
+    | Annotated[StableDiffusionTeacherConfig, Tag("stable_diffusion")],
     Discriminator(_teacher_family),
 ]
-TEACHER_FAMILIES = {"edm": EDMTeacherConfig, "diffusers": DiffusersTeacherConfig}
+TEACHER_FAMILIES = {"edm": EDMTeacherConfig, "diffusers": DiffusersTeacherConfig,
+                    "stable_diffusion": StableDiffusionTeacherConfig}
 
 
 # -------------------------------------------------------------------------------------------------- distill
@@ -392,7 +420,7 @@ class ExperimentConfig(Strict):
 
 
 # The blocks a stage's `--config` file may give keys of without naming the block (the seed's `steps: 4`).
-STAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {"teacher": (EDMTeacherConfig, DiffusersTeacherConfig),
+STAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {"teacher": tuple(TEACHER_FAMILIES.values()),
                                                          "distill": (DistillConfig,)}
 
 

@@ -152,8 +152,9 @@ def _forget(path: Path) -> None:
         env.close()
 
 
-# keys per record of each kind of LMDB: image, label, crc; or prompt, crc (`dmd2.prompts`)
-KEYS_PER_RECORD = {"images": 3, "prompts": 2}
+# keys per record of each kind of LMDB: image, label, crc; prompt, crc (`dmd2.prompts`); latent, prompt, crc
+# (`dmd2.latents`)
+KEYS_PER_RECORD = {"images": 3, "prompts": 2, "latents": 3}
 
 
 def read_meta(path: str | Path, kind: str = "images") -> dict[str, Any]:
@@ -232,6 +233,11 @@ class LMDBImageDataset(torch.utils.data.Dataset):
             items = [self._record(txn, int(i)) for i in indices]
         return _to_model_range(np.stack([x for x, _ in items])), torch.tensor([y for _, y in items], dtype=torch.long)
 
+    def labels(self) -> torch.Tensor:
+        """Every record's label (each record read and checked)."""
+        with _open(self.path).begin() as txn:
+            return torch.tensor([self._record(txn, i)[1] for i in range(len(self))], dtype=torch.long)
+
     def all_uint8(self) -> tuple[np.ndarray, np.ndarray]:
         items = [self.raw(i) for i in range(len(self))]
         return np.stack([x for x, _ in items]), np.array([y for _, y in items], dtype=np.int64)
@@ -280,10 +286,26 @@ def open_split(data_dir: str | Path, split: str, resolution: int) -> LMDBImageDa
 
 
 def run_prepare_data(ctx: StageContext) -> dict[str, Any]:
-    """The data stage: data/<exp>/train.lmdb and heldout.lmdb from `data.source`."""
-    cfg = ctx.exp.data
-    summary = prepare(ctx.paths.data, open_source(cfg, ctx.paths.root), cfg.resolution, cfg.heldout_fraction, cfg.seed)
+    """The data stage: data/<exp>/train.lmdb and heldout.lmdb from `data.source`; for a text-to-image teacher also
+    the training latents with their captions and the prompts (`dmd2.latents`)."""
+    cfg, root = ctx.exp.data, ctx.paths.root
+    source = open_source(cfg, root)
+    text_to_image = ctx.exp.teacher.family == "stable_diffusion"
+    captions = None
+    if text_to_image:  # checked before anything is written
+        from dmd2.latents import check_resolution, source_captions
+
+        check_resolution(cfg, ctx.exp.teacher, root)
+        captions = source_captions(cfg, source.labels, source.class_names, root)
+    summary = prepare(ctx.paths.data, source, cfg.resolution, cfg.heldout_fraction, cfg.seed, rgb=text_to_image)
     print(f"wrote {ctx.paths.data}/train.lmdb ({summary['train']}) and heldout.lmdb ({summary['heldout']})")
+    if text_to_image:
+        from dmd2.latents import prepare_text_to_image
+
+        splits = source_splits(source, cfg.heldout_fraction, cfg.seed)
+        summary.update(prepare_text_to_image(ctx.paths.data, cfg, ctx.exp.teacher, captions, splits, root))
+        print(f"wrote {ctx.paths.data}/latents.lmdb ({summary['latents']}), prompts.lmdb ({summary['prompts']}) and "
+              f"eval_prompts.lmdb ({summary['eval_prompts']})")
     return summary
 
 
@@ -305,31 +327,38 @@ def open_source(cfg: DataConfig, root: Path = Path(".")) -> Source:
 class _Resized:
     """A split's images, read from the source and resized one at a time (no whole dataset in memory)."""
 
-    def __init__(self, source: Source, indices: np.ndarray, resolution: int):
-        self.source, self.indices, self.resolution = source, indices, resolution
+    def __init__(self, source: Source, indices: np.ndarray, resolution: int, rgb: bool = False):
+        self.source, self.indices, self.resolution, self.rgb = source, indices, resolution, rgb
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> np.ndarray:
         image = self.source.read_image(int(self.indices[i]))
+        if self.rgb and image.shape[0] == 1:  # grey → RGB, for a VAE that reads three channels
+            image = np.repeat(image, 3, axis=0)
         return image if image.shape[-1] == self.resolution == image.shape[-2] else resize_images(image[None], self.resolution)[0]
 
 
+def source_splits(source: Source, heldout_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The source's indices of each split: its own split if it has one, else a stratified one."""
+    return source.splits or dict(zip(("train", "heldout"), split_indices(source.labels, heldout_fraction, seed),
+                                     strict=True))
+
+
 def prepare(out_dir: str | Path, source: Source, resolution: int, heldout_fraction: float,
-            seed: int) -> dict[str, Any]:
-    """Write train.lmdb and heldout.lmdb (the source's own split if it has one, else a stratified one); returns a
-    summary for the stage record."""
+            seed: int, rgb: bool = False) -> dict[str, Any]:
+    """Write train.lmdb and heldout.lmdb (`source_splits`), grey images as RGB if `rgb`; returns a summary for the
+    stage record."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = source.splits or dict(zip(("train", "heldout"), split_indices(source.labels, heldout_fraction, seed),
-                                       strict=True))
+    splits = source_splits(source, heldout_fraction, seed)
     common = {"num_classes": source.num_classes, "source": source.description, "source_sha256": source.digest,
               "resolution": resolution, "split_seed": seed}
     if source.class_names:
         common["class_names"] = source.class_names
     for name in ("train", "heldout"):
         idx = splits[name]
-        write_lmdb(out_dir / f"{name}.lmdb", _Resized(source, idx, resolution), source.labels[idx],
+        write_lmdb(out_dir / f"{name}.lmdb", _Resized(source, idx, resolution, rgb), source.labels[idx],
                    {**common, "split": name})
     return {"train": len(splits["train"]), "heldout": len(splits["heldout"]), "source_sha256": source.digest}

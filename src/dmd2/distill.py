@@ -326,17 +326,13 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     teacher_weights = None
     if sharded:
         teacher_weights = full_weights(load_model(paths.teacher).net) if acc.is_main_process else None
-    teacher = load_model(paths.teacher, weights=not sharded)
+    teacher = load_model(paths.teacher, weights=not sharded, data_dir=paths.data)
     family = teacher.family
     _check_timesteps(cfg, family)
     real = None
     if cfg.gan.enabled or (len(cfg.denoising_timesteps) > 1 and not cfg.backward_simulation):
-        train = open_split(paths.data, "train", exp.data.resolution)
-        if tuple(train.shape) != tuple(family.sample_shape):
-            raise DataError(f"{train.path} holds samples of shape {tuple(train.shape)}, but the teacher's samples "
-                             f"are {tuple(family.sample_shape)}: the GAN compares the two; match data.resolution "
-                             "to the teacher, or set distill.gan.enabled: false")
-        real = RandomBatches(train, cfg.batch_size, cfg.seed, rank=acc.process_index, world=acc.num_processes)
+        real = RandomBatches(real_samples(paths.data, exp.data.resolution, family), cfg.batch_size, cfg.seed,
+                             rank=acc.process_index, world=acc.num_processes)
 
     torch.manual_seed(cfg.seed)  # the same on every rank: see GlobalBatchRandom
     generator = copy.deepcopy(teacher.net).train().requires_grad_(True)
@@ -410,6 +406,22 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
                    extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
     acc.wait_for_everyone()
     return summary
+
+
+def real_samples(data_dir: Path, resolution: int, family: Family):
+    """The real training samples the GAN (or forward-noised multi-step training) reads, checked against the
+    teacher's sample shape: the training images, or their latents for a latent-space family."""
+    if family.latent_space:
+        from dmd2.families.stable_diffusion import LATENTS_FILE
+        from dmd2.latents import LatentDataset
+
+        return LatentDataset(data_dir / LATENTS_FILE, expect_shape=family.sample_shape)
+    train = open_split(data_dir, "train", resolution)
+    if tuple(train.shape) != tuple(family.sample_shape):
+        raise DataError(f"{train.path} holds samples of shape {tuple(train.shape)}, but the teacher's samples "
+                        f"are {tuple(family.sample_shape)}: the GAN compares the two; match data.resolution "
+                        "to the teacher, or set distill.gan.enabled: false")
+    return train
 
 
 def _one_writer(run_dir: Path, acc: Accelerator):

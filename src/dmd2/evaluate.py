@@ -105,8 +105,9 @@ def evaluate_model(kind: str, model: Model, num_steps: int | None, exp: Experime
     raw_cond = model.family.balanced_conditions(cfg.num_samples)
     batch_seconds: list[float] = []
     images = sample_images(model, cfg.num_samples, cfg.seed, cfg.batch_size, num_steps, raw_cond, batch_seconds)
+    labels = model.family.balanced_labels(cfg.num_samples)
     row = {"model": kind, "steps": int(steps), "nfe": int(nfe), "setting": model.describe(num_steps),
-           **score_images(ref, images, raw_cond, cfg.fid.bootstrap, int(ref.other_info.get("count") or 0))}
+           **score_images(ref, images, labels, cfg.fid.bootstrap, int(ref.other_info.get("count") or 0))}
     full_batches = batch_seconds[: cfg.num_samples // cfg.batch_size]  # a smaller last batch is not a throughput
     ips, latency = time_model(model, cfg.batch_size, num_steps, cfg.latency_repeats, cfg.seed, full_batches)
     row.update(images_per_s=round(ips, 2), latency_ms=round(latency, 3), batch_size=cfg.batch_size,
@@ -227,12 +228,16 @@ def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: 
 
 def _clip_row_score(exp: ExperimentConfig, clip, model: Model, images: torch.Tensor,
                     class_names: list[str] | None) -> float:
-    """CLIP score of one row's samples (eval.clip.enabled): prompts are the class names of their labels."""
+    """CLIP score of one row's samples (eval.clip.enabled): against the prompts they were generated from, or the
+    class names of their labels."""
     from dmd2.clip_score import clip_score
 
-    labels = model.family.balanced_conditions(len(images))  # the conditions evaluate_model sampled with
+    raw = model.family.balanced_conditions(len(images))  # the conditions evaluate_model sampled with
     names = class_names or [str(c) for c in range(max(1, model.family.num_classes))]
-    prompts = [names[int(c)] for c in labels] if labels is not None else [names[0]] * len(images)
+    if isinstance(raw, list):  # prompts
+        prompts = raw
+    else:
+        prompts = [names[int(c)] for c in raw] if raw is not None else [names[0]] * len(images)
     return round(clip_score(*clip, images, prompts, exp.eval.clip.prompt_prefix), 4)
 
 
@@ -242,8 +247,8 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 
     exp, paths, dev = ctx.exp, ctx.paths, device()
     ref = FIDReference(exp, paths)
-    teacher = load_model(paths.teacher, dev)
-    student = load_model(paths.student, dev)
+    teacher = load_model(paths.teacher, dev, data_dir=paths.data)
+    student = load_model(paths.student, dev, data_dir=paths.data)
     out = paths.results
     for folder in ("samples", "plots"):  # declared outputs: start clean so no stale grid or CSV survives
         shutil.rmtree(out / folder, ignore_errors=True)
@@ -304,14 +309,15 @@ class CheckpointScorer:
     generator is loaded from its own `student/` directory, with the config of the run that wrote it."""
 
     def __init__(self, exp: ExperimentConfig, paths: ExperimentPaths):
-        self.exp, self.ref = exp, FIDReference(exp, paths)
+        self.exp, self.paths, self.ref = exp, paths, FIDReference(exp, paths)
 
     def score(self, checkpoint: Path) -> dict[str, Any]:
-        model = load_model(checkpoint / "student", device())
+        model = load_model(checkpoint / "student", device(), data_dir=self.paths.data)
         cfg = self.exp.eval
         raw_cond = model.family.balanced_conditions(cfg.num_samples)
         images = sample_images(model, cfg.num_samples, cfg.seed, cfg.batch_size, None, raw_cond)
-        return {**score_images(self.ref, images, raw_cond), "fid_is_proxy": self.ref.is_proxy,
+        labels = model.family.balanced_labels(cfg.num_samples)
+        return {**score_images(self.ref, images, labels), "fid_is_proxy": self.ref.is_proxy,
                 "num_samples": cfg.num_samples}
 
 

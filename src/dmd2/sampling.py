@@ -37,10 +37,11 @@ def few_step_sample(family: Family, net: nn.Module, noise: torch.Tensor, cond: A
 
 
 @torch.no_grad()
-def sample(model: Model, noise: torch.Tensor, raw_cond: torch.Tensor | None, num_steps: int | None = None,
-           generator: torch.Generator | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+def sample(model: Model, noise: torch.Tensor, raw_cond: Any, num_steps: int | None = None,
+           generator: torch.Generator | None = None, guidance_scale: float | None = None) -> torch.Tensor:
     """Images in [−1, 1] from unit Gaussian `noise`: the teacher's own sampler (`num_steps` steps, default its
-    full sampler), or a student's few-step generator (re-noising draws from `generator`)."""
+    full sampler; guidance default its family's), or a student's few-step generator (re-noising draws from
+    `generator`)."""
     device = next(model.net.parameters()).device
     noise = noise.to(device)
     cond = model.family.encode_conditions(raw_cond, device)
@@ -50,7 +51,8 @@ def sample(model: Model, noise: torch.Tensor, raw_cond: torch.Tensor | None, num
 
         x0 = few_step_sample(model.family, model.net, noise, cond, model.timesteps, fresh)
     else:
-        x0 = model.family.sample_teacher(model.net, noise, cond, model.steps(num_steps), guidance_scale)
+        scale = model.family.default_guidance_scale if guidance_scale is None else guidance_scale
+        x0 = model.family.sample_teacher(model.net, noise, cond, model.steps(num_steps), scale)
     return model.family.decode(x0).clamp(-1, 1)
 
 
@@ -64,7 +66,7 @@ def fixed_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def sample_images(model: Model, n: int, seed: int, batch_size: int = 256, num_steps: int | None = None,
-                  raw_cond: torch.Tensor | None = None, batch_seconds: list[float] | None = None) -> torch.Tensor:
+                  raw_cond: Any = None, batch_seconds: list[float] | None = None) -> torch.Tensor:
     """uint8 N×C×H×W images from fixed noise (seed) and, by default, balanced conditions, in batches; each batch's
     wall time is appended to `batch_seconds` when given (the evaluation's throughput figure)."""
     noise = fixed_noise(n, model.family.sample_shape, seed)
@@ -102,11 +104,10 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 1) -> Pa
     return path
 
 
-def grid_conditions(family: Family, per_class: int) -> tuple[torch.Tensor | None, int]:
-    """Conditions laid out so that each grid column is one class and each row one seed, and the column count."""
-    if not family.num_classes:
-        return None, per_class
-    return torch.arange(family.num_classes).repeat(per_class), family.num_classes
+def grid_conditions(family: Family, per_class: int) -> tuple[Any, int]:
+    """Conditions laid out so that each grid column is one condition (class or prompt) and each row one seed, and
+    the column count."""
+    return family.grid_conditions(per_class)
 
 
 def sample_grid(model: Model, per_class: int, seed: int, batch_size: int, num_steps: int | None = None) -> torch.Tensor:

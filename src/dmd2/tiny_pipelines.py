@@ -60,7 +60,7 @@ def tiny_sd15(out_dir: str | Path, resolution: int = 32, seed: int = 0) -> Path:
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
+                              set_alpha_to_one=False, steps_offset=1)  # SD1.5's own scheduler offset
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config(8, 16, 2, 2)),
                                    tokenizer=_tokenizer(), unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,

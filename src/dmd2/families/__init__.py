@@ -21,8 +21,10 @@ from torch import nn
 from dmd2.families.base import FORMAT, Family, ModelError, read_config
 from dmd2.families.diffusers import DiffusersFamily
 from dmd2.families.edm import EDMFamily
+from dmd2.families.stable_diffusion import StableDiffusionFamily
 
-FAMILIES: dict[str, type[Family]] = {"edm": EDMFamily, "diffusers": DiffusersFamily}
+FAMILIES: dict[str, type[Family]] = {"edm": EDMFamily, "diffusers": DiffusersFamily,
+                                     "stable_diffusion": StableDiffusionFamily}
 
 __all__ = ["FAMILIES", "FORMAT", "Family", "Model", "ModelError", "family_for", "import_teacher", "load_model", "read_config",
            "save_model", "student_config", "teacher_config"]
@@ -88,11 +90,15 @@ class Model:
         return f"{n} {self.family.sampler_name} step{'s' if n != 1 else ''}"
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", weights: bool = True) -> Model:
-    """A teacher or student directory → a frozen, eval-mode `Model` on `device`. With `weights=False` the network
-    is built on the meta device instead (shapes only, no memory): a skeleton to shard, then fill."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: bool = True,
+               data_dir: str | Path | None = None) -> Model:
+    """A teacher or student directory → a frozen, eval-mode `Model` on `device`, its family reading the conditions
+    that come from the experiment's data in `data_dir` (a text-to-image model's prompts). With `weights=False` the
+    network is built on the meta device instead (shapes only, no memory): a skeleton to shard, then fill."""
     config = read_config(path)
     family = family_for(config)
+    if data_dir is not None:
+        family.use_data(Path(data_dir))
     if not weights:
         with torch.device("meta"):
             return Model(family.build_network().eval().requires_grad_(False), family, config)

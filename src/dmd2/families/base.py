@@ -109,6 +109,27 @@ class Family(ABC):
         """Raw conditions for evaluation: every class equally often, in order 0, 1, …, 0, 1, …"""
         return torch.arange(n) % self.num_classes if self.num_classes else None
 
+    def balanced_labels(self, n: int) -> torch.Tensor | None:
+        """The class label of each of `balanced_conditions(n)` where one is known (class accuracy), else None."""
+        return self.balanced_conditions(n)
+
+    def grid_conditions(self, rows: int) -> tuple[Any, int]:
+        """Raw conditions for a sample grid with `rows` rows (one seed each) and one column per condition (class),
+        row by row; and the column count."""
+        if not self.num_classes:
+            return None, rows
+        return torch.arange(self.num_classes).repeat(rows), self.num_classes
+
+    def use_data(self, data_dir: Path) -> None:
+        """Read the conditions that come from the experiment's data (`prepare-data`'s outputs in `data_dir`), such
+        as a text-to-image family's prompts. Class-conditional and unconditional families need none."""
+        return None
+
+    @property
+    def latent_space(self) -> bool:
+        """Whether samples are latents (real data comes from the data stage's latents LMDB) rather than pixels."""
+        return False
+
     @abstractmethod
     def encode_conditions(self, raw: torch.Tensor | None, device: torch.device | str) -> Any:
         """Raw conditions (labels, −1 = unconditional) → what the network takes."""
@@ -186,6 +207,11 @@ class Family(ABC):
     @property
     def default_teacher_steps(self) -> int:
         return int(self.config["sampler"]["num_steps"])
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """Classifier-free guidance of the teacher's own sampler when the caller names none."""
+        return float(self.config["sampler"].get("guidance_scale", 1.0))
 
     # ---------------------------------------------------------------------------------------- pixels
 

@@ -7,6 +7,11 @@ of the empty prompt. SDXL concatenates both text encoders' penultimate hidden st
 crop corner, target size; its unconditional branch is zeros, as in the original DMD2 and diffusers'
 `force_zeros_for_empty_prompt`. Latents are the VAE's `latent_dist` sample × `scaling_factor` (the SDXL VAE
 overflows in float16, so it runs in float32).
+
+`StableDiffusionFamily` puts these behind the family interface: it is the diffusers family (ε/v-prediction over
+`alphas_cumprod`, DDIM, the GAN head on the UNet's mid-block) with prompts as raw conditions, VAE latents as
+samples and the pipeline's VAE as the decoder. Its prompts come from the data stage (`use_data`): the training
+prompts LMDB for the generator, the held-out captions for evaluation and sample grids.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmd2.config import DiffusersTeacherConfig, StableDiffusionTeacherConfig, to_dict
 from dmd2.families.base import ModelError
+from dmd2.families.diffusers import DiffusersFamily, pretrained_teacher_config, resolve_pretrained
 
 PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
@@ -131,6 +138,154 @@ class LatentCodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → pixels in [-1, 1] (not clamped)."""
         return self.vae.decode(latents.float() / self.scaling_factor).sample
+
+
+# ------------------------------------------------------------------------------------------------ the family
+
+PROMPTS_FILE, EVAL_PROMPTS_FILE, LATENTS_FILE = "prompts.lmdb", "eval_prompts.lmdb", "latents.lmdb"
+
+
+def pipeline_root(name: str, root: Path = Path(".")) -> Path:
+    """The local directory of `teacher.pretrained` (a relative path is relative to the project root)."""
+    local = Path(name).expanduser()
+    if not local.is_absolute() and (root / local).exists():
+        return (root / local).resolve()
+    return resolve_pretrained(name)
+
+
+def pipeline_resolution(path: Path) -> int:
+    """The image size a pipeline's UNet was built for: its latent size × the VAE's downsampling."""
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    size = unet["sample_size"]
+    return (size if isinstance(size, int) else size[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def text_teacher_config(cfg: StableDiffusionTeacherConfig, root: Path = Path(".")) -> dict[str, Any]:
+    """The config.json of a text-to-image teacher: its UNet recorded by reference and hash (as any pretrained
+    diffusers teacher), plus the pipeline it belongs to (prompts and latents go through its other components)."""
+    path = pipeline_root(cfg.pretrained, root)
+    kind = pipeline_kind(path)
+    unet_cfg = DiffusersTeacherConfig(source="pretrained", pretrained=str(path), subfolder="unet",
+                                      unet_class="UNet2DConditionModel", sampler={"num_steps": cfg.sampler.num_steps})
+    config = pretrained_teacher_config(unet_cfg)
+    return {**config, "family": "stable_diffusion", "num_classes": 0, "null_class": None,
+            "sampler": to_dict(cfg.sampler),
+            "pipeline": {"path": str(path), "kind": kind, "resolution": pipeline_resolution(path)}}
+
+
+class StableDiffusionFamily(DiffusersFamily):
+    """Text-to-image latent diffusion (SD1.5, SDXL): prompts in, VAE latents out."""
+
+    name, sampler_name = "stable_diffusion", "DDIM"
+
+    @staticmethod
+    def teacher_config(cfg, sample_shape, num_classes):
+        return text_teacher_config(cfg)
+
+    @staticmethod
+    def import_teacher(cfg, sample_shape, num_classes, root):
+        config = text_teacher_config(cfg, root)
+        print(f"teacher: recorded the {config['pipeline']['kind']} pipeline {cfg.pretrained} "
+              f"({config['pipeline']['path']}) by reference")
+        return {**config, "source": {"type": "pretrained", "name": cfg.pretrained}}, None
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__(config)
+        self._encoder: PromptEncoder | None = None
+        self._encoder_device: torch.device | None = None
+        self._codec: LatentCodec | None = None
+        self._prompts = self._eval_prompts = self._eval_labels = None
+
+    @property
+    def pipeline_path(self) -> Path:
+        return Path(self.config["pipeline"]["path"])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config["pipeline"]["resolution"])
+
+    @property
+    def latent_space(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------------------------------- prompts
+
+    def use_data(self, data_dir: Path) -> None:
+        from dmd2.prompts import PromptDataset
+
+        self._prompts = PromptDataset(Path(data_dir) / PROMPTS_FILE)
+        held_out = PromptDataset(Path(data_dir) / EVAL_PROMPTS_FILE)
+        self._eval_prompts = held_out.batch(range(len(held_out)))
+        self._eval_labels = None
+        images = Path(data_dir) / "heldout.lmdb"  # the captions' own images: their labels, when they have classes
+        if (images / "data.mdb").exists():
+            from dmd2.data import LMDBImageDataset
+
+            dataset = LMDBImageDataset(images)
+            if dataset.num_classes > 1 and len(dataset) == len(self._eval_prompts):
+                self._eval_labels = dataset.labels()
+
+    def _need_prompts(self):
+        if self._prompts is None:
+            raise ModelError("a text-to-image model draws its prompts from the experiment's data: run "
+                             "`dmd2 prepare-data` (it writes prompts.lmdb and eval_prompts.lmdb)")
+
+    def random_conditions(self, n: int, draw) -> list[str]:
+        self._need_prompts()
+        return self._prompts.batch(draw.randint(0, len(self._prompts), n, "cpu"))
+
+    def balanced_conditions(self, n: int) -> list[str]:
+        """The held-out captions in order, repeated as often as needed."""
+        self._need_prompts()
+        return [self._eval_prompts[i % len(self._eval_prompts)] for i in range(n)]
+
+    def balanced_labels(self, n: int) -> torch.Tensor | None:
+        """The labels of the held-out images whose captions `balanced_conditions` cycles through (None without)."""
+        self._need_prompts()
+        return None if self._eval_labels is None else self._eval_labels[torch.arange(n) % len(self._eval_labels)]
+
+    def grid_conditions(self, rows: int) -> tuple[list[str], int]:
+        self._need_prompts()
+        columns = min(8, len(self._eval_prompts))
+        return self._eval_prompts[:columns] * rows, columns
+
+    def prompt_encoder(self, device: torch.device | str) -> PromptEncoder:
+        """The pipeline's tokenizers and frozen text encoders (loaded once, moved where the samples are)."""
+        device = torch.device(device)
+        if self._encoder is None:
+            self._encoder = PromptEncoder.from_pipeline(self.pipeline_path, (self.resolution, self.resolution))
+        if self._encoder_device != device:
+            self._encoder, self._encoder_device = self._encoder.to(device), device
+        return self._encoder
+
+    def encode_conditions(self, raw, device):
+        if raw is None:
+            raise ModelError("a text-to-image model needs prompts as its conditions (got none)")
+        return self.prompt_encoder(device)(list(raw), device)
+
+    def unconditional(self, cond):
+        return self.prompt_encoder(cond["encoder_hidden_states"].device).unconditional(cond)
+
+    # ------------------------------------------------------------------------------------------- latents
+
+    @property
+    def codec(self) -> LatentCodec:
+        if self._codec is None:
+            self._codec = LatentCodec.from_pipeline(self.pipeline_path)
+        return self._codec
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        self.codec.vae.to(x.device)
+        return self.codec.decode(x)
+
+    # ------------------------------------------------------------------------------------------- teacher
+
+    def teacher_loss(self, net, x0, cond):
+        raise ModelError("a text-to-image teacher is pretrained (teacher.source: pretrained), never trained here")
+
+    def teacher_nfe(self, num_steps: int) -> int:
+        return num_steps * (1 if self.default_guidance_scale == 1.0 else 2)
 
 
 # -------------------------------------------------------------------------------------------------- LoRA

@@ -1,0 +1,131 @@
+"""Text-to-image through the real stages: tiny SD1.5- and SDXL-shaped pipelines as teachers, MNIST digits captioned
+by their class as the real data. prepare-data writes the latents and prompts, the teacher stage records the
+pipeline, distillation draws prompts (not labels), evaluation samples from the held-out captions."""
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from tiny import run
+
+from dmd2.data import DataError, LMDBImageDataset
+from dmd2.families import load_model
+from dmd2.families.stable_diffusion import LatentCodec
+from dmd2.latents import LatentDataset, encode_split
+from dmd2.prompts import PromptDataset
+from dmd2.tiny_pipelines import tiny_pipeline
+from dmd2.training import GlobalBatchRandom
+
+SHRINK = {"distill": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+          "eval": {"num_samples": 20, "batch_size": 10, "teacher_steps": [2], "grid_per_class": 2,
+                   "latency_repeats": 1, "classifier": {"width": 8, "feature_dim": 16, "steps": 10, "batch_size": 32}}}
+
+
+def text_project(root, experiment: str, **overrides) -> None:
+    """A project whose params.yaml is the repository's with `experiment` shrunk, and its tiny pipeline built."""
+    kind = "sdxl" if experiment.startswith("sdxl") else "sd15"
+    tiny_pipeline(kind, root / "models" / experiment / "pipeline", resolution=32)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    block = params[experiment]
+    for stage, values in {**SHRINK, **overrides}.items():
+        block[stage] = {**block.get(stage, {}), **values}
+    params["experiment"] = experiment
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def sd_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd-tiny")
+    text_project(root, "sd-tiny")
+    run(root, "prepare-data")
+    run(root, "teacher")
+    return root
+
+
+def test_the_data_stage_writes_latents_with_their_captions_and_the_prompts(sd_project):
+    data = sd_project / "data" / "sd-tiny"
+    train, heldout = LMDBImageDataset(data / "train.lmdb"), LMDBImageDataset(data / "heldout.lmdb")
+    assert train.shape == (3, 32, 32)  # grey digits as RGB, for the VAE
+    latents = LatentDataset(data / "latents.lmdb")
+    assert len(latents) == len(train) and latents.shape == (4, 16, 16)
+    # each latent is its own image through the pipeline's VAE, paired with its own caption
+    x, captions = latents.batch(range(64))
+    codec = LatentCodec.from_pipeline(sd_project / "models" / "sd-tiny" / "pipeline")
+    first = LMDBImageDataset(data / "train.lmdb")
+    first.meta["count"] = 64  # the first batch encode_split draws, with the same seeded posterior samples
+    expected = encode_split(first, codec, seed=0)
+    torch.testing.assert_close(x, expected, atol=2e-3, rtol=2e-3)  # stored as float16
+    labels = train.labels()[:64]
+    assert captions == [f"a handwritten digit {int(y)}" for y in labels]
+    # the generator's prompts default to the training captions; evaluation's are the held-out captions in order
+    assert len(PromptDataset(data / "prompts.lmdb")) == len(train)
+    held_out = PromptDataset(data / "eval_prompts.lmdb")
+    assert held_out.batch(range(len(held_out))) == [f"a handwritten digit {int(y)}" for y in heldout.labels()]
+
+
+def test_the_family_draws_prompts_and_labels_them_for_evaluation(sd_project):
+    model = load_model(sd_project / "models" / "sd-tiny" / "teacher", data_dir=sd_project / "data" / "sd-tiny")
+    family = model.family
+    assert family.name == "stable_diffusion" and family.latent_space and family.sample_shape == (4, 16, 16)
+    assert model.config["pipeline"]["kind"] == "sd15" and model.nfe(8) == 16  # guidance 1.75: two calls per step
+    torch.manual_seed(0)
+    prompts = family.random_conditions(6, GlobalBatchRandom())
+    assert len(prompts) == 6 and all(p.startswith("a handwritten digit ") for p in prompts)
+    # evaluation cycles through the held-out captions, and knows each one's class for class accuracy
+    raw, labels = family.balanced_conditions(5), family.balanced_labels(5)
+    assert raw == [f"a handwritten digit {int(y)}" for y in labels]
+    cond = family.encode_conditions(raw, "cpu")
+    assert cond["encoder_hidden_states"].shape[:2] == (5, 77)
+    grid, columns = family.grid_conditions(2)
+    assert columns == 8 and grid == family.balanced_conditions(8) * 2
+    images = family.decode(torch.zeros(2, 4, 16, 16))
+    assert images.shape == (2, 3, 32, 32)
+
+
+def test_a_text_to_image_student_is_distilled_and_evaluated(sd_project):
+    run(sd_project, "distill")
+    student = load_model(sd_project / "models" / "sd-tiny" / "student", data_dir=sd_project / "data" / "sd-tiny")
+    assert student.is_student and student.family.name == "stable_diffusion" and student.timesteps == [999]
+    log = (sd_project / "models" / "sd-tiny" / "student" / "metrics.jsonl").read_text()
+    assert "loss_gan_generator" in log  # the GAN head read the UNet's mid-block
+    run(sd_project, "fid-reference")
+    run(sd_project, "evaluate")
+    record = yaml.safe_load((sd_project / "results" / "sd-tiny" / "evaluation.json").read_text())
+    rows = {r["model"]: r for r in record["rows"]}
+    assert record["family"] == "stable_diffusion" and set(rows) == {"teacher", "student"}
+    assert rows["teacher"]["nfe"] == 4 and rows["student"]["class_accuracy"] is not None
+    assert (sd_project / "results" / "sd-tiny" / "samples" / "student_nfe1.png").exists()
+
+
+def test_an_sdxl_shaped_four_step_student_trains_with_backward_simulation(tmp_path):
+    text_project(tmp_path, "sdxl-tiny", data={"heldout_fraction": 0.5})
+    run(tmp_path, "prepare-data")
+    run(tmp_path, "teacher")
+    run(tmp_path, "distill")
+    student = load_model(tmp_path / "models" / "sdxl-tiny" / "student")
+    assert student.config["pipeline"]["kind"] == "sdxl" and student.timesteps == [999, 749, 499, 249]
+
+
+def test_bad_text_to_image_data_settings_are_named_before_anything_is_written(tmp_path):
+    from click.testing import CliRunner
+
+    from dmd2.cli import main
+
+    def fails(**data) -> str:
+        text_project(tmp_path, "sd-tiny", data=data)
+        result = CliRunner().invoke(main, ["prepare-data", "--params", str(tmp_path / "params.yaml"),
+                                           "--root", str(tmp_path)])
+        assert result.exit_code != 0
+        return result.output
+
+    assert "set data.resolution: 32" in fails(resolution=16)
+    assert "{label} and {class_name}" in fails(caption_template="a digit {name}")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("one\ntwo\n")
+    assert "holds 2 captions, but the source has 5000 images" in fails(image_captions=str(captions))
+    assert not (tmp_path / "data" / "sd-tiny").exists()
+
+
+def test_latents_for_another_pipeline_are_refused(sd_project):
+    with pytest.raises(DataError, match="latents of shape"):
+        LatentDataset(sd_project / "data" / "sd-tiny" / "latents.lmdb", expect_shape=(4, 8, 8))
