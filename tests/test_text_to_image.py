@@ -82,8 +82,31 @@ def test_the_family_draws_prompts_and_labels_them_for_evaluation(sd_project):
     assert images.shape == (2, 3, 32, 32)
 
 
-def test_a_text_to_image_student_is_distilled_and_evaluated(sd_project):
+@pytest.fixture(scope="module")
+def sd_student(sd_project):
     run(sd_project, "distill")
+    return sd_project / "models" / "sd-tiny" / "student"
+
+
+def assert_exported_pipeline_reproduces_generate(student_dir, out_dir, prompts: list[str]) -> None:
+    """`DiffusionPipeline.from_pretrained(exported)` called as `dmd2 export` says, from `dmd2 generate`'s noise and
+    re-noising generator, makes `dmd2 generate`'s images."""
+    from diffusers import DiffusionPipeline
+
+    from dmd2.export import export_pipeline, student_call_arguments
+    from dmd2.sampling import fixed_noise, sample_images, to_uint8
+
+    export_pipeline(student_dir, out_dir)
+    pipe = DiffusionPipeline.from_pretrained(out_dir)
+    model = load_model(student_dir)
+    ours = sample_images(model, len(prompts), seed=0, raw_cond=prompts)  # what `dmd2 generate` writes
+    theirs = pipe(prompts, latents=fixed_noise(len(prompts), model.family.sample_shape, 0),
+                  generator=torch.Generator().manual_seed(1), output_type="pt", **student_call_arguments(out_dir)).images
+    difference = (to_uint8(theirs * 2 - 1).int() - ours.int()).abs()
+    assert difference.max() <= 1 and difference.float().mean() < 0.01  # rounding of float32 arithmetic only
+
+
+def test_a_text_to_image_student_is_distilled_and_evaluated(sd_project, sd_student):
     student = load_model(sd_project / "models" / "sd-tiny" / "student", data_dir=sd_project / "data" / "sd-tiny")
     assert student.is_student and student.family.name == "stable_diffusion" and student.timesteps == [999]
     log = (sd_project / "models" / "sd-tiny" / "student" / "metrics.jsonl").read_text()
@@ -104,6 +127,25 @@ def test_an_sdxl_shaped_four_step_student_trains_with_backward_simulation(tmp_pa
     run(tmp_path, "distill")
     student = load_model(tmp_path / "models" / "sdxl-tiny" / "student")
     assert student.config["pipeline"]["kind"] == "sdxl" and student.timesteps == [999, 749, 499, 249]
+    # four steps: the exported LCMScheduler re-noises from the pipeline's generator as `dmd2 generate` does
+    assert_exported_pipeline_reproduces_generate(tmp_path / "models" / "sdxl-tiny" / "student",
+                                                 tmp_path / "exported", ["a handwritten digit 3", "a red cat"])
+
+
+def test_the_exported_one_step_pipeline_reproduces_dmd2_generate(sd_student, tmp_path):
+    assert_exported_pipeline_reproduces_generate(sd_student, tmp_path / "exported",
+                                                 ["a handwritten digit 7", "a handwritten digit 1", "a dog"])
+    from dmd2.export import student_call_arguments
+
+    assert student_call_arguments(tmp_path / "exported") == {"num_inference_steps": 1, "guidance_scale": 0.0}
+
+
+def test_only_text_to_image_students_export(sd_project, tmp_path):
+    from dmd2.export import export_pipeline
+    from dmd2.families import ModelError
+
+    with pytest.raises(ModelError, match="not a text-to-image student"):
+        export_pipeline(sd_project / "models" / "sd-tiny" / "teacher", tmp_path / "out")
 
 
 def test_bad_text_to_image_data_settings_are_named_before_anything_is_written(tmp_path):

@@ -235,12 +235,33 @@ def _cuda() -> bool:
 @click.option("--num_samples", default=8, show_default=True, help="Samples per class.")
 @click.option("--steps", default=None, type=int, help="Teacher sampler steps (default: its full sampler).")
 @click.option("--seed", default=0, show_default=True)
-def generate(model_dir: str, output_dir: str, num_samples: int, steps: int | None, seed: int) -> None:
-    """N samples per class from any teacher or student checkpoint: PNGs plus grid.png."""
+@click.option("--prompt", "prompts", multiple=True, help="Text-to-image models: a prompt (repeat for several); "
+              "--num_samples images of each.")
+def generate(model_dir: str, output_dir: str, num_samples: int, steps: int | None, seed: int,
+             prompts: tuple[str, ...]) -> None:
+    """N samples per class (or per prompt) from any teacher or student checkpoint: PNGs plus grid.png."""
     from dmd2.sampling import generate_folder
 
-    path = generate_folder(Path(model_dir), Path(output_dir), num_samples, steps, seed)
+    try:
+        path = generate_folder(Path(model_dir), Path(output_dir), num_samples, steps, seed, list(prompts))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A text-to-image student directory (models/<exp>/student).")
+@click.option("--output_dir", required=True, type=click.Path(file_okay=False),
+              help="The diffusers pipeline directory to write (replaced if it exists).")
+def export(model_dir: str, output_dir: str) -> None:
+    """Write a text-to-image student as a diffusers pipeline directory (the teacher's VAE and text encoders, the
+    student's UNet, an LCMScheduler on the student's timesteps): DiffusionPipeline.from_pretrained loads it."""
+    from dmd2.export import export_pipeline, student_call_arguments
+
+    path = export_pipeline(Path(model_dir), Path(output_dir))
+    call = ", ".join(f"{k}={v!r}" for k, v in student_call_arguments(path).items())
+    click.echo(f"wrote {path}; sample it with DiffusionPipeline.from_pretrained({str(path)!r})(prompt, {call})")
 
 
 @main.command("fid-reference")

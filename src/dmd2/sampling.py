@@ -116,9 +116,16 @@ def sample_grid(model: Model, per_class: int, seed: int, batch_size: int, num_st
     return sample_images(model, per_class * columns, seed, batch_size, num_steps, raw_cond)
 
 
-def generate_folder(model_dir: Path, output_dir: Path, per_class: int, num_steps: int | None, seed: int) -> Path:
+def generate_folder(model_dir: Path, output_dir: Path, per_class: int, num_steps: int | None, seed: int,
+                    prompts: list[str] | None = None) -> Path:
+    """`per_class` samples of each class (or of each prompt, for a text-to-image model) as PNGs plus grid.png."""
     model = load_model(model_dir)
-    images = sample_grid(model, per_class, seed, 256, num_steps)
+    if prompts:
+        images = sample_images(model, per_class * len(prompts), seed, 256, num_steps, list(prompts) * per_class)
+    elif model.family.latent_space:
+        raise ValueError(f"{model_dir} is a text-to-image model: give the prompts to draw with --prompt")
+    else:
+        images = sample_grid(model, per_class, seed, 256, num_steps)
     output_dir.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         arr = img.numpy().transpose(1, 2, 0)
