@@ -118,6 +118,10 @@ def test_a_text_to_image_student_is_distilled_and_evaluated(sd_project, sd_stude
     assert record["family"] == "stable_diffusion" and set(rows) == {"teacher", "student"}
     assert rows["teacher"]["nfe"] == 4 and rows["student"]["class_accuracy"] is not None
     assert (sd_project / "results" / "sd-tiny" / "samples" / "student_nfe1.png").exists()
+    assert "captions as prompts" in record["fid_protocol"]
+    assert record["grid_prompts"] == load_model(sd_student, data_dir=sd_project / "data" / "sd-tiny").family.balanced_conditions(8)
+    run(sd_project, "report")
+    assert "each column is one prompt" in (sd_project / "results" / "sd-tiny" / "report.html").read_text()
 
 
 def test_an_sdxl_shaped_four_step_student_trains_with_backward_simulation(tmp_path):

@@ -152,8 +152,9 @@ def write_plots(paths: ExperimentPaths, rows: list[dict[str, Any]]) -> None:
     write_csv(plots / "fid_vs_nfe.csv", rows, ["model", "nfe", "fid"])
 
 
-def fid_protocol(ref: FIDReference, exp: ExperimentConfig) -> str:
+def fid_protocol(ref: FIDReference, exp: ExperimentConfig, text_to_image: bool = False) -> str:
     info, n, res = ref.info, exp.eval.num_samples, exp.data.resolution
+    conditions = "the held-out images' captions as prompts" if text_to_image else "balanced labels"
     what = ("PROXY FID: features are the {d}-d penultimate layer of a CNN classifier trained on the {ds} training "
             "split, not Inception-v3; comparable only within this pipeline, never with published FIDs").format(
         d=info.get("feature_dim"), ds=info.get("dataset"))
@@ -161,7 +162,7 @@ def fid_protocol(ref: FIDReference, exp: ExperimentConfig) -> str:
         what = "clean-fid 'clean' mode (PIL bicubic resize to 299, TorchScript Inception-v3 pool3, 2048-d)"
     extra = f"; {exp.eval.fid.protocol}" if exp.eval.fid.protocol else ""
     return (f"{what}; reference: {info.get('dataset')} {info.get('split')} split ({info.get('count')} real images) at "
-            f"{res}x{res}; {n} generated samples per model with balanced labels and noise seed {exp.eval.seed}{extra}")
+            f"{res}x{res}; {n} generated samples per model with {conditions} and noise seed {exp.eval.seed}{extra}")
 
 
 def real_data_row(ref: FIDReference, exp: ExperimentConfig, paths) -> dict[str, Any]:
@@ -241,6 +242,12 @@ def _clip_row_score(exp: ExperimentConfig, clip, model: Model, images: torch.Ten
     return round(clip_score(*clip, images, prompts, exp.eval.clip.prompt_prefix), 4)
 
 
+def _grid_prompts(model: Model, rows: int) -> list[str] | None:
+    """The prompts of the sample grids' columns (text-to-image), for the report; None for class grids."""
+    raw, columns = model.family.grid_conditions(rows)
+    return list(raw[:columns]) if isinstance(raw, list) else None
+
+
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     """Score the teacher (at each of `eval.teacher_steps`) and the student; write results/<exp>/."""
     from dmd2.tracking import hardware_summary
@@ -277,11 +284,12 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     record = {
         "experiment": paths.experiment,
         "family": teacher.family.name,
-        "fid_protocol": fid_protocol(ref, exp),
+        "fid_protocol": fid_protocol(ref, exp, teacher.family.latent_space),
         "fid_is_proxy": ref.is_proxy,
         "fid_extractor": ref.extractor.name,
         "fid_reference": {k: ref.info.get(k) for k in ("dataset", "split", "count", "resolution", "source", "feature_dim")},
         "num_samples": exp.eval.num_samples, "seed": exp.eval.seed, "resolution": exp.data.resolution,
+        "grid_prompts": _grid_prompts(teacher, exp.eval.grid_per_class),
         "rows": rows,
         "student_vs_full_teacher": comparison,
         "real_data": real,
