@@ -1,6 +1,7 @@
 """Where does one DMD2 iteration's wall time go? Model forward/backward passes versus everything else.
 
     python benchmarks/distill_overhead.py [--params params.yaml] [--iterations 60] [--set distill.batch_size=64]
+    python benchmarks/distill_overhead.py --set experiment=sdxl-tiny      (another experiment)
 
 Runs the real `dmd2 distill` loop for a few iterations on the current experiment (its data and teacher must
 exist: `snakemake models/mnist/teacher`), in a scratch work directory, with every network's forward pass and
@@ -108,6 +109,7 @@ def main() -> None:
         timed_call(self.opt_g, "step", "optimiser steps")
         timed_call(self.opt_c, "step", "optimiser steps")
         timed_call(self, "_clip", "gradient clipping")
+        timed_call(family, "encode_conditions", "conditions (text encoders)")
 
     original_step = distill.DMD2Trainer.train_step
 
@@ -115,7 +117,10 @@ def main() -> None:
         TIMES.setdefault("_loop_start", time.perf_counter())
         return original_step(self, step, batch)
 
+    import dmd2.export
+
     timed_call(distill, "_save", "checkpoints (loop's share)")
+    timed_call(dmd2.export, "export_pipeline", "pipeline export (text-to-image)")
     timed_call(distill.RandomBatches, "next", "real data batches")
     distill.DMD2Trainer.__init__ = instrumented_init
     distill.DMD2Trainer.train_step = instrumented_step

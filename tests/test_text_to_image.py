@@ -175,3 +175,60 @@ def test_bad_text_to_image_data_settings_are_named_before_anything_is_written(tm
 def test_latents_for_another_pipeline_are_refused(sd_project):
     with pytest.raises(DataError, match="latents of shape"):
         LatentDataset(sd_project / "data" / "sd-tiny" / "latents.lmdb", expect_shape=(4, 8, 8))
+
+
+def lora_project(sd_project, dest, **distill) -> None:
+    """A copy of the sd-tiny project's data and teacher with a LoRA generator."""
+    import shutil
+
+    for part in ("data/sd-tiny", "models/sd-tiny/teacher"):
+        shutil.copytree(sd_project / part, dest / part)
+    params = yaml.safe_load((sd_project / "params.yaml").read_text())
+    params["sd-tiny"]["distill"].update({"lora": {"enabled": True, "rank": 4, "alpha": 4.0}, "generator_lr": 1e-2,
+                                         **distill})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_a_lora_student_trains_only_its_adapters_and_ships_fused_and_as_a_lora_file(sd_project, tmp_path):
+    from diffusers import DiffusionPipeline, LCMScheduler
+    from safetensors.torch import load_file
+
+    from dmd2.sampling import fixed_noise, sample_images, to_uint8
+
+    lora_project(sd_project, tmp_path)
+    run(tmp_path, "distill")
+    folder = tmp_path / "models" / "sd-tiny" / "student"
+    student, teacher = load_model(folder), load_model(tmp_path / "models" / "sd-tiny" / "teacher")
+    assert student.config["generator"]["lora"] == {"rank": 4, "alpha": 4.0, "file": "lora.safetensors"}
+    adapter = load_file(folder / "lora.safetensors")
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    fused, base = student.net.state_dict(), teacher.net.state_dict()
+    assert set(fused) == set(base)  # a plain UNet: the adapters fused into the weights they adapt
+    assert torch.equal(fused["conv_norm_out.weight"], base["conv_norm_out.weight"])  # not adapted: frozen
+    assert not torch.equal(fused["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
+                           base["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+    prompts = ["a handwritten digit 4", "a handwritten digit 9"]
+    assert_exported_pipeline_reproduces_generate(folder, tmp_path / "exported", prompts)
+    # the adapters on a stock copy of the teacher pipeline make the same images, up to the fused arithmetic
+    pipe = DiffusionPipeline.from_pretrained(student.family.pipeline_path)
+    pipe.scheduler = LCMScheduler.from_pretrained(tmp_path / "exported", subfolder="scheduler")
+    pipe.load_lora_weights(tmp_path / "exported")
+    theirs = pipe(prompts, latents=fixed_noise(2, student.family.sample_shape, 0), num_inference_steps=1,
+                  guidance_scale=0, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    difference = (to_uint8(theirs * 2 - 1).int() - sample_images(student, 2, seed=0, raw_cond=prompts).int()).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.05
+
+
+def test_a_lora_run_resumes_to_the_same_student(sd_project, tmp_path):
+    from safetensors.torch import load_file
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for root in (whole, split):
+        lora_project(sd_project, root)
+    run(whole, "distill")
+    run(split, "distill", "--set", "distill.steps=2")
+    run(split, "distill")  # raising steps extends the same run from its checkpoint at 2
+    a = load_file(whole / "models/sd-tiny/student/lora.safetensors")
+    b = load_file(split / "models/sd-tiny/student/lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if ".lora_B." in k)  # the adapters moved off zero

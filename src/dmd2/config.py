@@ -235,7 +235,8 @@ class StableDiffusionTeacherConfig(Strict):
     source: Literal["pretrained"] = "pretrained"
     pretrained: str = Field(description="a local diffusers pipeline directory (model_index.json, unet/, vae/, "
                             "text_encoder/, tokenizer/, scheduler/), or a hub id such as "
-                            "stable-diffusion-v1-5/stable-diffusion-v1-5 already in the local hub cache when offline")
+                            "stable-diffusion-v1-5/stable-diffusion-v1-5 already in the local hub cache when offline, "
+                            "or tiny:sd15 / tiny:sdxl (a tiny random pipeline of that shape, built offline)")
     sampler: TextSamplerConfig = Field(default_factory=TextSamplerConfig)
 
 
@@ -257,6 +258,15 @@ class GANConfig(Strict):
     critic_weight: float = Field(1e-2, ge=0, description="weight of the critic's GAN loss (the original's "
                                  "cls_loss_weight)")
     diffusion_max_timestep: int = Field(1000, ge=1, description="real/fake noised at t ~ U{0..max-1}")
+
+
+class LoRAConfig(Strict):
+    """A LoRA generator (peft): the teacher's UNet frozen, low-rank adapters trained (diffusers families only)."""
+
+    enabled: bool = Field(False, description="train adapters instead of the whole generator (the SDXL LoRA recipe: "
+                          "rank 64, alpha 8, generator_lr 5e-5)")
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(8.0, gt=0)
 
 
 class DistillConfig(Strict):
@@ -286,6 +296,7 @@ class DistillConfig(Strict):
     )
     backward_simulation: bool = Field(True, description="multi-step: train on the student's own roll-outs")
     gan: GANConfig = Field(default_factory=GANConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     mixed_precision: NoOr("bf16") = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(500, ge=1)

@@ -44,7 +44,7 @@ from dmd2.config import ConfigError, DistillConfig, LaunchConfig, to_dict
 from dmd2.critic import Critic, GANHead
 from dmd2.data import DataError, RandomBatches, open_split
 from dmd2.errors import RunLockedError, TrainingDiverged
-from dmd2.families import Family, Model, load_model, save_model, student_config
+from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard, total_norm
@@ -74,6 +74,17 @@ class Batch:
     real_cond: Any = None
 
 
+def new_generator(family: Family, teacher: nn.Module, cfg: DistillConfig) -> nn.Module:
+    """The generator starts as the teacher: a trainable copy, or (distill.lora) a frozen copy with fresh low-rank
+    adapters, drawn from the run's seed apart from the main random stream."""
+    generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    if cfg.lora.enabled:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            family.add_lora(generator, cfg.lora.rank, cfg.lora.alpha)
+    return generator
+
+
 def new_gan_head(family: Family, seed: int) -> GANHead:
     """The diffusion-GAN head for the family's critic features, initialised identically on every rank."""
     channels, height, _ = family.gan_feature_shape
@@ -91,10 +102,11 @@ class DMD2Trainer:
 
     def __init__(self, family: Family, teacher: nn.Module, generator: nn.Module, critic_score: nn.Module,
                  gan_head: nn.Module | None, cfg: DistillConfig, accelerator: Accelerator,
-                 launch: LaunchConfig | None = None, teacher_weights: dict[str, torch.Tensor] | None = None):
+                 launch: LaunchConfig | None = None, teacher_weights: dict[str, torch.Tensor] | None = None,
+                 generator_weights: dict[str, torch.Tensor] | None = None):
         """Sharded runs may pass the networks as meta-device skeletons (see `run_distill`): each is sharded, then
         filled from `teacher_weights` (rank 0: `full_weights` of the teacher; None elsewhere), which rank 0
-        broadcasts shard by shard."""
+        broadcasts shard by shard; a LoRA generator from `generator_weights` (the teacher with its adapters)."""
         self.family, self.cfg, self.acc = family, cfg, accelerator
         self.shape = family.sample_shape
         self.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
@@ -116,12 +128,14 @@ class DMD2Trainer:
                 if net is not None:
                     shard(_to(net, accelerator.device), launch.fsdp, mesh)
             if any(_on_meta(net) for net in copies):
-                for net in copies:  # each starts as the teacher
-                    fill_from_rank0(net, teacher_weights, accelerator.device)
+                for net in copies:  # each starts as the teacher (a LoRA generator: with its fresh adapters)
+                    source = generator_weights if net in (generator, self.generator_ema) and cfg.lora.enabled else None
+                    fill_from_rank0(net, source or teacher_weights, accelerator.device)
             accelerator.print(f"FSDP2 {launch.fsdp.sharding_strategy} over the mesh "
                               f"{dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True))}")
         opt = dict(weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
-        opt_g = adamw(generator.parameters(), lr=cfg.generator_lr, **opt)
+        # only what trains: a LoRA generator's frozen base weights get no optimiser state
+        opt_g = adamw([p for p in generator.parameters() if p.requires_grad], lr=cfg.generator_lr, **opt)
         opt_c = adamw(critic.parameters(), lr=cfg.critic_lr, **opt)
         if self.sharded:
             self.generator, self.critic, self.opt_g, self.opt_c = generator, critic, opt_g, opt_c
@@ -287,9 +301,13 @@ class DMD2Trainer:
         self.sched_g.load_state_dict(states["sched_g"])
         self.sched_c.load_state_dict(states["sched_c"])
 
-    def generator_weights(self) -> dict[str, torch.Tensor]:
-        """The student's full weights on rank 0 (a collective under FSDP; other ranks get {})."""
-        return full_state_dict(self.student_module, self.sharded)
+    def generator_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The student's full weights on rank 0 (a collective under FSDP; other ranks get {}), a LoRA generator's
+        adapters fused in, and its adapters alone (None without LoRA)."""
+        weights = full_state_dict(self.student_module, self.sharded)
+        if not self.cfg.lora.enabled or not weights:
+            return weights, None
+        return self.family.fuse_lora(weights, self.cfg.lora.rank, self.cfg.lora.alpha)
 
 
 def shards(launch: LaunchConfig | None, num_processes: int) -> bool:
@@ -323,11 +341,15 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     # Sharded, no rank builds full copies of the networks: every rank builds meta-device skeletons and only rank 0
     # reads the teacher's weights (one full copy), which fill each network's shards after sharding.
     sharded = shards(exp.launch, acc.num_processes)
-    teacher_weights = None
-    if sharded:
-        teacher_weights = full_weights(load_model(paths.teacher).net) if acc.is_main_process else None
     teacher = load_model(paths.teacher, weights=not sharded, data_dir=paths.data)
     family = teacher.family
+    teacher_weights = generator_weights = None
+    if sharded and acc.is_main_process:
+        full_teacher = load_model(paths.teacher).net
+        teacher_weights = full_weights(full_teacher)
+        if cfg.lora.enabled:  # the adapters' first weights come from rank 0 too
+            generator_weights = full_weights(new_generator(family, full_teacher, cfg))
+        del full_teacher
     _check_timesteps(cfg, family)
     real = None
     if cfg.gan.enabled or (len(cfg.denoising_timesteps) > 1 and not cfg.backward_simulation):
@@ -335,11 +357,12 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
                              rank=acc.process_index, world=acc.num_processes)
 
     torch.manual_seed(cfg.seed)  # the same on every rank: see GlobalBatchRandom
-    generator = copy.deepcopy(teacher.net).train().requires_grad_(True)
+    generator = new_generator(family, teacher.net, cfg)
     critic_score = copy.deepcopy(teacher.net).train().requires_grad_(True)
     head = new_gan_head(family, cfg.seed) if cfg.gan.enabled else None
-    trainer = DMD2Trainer(family, teacher.net, generator, critic_score, head, cfg, acc, exp.launch, teacher_weights)
-    del teacher_weights  # rank 0's full copy: the shards hold the weights now
+    trainer = DMD2Trainer(family, teacher.net, generator, critic_score, head, cfg, acc, exp.launch, teacher_weights,
+                          generator_weights)
+    del teacher_weights, generator_weights  # rank 0's full copies: the shards hold the weights now
 
     run_dir = None
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
@@ -391,7 +414,8 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
                 tracker.log_image("samples", grid, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 ckpt = _save(trainer, acc, ckpt_dir, step, real, elapsed + time.time() - t0, cfg.keep_last,
-                             student_config(teacher.config, cfg.denoising_timesteps, {**source, "iterations": step}),
+                             student_config(teacher.config, cfg.denoising_timesteps, {**source, "iterations": step},
+                                            _lora(cfg)),
                              writer)
                 if tracker.logs_checkpoints:
                     writer.wait()  # the artifact is the committed directory
@@ -399,11 +423,15 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
     tracker.finish()
 
     summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
-    weights = trainer.generator_weights()
+    weights, adapter = trainer.generator_weights()
     if main:
         save_model(paths.student, weights, student_config(teacher.config, cfg.denoising_timesteps,
-                                                          {**source, "iterations": cfg.steps}),
-                   extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
+                                                          {**source, "iterations": cfg.steps}, _lora(cfg)),
+                   extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()}, extra_weights=adapter)
+        if family.latent_space:  # a text-to-image student also ships as a diffusers pipeline (`dmd2 export`)
+            from dmd2.export import export_pipeline
+
+            acc.print(f"exported a diffusers pipeline to {export_pipeline(paths.student, paths.student / 'pipeline')}")
     acc.wait_for_everyone()
     return summary
 
@@ -422,6 +450,11 @@ def real_samples(data_dir: Path, resolution: int, family: Family):
                         f"are {tuple(family.sample_shape)}: the GAN compares the two; match data.resolution "
                         "to the teacher, or set distill.gan.enabled: false")
     return train
+
+
+def _lora(cfg: DistillConfig) -> dict[str, Any] | None:
+    """What a student's config.json records of a LoRA generator (its weights are stored fused)."""
+    return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "file": LORA_FILE} if cfg.lora.enabled else None
 
 
 def _one_writer(run_dir: Path, acc: Accelerator):
@@ -514,10 +547,11 @@ def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, rea
     tmp = pending_checkpoint(ckpt_dir, step)
     if trainer.sharded:  # a collective write of every rank's shards
         save_training_state(tmp, trainer.training_parts(), sharded=True)
-    weights = trainer.generator_weights()  # a collective under FSDP
+    weights, adapter = trainer.generator_weights()  # a collective under FSDP
     if acc.is_main_process:
         training = None if trainer.sharded else snapshot_training_state(trainer.training_parts())
         weights = {k: v.to("cpu", copy=True) for k, v in weights.items()}  # training goes on updating the originals
+        adapter = {k: v.to("cpu", copy=True) for k, v in adapter.items()} if adapter is not None else None
         state = {"schedulers": trainer.scheduler_states(), "rng": rng_state(),
                  "data": real.state_dict() if real is not None else {}}
         meta = {"train_seconds": train_seconds, "num_processes": acc.num_processes, "sharded": trainer.sharded}
@@ -526,7 +560,7 @@ def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, rea
             if training is not None:
                 write_training_state(tmp, training)
             with writing(tmp):
-                save_model(tmp / "student", weights, student)
+                save_model(tmp / "student", weights, student, extra_weights=adapter)
                 torch.save(state, tmp / "state.pt")
             commit_checkpoint(ckpt_dir, step, meta, keep_last)
 

@@ -10,7 +10,8 @@ other timesteps (SDXL's one step at 399) are passed to the call. So
     image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]
 
 samples the student (guidance 0: the student is never guided), and from the same initial latents and generator it
-makes the same images as `dmd2 generate`.
+makes the same images as `dmd2 generate`. A LoRA student's UNet is stored with its adapters fused in, and the
+adapters alone as `pytorch_lora_weights.safetensors`, for `load_lora_weights` on the teacher's own pipeline.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ def export_pipeline(student_dir: str | Path, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp)
+    lora = student.config["generator"].get("lora")
+    if lora:  # the adapters alone too, for `load_lora_weights` on a copy of the teacher pipeline
+        from safetensors.torch import load_file
+
+        from dmd2.families.stable_diffusion import lora_config, save_lora_state
+
+        adapter = load_file(Path(student_dir) / lora["file"])
+        save_lora_state(student.family.pipeline_path, adapter, lora_config(lora["rank"], lora["alpha"]), tmp)
     default = lcm_timesteps(len(timesteps), student.family.num_train_timesteps)
     usage = {"num_inference_steps": len(timesteps), "guidance_scale": 0.0}
     if default != timesteps:

@@ -4,9 +4,9 @@ rule prepare_data:
     input:
         code=code("prepare_data"),
     output:
-        train=directory(f"data/{EXP}/train.lmdb"),
-        heldout=directory(f"data/{EXP}/heldout.lmdb"),
-        record=f"data/{EXP}/stage.json",
+        # the whole folder: train.lmdb, heldout.lmdb and stage.json; for a text-to-image teacher also
+        # latents.lmdb, prompts.lmdb and eval_prompts.lmdb
+        data=directory(f"data/{EXP}"),
     params:
         data=block("data"),
     log:

@@ -18,7 +18,7 @@ rule distill:
         "DMD2 distillation of {EXP} (rerun to resume from work/{EXP}/distill)"
     input:
         teacher=rules.teacher.output.model,
-        train=rules.prepare_data.output.train,
+        data=rules.prepare_data.output.data,
         launch=rules.launch_config.output.config,
         code=code("distill"),
     output:

@@ -2,8 +2,7 @@ rule fid_reference:
     message:
         "Feature classifier and cached FID reference statistics for {EXP}"
     input:
-        train=rules.prepare_data.output.train,
-        heldout=rules.prepare_data.output.heldout,
+        data=rules.prepare_data.output.data,
         code=code("fid_reference"),
     output:
         reference=directory(f"models/{EXP}/fid_reference"),
@@ -24,7 +23,7 @@ rule evaluate:
         teacher=rules.teacher.output.model,
         student=rules.distill.output.student,
         reference=rules.fid_reference.output.reference,
-        heldout=rules.prepare_data.output.heldout,
+        data=rules.prepare_data.output.data,
         code=code("evaluate"),
     output:
         evaluation=report(f"results/{EXP}/evaluation.json", category="Metrics"),
@@ -51,7 +50,7 @@ rule report:
         record=rules.evaluate.output.record,
         teacher=rules.teacher.output.model,
         student=rules.distill.output.student,
-        data=rules.prepare_data.output.record,
+        data=rules.prepare_data.output.data,
         reference=rules.fid_reference.output.reference,
         code=code("report"),
     output:

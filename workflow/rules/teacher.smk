@@ -2,7 +2,7 @@ rule teacher:
     message:
         "Training the {EXP} teacher (rerun to resume from work/{EXP}/teacher)"
     input:
-        train=rules.prepare_data.output.train,
+        data=rules.prepare_data.output.data,
         code=code("teacher"),
     output:
         model=directory(f"models/{EXP}/teacher"),

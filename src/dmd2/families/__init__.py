@@ -26,7 +26,7 @@ from dmd2.families.stable_diffusion import StableDiffusionFamily
 FAMILIES: dict[str, type[Family]] = {"edm": EDMFamily, "diffusers": DiffusersFamily,
                                      "stable_diffusion": StableDiffusionFamily}
 
-__all__ = ["FAMILIES", "FORMAT", "Family", "Model", "ModelError", "family_for", "import_teacher", "load_model", "read_config",
+__all__ = ["FAMILIES", "FORMAT", "LORA_FILE", "Family", "Model", "ModelError", "family_for", "import_teacher", "load_model", "read_config",
            "save_model", "student_config", "teacher_config"]
 
 
@@ -51,11 +51,16 @@ def import_teacher(teacher_cfg, sample_shape: tuple[int, ...], num_classes: int,
     return FAMILIES[teacher_cfg.family].import_teacher(teacher_cfg, sample_shape, num_classes, root)
 
 
-def student_config(teacher: dict[str, Any], timesteps: list[int], source: dict[str, Any]) -> dict[str, Any]:
+LORA_FILE = "lora.safetensors"  # a LoRA student's adapters, beside its fused weights
+
+
+def student_config(teacher: dict[str, Any], timesteps: list[int], source: dict[str, Any],
+                   lora: dict[str, Any] | None = None) -> dict[str, Any]:
     """A student's config.json: its teacher's architecture and family, its own weights, and the generator's
-    timesteps (one step: [999]; four: [999, 749, 499, 249])."""
+    timesteps (one step: [999]; four: [999, 749, 499, 249]); a LoRA generator's rank and alpha."""
     config = {k: v for k, v in teacher.items() if k not in ("pretrained", "source", "format")}
-    return {**config, "kind": "student", "generator": {"timesteps": list(timesteps)}, "source": source}
+    generator = {"timesteps": list(timesteps), **({"lora": lora} if lora else {})}
+    return {**config, "kind": "student", "generator": generator, "source": source}
 
 
 @dataclass
@@ -107,9 +112,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: bo
 
 
 def save_model(out_dir: str | Path, weights: nn.Module | dict[str, torch.Tensor] | None, config: dict[str, Any],
-               extra_files: dict[str, str] | None = None) -> None:
-    """Write config.json (+ the weights, unless None: a reference) into `out_dir` atomically (a temp directory
-    renamed over the old one)."""
+               extra_files: dict[str, str] | None = None, extra_weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json (+ the weights, unless None: a reference; + a LoRA student's adapters, `extra_weights`,
+    as LORA_FILE) into `out_dir` atomically (a temp directory renamed over the old one)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -119,6 +124,9 @@ def save_model(out_dir: str | Path, weights: nn.Module | dict[str, torch.Tensor]
     if weights is not None:
         state = weights.state_dict() if isinstance(weights, nn.Module) else weights
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+                  metadata={"format": FORMAT})
+    if extra_weights is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra_weights.items()}, tmp / LORA_FILE,
                   metadata={"format": FORMAT})
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
     for name, text in (extra_files or {}).items():

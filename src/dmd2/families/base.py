@@ -84,6 +84,15 @@ class Family(ABC):
                              "rerun the stage that wrote it")
         return net
 
+    def add_lora(self, net: nn.Module, rank: int, alpha: float) -> nn.Module:
+        """Freeze `net` and attach trainable low-rank adapters (a LoRA generator)."""
+        raise ModelError(f"distill.lora is not available for the {self.name} family (diffusers UNets only)")
+
+    def fuse_lora(self, state: dict[str, torch.Tensor], rank: int,
+                  alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A LoRA generator's state dict → (the network's own weights with the adapters fused in, the adapters)."""
+        raise ModelError(f"distill.lora is not available for the {self.name} family (diffusers UNets only)")
+
     @abstractmethod
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
         """Recompute activations in backward (memory for compute)."""

@@ -92,6 +92,23 @@ class DiffusersFamily(Family):
     def enable_gradient_checkpointing(self, net: nn.Module) -> None:
         net.enable_gradient_checkpointing()
 
+    def add_lora(self, net: nn.Module, rank: int, alpha: float) -> nn.Module:
+        from dmd2.families.stable_diffusion import add_lora
+
+        return add_lora(net, rank, alpha)
+
+    def fuse_lora(self, state, rank, alpha):
+        from dmd2.families.stable_diffusion import lora_weights
+
+        with torch.device("meta"):
+            net = self.add_lora(self.build_network(), rank, alpha)
+        # copies: an unsharded run's state dict shares storage with the live generator, which fusing would change
+        net.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        adapter = {k: v.clone() for k, v in lora_weights(net).items()}
+        net.fuse_lora()  # base weight += B·A·alpha/rank, in place
+        net.unload_lora()  # the adapters' layers removed: the plain network, with the fused weights
+        return {k: v.detach() for k, v in net.state_dict().items()}, adapter
+
     # ------------------------------------------------------------------------------- shapes, conditions
 
     @property

@@ -145,8 +145,37 @@ class LatentCodec:
 PROMPTS_FILE, EVAL_PROMPTS_FILE, LATENTS_FILE = "prompts.lmdb", "eval_prompts.lmdb", "latents.lmdb"
 
 
+TINY_PREFIX = "tiny:"
+
+
+def tiny_pipeline_dir(name: str) -> Path:
+    """`tiny:sd15` / `tiny:sdxl`: the tiny random 32 px pipeline of that shape (`dmd2.tiny_pipelines`), built once
+    (seed 0) into $DMD2_CACHE/tiny-pipelines (default ~/.cache/dmd2), the way a hub id resolves to the hub cache."""
+    import os
+    import shutil
+
+    from dmd2.tiny_pipelines import KINDS, tiny_pipeline
+
+    kind = name[len(TINY_PREFIX):]
+    if kind not in KINDS:
+        raise ModelError(f"teacher.pretrained: {name} is not a tiny pipeline (tiny:{' or tiny:'.join(KINDS)})")
+    folder = Path(os.environ.get("DMD2_CACHE", Path.home() / ".cache" / "dmd2")) / "tiny-pipelines" / f"{kind}-32px"
+    if not (folder / "model_index.json").exists():
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        with torch.random.fork_rng():  # its seed must not move the caller's random stream
+            tiny_pipeline(kind, tmp, resolution=32, seed=0)
+        if not (folder / "model_index.json").exists():  # another process may have finished first
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def pipeline_root(name: str, root: Path = Path(".")) -> Path:
-    """The local directory of `teacher.pretrained` (a relative path is relative to the project root)."""
+    """The local directory of `teacher.pretrained`: a path (relative to the project root), a hub id in the local
+    hub cache, or `tiny:sd15` / `tiny:sdxl`."""
+    if name.startswith(TINY_PREFIX):
+        return tiny_pipeline_dir(name)
     local = Path(name).expanduser()
     if not local.is_absolute() and (root / local).exists():
         return (root / local).resolve()
@@ -317,11 +346,24 @@ def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
 def save_lora(pipeline_dir: str | Path, unet: nn.Module, out_dir: str | Path) -> Path:
     """Write the UNet's adapter as `pytorch_lora_weights.safetensors` in `out_dir`, loadable with
     `DiffusionPipeline.from_pretrained(pipeline_dir).load_lora_weights(out_dir)`."""
+    return save_lora_state(pipeline_dir, lora_weights(unet), unet.peft_config["default"].to_dict(), out_dir)
+
+
+def save_lora_state(pipeline_dir: str | Path, adapter: dict[str, torch.Tensor], lora_config: dict[str, Any],
+                    out_dir: str | Path) -> Path:
+    """`save_lora` for adapter weights under peft's names and their `LoraConfig` as a dict."""
     import diffusers
 
     pipeline_class = getattr(diffusers, json.loads((Path(pipeline_dir) / "model_index.json").read_text())["_class_name"])
     # the adapter's config (rank, alpha, targets) travels in the file's metadata: without it a loader assumes
     # alpha = rank, which rescales the adapter
-    pipeline_class.save_lora_weights(str(out_dir), unet_lora_layers=lora_weights(unet), safe_serialization=True,
-                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    pipeline_class.save_lora_weights(str(out_dir), unet_lora_layers=adapter, safe_serialization=True,
+                                     unet_lora_adapter_metadata=lora_config)
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, Any]:
+    """The `LoraConfig` `add_lora` attaches, as a dict (a LoRA file's metadata)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
