@@ -2,10 +2,13 @@
 by their class as the real data. prepare-data writes the latents and prompts, the teacher stage records the
 pipeline, distillation draws prompts (not labels), evaluation samples from the held-out captions."""
 
+import json
+
 import pytest
 import torch
 import yaml
 from conftest import REPO
+from safetensors.torch import load_file
 from tiny import run
 
 from dmd2.data import DataError, LMDBImageDataset
@@ -124,10 +127,34 @@ def test_a_text_to_image_student_is_distilled_and_evaluated(sd_project, sd_stude
     assert "each column is one prompt" in (sd_project / "results" / "sd-tiny" / "report.html").read_text()
 
 
-def test_an_sdxl_shaped_four_step_student_trains_with_backward_simulation(tmp_path):
-    text_project(tmp_path, "sdxl-tiny", data={"heldout_fraction": 0.5})
-    run(tmp_path, "prepare-data")
-    run(tmp_path, "teacher")
+@pytest.fixture(scope="module")
+def sdxl_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-tiny")
+    text_project(root, "sdxl-tiny", data={"heldout_fraction": 0.5})
+    run(root, "prepare-data")
+    run(root, "teacher")
+    return root
+
+
+def sdxl_copy(sdxl_project, dest, **overrides):
+    """The sdxl-tiny project's data and teacher with other settings (merged into each stage block)."""
+    import shutil
+
+    for part in ("data/sdxl-tiny", "models/sdxl-tiny/teacher"):
+        shutil.copytree(sdxl_project / part, dest / part)
+    return sdxl_params(sdxl_project, dest, **overrides)
+
+
+def sdxl_params(sdxl_project, dest, **overrides):
+    params = yaml.safe_load((sdxl_project / "params.yaml").read_text())
+    for stage, values in overrides.items():
+        params["sdxl-tiny"][stage] = {**params["sdxl-tiny"].get(stage, {}), **values}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def test_an_sdxl_shaped_four_step_student_trains_with_backward_simulation(sdxl_project, tmp_path):
+    sdxl_copy(sdxl_project, tmp_path)
     run(tmp_path, "distill")
     student = load_model(tmp_path / "models" / "sdxl-tiny" / "student")
     assert student.config["pipeline"]["kind"] == "sdxl" and student.timesteps == [999, 749, 499, 249]
@@ -232,3 +259,38 @@ def test_a_lora_run_resumes_to_the_same_student(sd_project, tmp_path):
     b = load_file(split / "models/sd-tiny/student/lora.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if ".lora_B." in k)  # the adapters moved off zero
+
+
+@pytest.mark.integration
+def test_a_sharded_lora_run_matches_one_process_and_resumes_across_world_sizes(sdxl_project, tmp_path):
+    """The SDXL LoRA recipe's shape on 2 CPU processes with FSDP2: every network sharded (frozen base weights and
+    trainable adapters in the same units), the adapters' first values broadcast from rank 0. It lands where one
+    process lands, and a sharded run stopped half way resumes in one process."""
+    from test_distributed import PARAM_RTOL, distill_subprocess
+
+    from dmd2.checkpoint import latest_checkpoint
+
+    lora = {"lora": {"enabled": True, "rank": 4, "alpha": 4.0}, "generator_lr": 1e-2}
+    fsdp = {"distributed": "fsdp", "processes_per_machine": 2,
+            "fsdp": {"sharding_strategy": "FULL_SHARD", "min_num_params": 2000}}
+    one = sdxl_copy(sdxl_project, tmp_path / "one", distill=lora)
+    run(one, "distill")
+    two = sdxl_copy(sdxl_project, tmp_path / "two", distill=lora, launch=fsdp)
+    distill_subprocess(two)
+    shrink = sdxl_copy(sdxl_project, tmp_path / "shrink", distill={**lora, "steps": 2}, launch=fsdp)
+    distill_subprocess(shrink)
+    checkpoint = latest_checkpoint(next((shrink / "work/sdxl-tiny/distill").glob("run-*")) / "checkpoints")
+    assert json.loads((checkpoint / "meta.json").read_text())["sharded"] is True
+    sdxl_params(sdxl_project, shrink, distill=lora)  # one process, all the steps
+    run(shrink, "distill")
+
+    def adapters(root):
+        return load_file(root / "models/sdxl-tiny/student/lora.safetensors")
+
+    reference = adapters(one)
+    assert any(v.abs().max() > 0 for k, v in reference.items() if ".lora_B." in k)
+    for other in (two, shrink):
+        weights = adapters(other)
+        difference = torch.sqrt(sum(((weights[k] - reference[k]) ** 2).sum() for k in reference))
+        norm = torch.sqrt(sum((reference[k] ** 2).sum() for k in reference))
+        assert weights.keys() == reference.keys() and (difference / norm).item() < PARAM_RTOL, other.name

@@ -189,8 +189,13 @@ class DiffusersFamily(Family):
 
     def gan_features(self, net, x_t, t, cond):
         with capture_output(_mid_block(net)) as captured:
-            self._call(net, x_t, t, cond)
-        return captured[0]
+            out = self._call(net, x_t, t, cond)
+        features = captured[0]
+        if _is_sharded(net):
+            # FSDP2 gathers a network's own (root) parameters for backward from a hook on its *output*, which the
+            # mid-block's features do not reach: tie the output in with zero weight, or backward finds them freed
+            features = features + 0.0 * out.sum()
+        return features
 
     @property
     def gan_feature_shape(self) -> tuple[int, int, int]:
@@ -225,6 +230,12 @@ class DiffusersFamily(Family):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _is_sharded(net: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
 
 
 def _mid_block(net: nn.Module) -> nn.Module:
