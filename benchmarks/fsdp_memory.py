@@ -1,6 +1,6 @@
 """Peak host memory per rank of a 2-process FSDP2 distillation, with and without meta-device initialisation.
 
-    python benchmarks/fsdp_memory.py [--channels 96] [--iterations 2]
+    python benchmarks/fsdp_memory.py [--channels 96] [--iterations 2] [--experiment sdxl-tiny] [--set KEY=VALUE]
 
 Builds a throwaway project in a temporary folder: the embedded MNIST data, a teacher of the experiment's
 architecture with `--channels` base channels (one training step: only its size matters here), then runs
@@ -30,6 +30,8 @@ import textwrap
 from pathlib import Path
 
 import yaml
+
+from dmd2.config import apply_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +65,8 @@ HOOK = textwrap.dedent('''
         import dmd2.distill as distill
 
         real_load = distill.load_model
-        distill.load_model = lambda path, device="cpu", weights=True: real_load(path, device, True)
+        distill.load_model = lambda path, device="cpu", weights=True, data_dir=None: real_load(path, device, True,
+                                                                                            data_dir)
         distill.full_weights = lambda net: None
 ''')
 
@@ -79,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, default=96, help="teacher.unet.channels (the network's width)")
     parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--experiment", default=None, help="another params.yaml block (default: `experiment:`)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="distill.KEY=VALUE for the distill stage, e.g. distill.lora.enabled=true")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,11 +93,15 @@ def main() -> None:
         hooks.mkdir()
         (hooks / "sitecustomize.py").write_text(HOOK)
         params = yaml.safe_load((REPO / "params.yaml").read_text())
-        exp = params["experiment"]
+        exp = params["experiment"] = args.experiment or params["experiment"]
         block = params[exp]
-        block["teacher"].update(steps=1, checkpoint_every=1)
-        block["teacher"].setdefault("unet", {})["channels"] = args.channels
+        trained_here = block["teacher"].get("family", "edm") == "edm"
+        if trained_here:  # a teacher of the chosen width, trained one step (only its size matters)
+            block["teacher"].update(steps=1, checkpoint_every=1)
+            block["teacher"].setdefault("unet", {})["channels"] = args.channels
         block["distill"].update(steps=args.iterations, checkpoint_every=args.iterations, batch_size=8)
+        for assignment in args.overrides:
+            apply_override(params, assignment, exp)
         block["launch"] = {"distributed": "fsdp", "processes_per_machine": 2}
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -99,9 +109,15 @@ def main() -> None:
         dmd2(root, "prepare-data", env=env)
         dmd2(root, "teacher", env=env)
         dmd2(root, "launch-config", env=env)
-        size = (root / "models" / exp / "teacher" / "model.safetensors").stat().st_size
-        print(f"experiment {exp}: teacher with {args.channels} base channels, {size / 2**20:.1f} MiB of float32 "
-              f"weights; 2 processes, FSDP2 FULL_SHARD, {args.iterations} iterations")
+        teacher = root / "models" / exp / "teacher"
+        config = json.loads((teacher / "config.json").read_text())
+        if "pretrained" in config:  # recorded by reference
+            size = sum(f["size"] for f in config["pretrained"]["files"].values())
+        else:
+            size = (teacher / "model.safetensors").stat().st_size
+        what = f"{args.channels} base channels" if trained_here else config["source"]["name"]
+        print(f"experiment {exp}: teacher {what}, {size / 2**20:.1f} MiB of weights; 2 processes, FSDP2 "
+              f"FULL_SHARD, {args.iterations} iterations{' (' + ', '.join(args.overrides) + ')' if args.overrides else ''}")
         for label, extra in (("meta init (now)", {}), ("full copies per rank (before)", {"DMD2_FULL_COPIES": "1"})):
             out = Path(tmp) / label.split()[0]
             out.mkdir()

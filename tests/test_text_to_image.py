@@ -294,3 +294,25 @@ def test_a_sharded_lora_run_matches_one_process_and_resumes_across_world_sizes(s
         difference = torch.sqrt(sum(((weights[k] - reference[k]) ** 2).sum() for k in reference))
         norm = torch.sqrt(sum((reference[k] ** 2).sum() for k in reference))
         assert weights.keys() == reference.keys() and (difference / norm).item() < PARAM_RTOL, other.name
+
+
+def test_bf16_keeps_the_frozen_teacher_in_bf16_and_the_trained_networks_in_float32(sdxl_project, tmp_path,
+                                                                                     monkeypatch):
+    import dmd2.distill as distill
+
+    trainers = []
+    original = distill.DMD2Trainer.__init__
+
+    def capture(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        trainers.append(self)
+
+    monkeypatch.setattr(distill.DMD2Trainer, "__init__", capture)
+    sdxl_copy(sdxl_project, tmp_path, distill={"mixed_precision": "bf16", "steps": 2})
+    run(tmp_path, "distill")
+    trainer = trainers[0]
+    assert {p.dtype for p in trainer.teacher.parameters()} == {torch.bfloat16}
+    for net in (trainer.generator_module, trainer.critic_module):
+        assert {p.dtype for p in net.parameters()} == {torch.float32}
+    student = load_file(tmp_path / "models/sdxl-tiny/student/model.safetensors")
+    assert {v.dtype for v in student.values()} == {torch.float32}

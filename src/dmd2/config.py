@@ -297,7 +297,8 @@ class DistillConfig(Strict):
     backward_simulation: bool = Field(True, description="multi-step: train on the student's own roll-outs")
     gan: GANConfig = Field(default_factory=GANConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
-    mixed_precision: NoOr("bf16") = "no"
+    mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast every network call, and keep the frozen "
+                                          "teacher's weights in bf16 (trained networks keep float32 weights)")
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)

@@ -112,6 +112,8 @@ class DMD2Trainer:
         self.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
         critic = Critic(family, critic_score, gan_head, cfg.gan.diffusion_max_timestep, self.draw)
         self.sharded = shards(launch, accelerator.num_processes)
+        if cfg.mixed_precision == "bf16":  # the frozen teacher is only ever read under bf16 autocast: half its memory
+            teacher = teacher.to(torch.bfloat16)
         self.teacher = _to(teacher.requires_grad_(False).eval(), accelerator.device)
         # the generator's weight average: a frozen copy, sharded like the generator so its shards line up
         self.generator_ema = (_to(copy.deepcopy(generator).requires_grad_(False).eval(), accelerator.device)
