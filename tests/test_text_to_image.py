@@ -316,3 +316,17 @@ def test_bf16_keeps_the_frozen_teacher_in_bf16_and_the_trained_networks_in_float
         assert {p.dtype for p in net.parameters()} == {torch.float32}
     student = load_file(tmp_path / "models/sdxl-tiny/student/model.safetensors")
     assert {v.dtype for v in student.values()} == {torch.float32}
+
+
+def test_the_sdxl_one_step_student_at_timestep_399_exports_with_its_timestep(sdxl_project, tmp_path):
+    """SDXL's one-step recipe feeds pure noise at t = 399; LCM's default for one step is 999, so the export says to
+    pass timesteps=[399], and with it the pipeline makes `dmd2 generate`'s images."""
+    from dmd2.export import student_call_arguments
+
+    sdxl_copy(sdxl_project, tmp_path, distill={"denoising_timesteps": [399], "steps": 2})
+    run(tmp_path, "distill")
+    student = tmp_path / "models/sdxl-tiny/student"
+    assert load_model(student).timesteps == [399]
+    assert_exported_pipeline_reproduces_generate(student, tmp_path / "exported", ["a handwritten digit 5"])
+    assert student_call_arguments(tmp_path / "exported") == {"num_inference_steps": 1, "guidance_scale": 0.0,
+                                                             "timesteps": [399]}
