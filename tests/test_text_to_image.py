@@ -330,3 +330,39 @@ def test_the_sdxl_one_step_student_at_timestep_399_exports_with_its_timestep(sdx
     assert_exported_pipeline_reproduces_generate(student, tmp_path / "exported", ["a handwritten digit 5"])
     assert student_call_arguments(tmp_path / "exported") == {"num_inference_steps": 1, "guidance_scale": 0.0,
                                                              "timesteps": [399]}
+
+
+def test_clip_score_rows_compare_each_sample_with_its_own_prompt(sd_project, sd_student, tmp_path):
+    """eval.clip on a text-to-image experiment: each generated image against the caption it was generated from
+    (a tiny random open_clip model saved as a local checkpoint stands in for ViT-g/14)."""
+    import shutil
+
+    import open_clip
+    from test_clip_score import TINY, TINY_CFG
+
+    from dmd2.clip_score import clip_score, load_clip
+    from dmd2.config import CLIPConfig
+    from dmd2.sampling import sample_images
+
+    if not (sd_project / "models/sd-tiny/fid_reference").exists():
+        run(sd_project, "fid-reference")
+    for part in ("data/sd-tiny", "models/sd-tiny/teacher", "models/sd-tiny/student", "models/sd-tiny/fid_reference"):
+        shutil.copytree(sd_project / part, tmp_path / part)
+    open_clip.factory._MODEL_CONFIGS[TINY] = TINY_CFG
+    try:
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model_and_transforms(TINY, pretrained=None)[0].state_dict(), tmp_path / "clip.pt")
+        clip = {"enabled": True, "model": TINY, "pretrained": str(tmp_path / "clip.pt")}
+        params = yaml.safe_load((sd_project / "params.yaml").read_text())
+        params["sd-tiny"]["eval"].update(clip=clip, fid_curve=False)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run(tmp_path, "evaluate")
+        rows = json.loads((tmp_path / "results/sd-tiny/evaluation.json").read_text())["rows"]
+        student = load_model(tmp_path / "models/sd-tiny/student", data_dir=tmp_path / "data/sd-tiny")
+        n = params["sd-tiny"]["eval"]["num_samples"]
+        prompts = student.family.balanced_conditions(n)
+        images = sample_images(student, n, seed=0, batch_size=params["sd-tiny"]["eval"]["batch_size"], raw_cond=prompts)
+        expected = clip_score(*load_clip(CLIPConfig(**clip)), images, prompts)
+        assert rows[-1]["model"] == "student" and rows[-1]["clip_score"] == pytest.approx(expected, abs=1e-4)
+    finally:
+        open_clip.factory._MODEL_CONFIGS.pop(TINY, None)
