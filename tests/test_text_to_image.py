@@ -366,3 +366,82 @@ def test_clip_score_rows_compare_each_sample_with_its_own_prompt(sd_project, sd_
         assert rows[-1]["model"] == "student" and rows[-1]["clip_score"] == pytest.approx(expected, abs=1e-4)
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(TINY, None)
+
+
+def test_the_coco_protocol_matches_clean_fid_on_the_same_folders(tmp_path):
+    """eval.coco: each model's FID on images generated from the captions in order against a folder of reference
+    images, both centre-cropped and LANCZOS-resized, equals clean-fid's own `compute_fid` over the same images
+    written to folders (a small TorchScript network stands in for the Inception weights, which are not shipped)."""
+    import numpy as np
+    from cleanfid import fid as cleanfid_fid
+    from cleanfid.inception_torchscript import InceptionV3W
+    from PIL import Image
+    from test_fid import _FakeInception
+
+    from dmd2 import fid
+    from dmd2.sampling import fixed_noise, sample, to_uint8
+
+    # a small project of its own (48 captioned images in EDM's dataset_tool layout): Inception features of every
+    # image of both splits are computed, so MNIST's 5,000 would take minutes
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    (folder / "00000").mkdir(parents=True)
+    labels = []
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"00000/img{i:08d}.png")
+        labels.append([f"00000/img{i:08d}.png", i % 4])
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+    text_project(tmp_path, "sd-tiny", data={"source": "image_folder", "path": str(folder), "heldout_fraction": 0.25,
+                                            "caption_template": "a picture of kind {label}"})
+    run(tmp_path, "prepare-data")
+    run(tmp_path, "teacher")
+    run(tmp_path, "distill")
+    weights = tmp_path / "inception" / fid.INCEPTION_FILENAME
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    torch.jit.script(_FakeInception()).save(str(weights))
+    reference = tmp_path / "coco" / "val"
+    reference.mkdir(parents=True)
+    for i, (h, w) in enumerate([(40, 24), (30, 50), (32, 32), (64, 48)] * 3):  # not square: the crop matters
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(reference / f"{i:03d}.png")
+    captions = [f"a handwritten digit {i % 10}" for i in range(9)]
+    (tmp_path / "coco" / "captions.txt").write_text("\n".join(captions) + "\n")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["sd-tiny"]["eval"].update(
+        # the student alone, and few FIDs: each takes a 2048 x 2048 matrix square root (seconds on 2 cores)
+        fid_curve=False, teacher_steps=[], num_samples=12, batch_size=4,
+        fid={"feature_extractor": "inception", "inception_weights": str(weights), "bootstrap": 0},
+        coco={"captions": "coco/captions.txt", "images": "coco/val", "resolution": 16, "num_samples": 6})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(tmp_path, "fid-reference")
+    run(tmp_path, "evaluate")
+    record = json.loads((tmp_path / "results/sd-tiny/evaluation.json").read_text())
+    student_row = record["rows"][-1]
+    assert student_row["model"] == "student" and student_row["coco_num_samples"] == 6 and record["coco_protocol"]
+    run(tmp_path, "report")
+    assert "COCO protocol" in (tmp_path / "results/sd-tiny/report.html").read_text()
+
+    # the same images through clean-fid's folder pipeline: batch b from seed b's noise, captions in order
+    student = load_model(tmp_path / "models/sd-tiny/student")
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    renoise = torch.Generator().manual_seed(1)
+    for b, start in enumerate(range(0, 6, 4)):
+        prompts = captions[start : min(start + 4, 6)]
+        images = to_uint8(sample(student, fixed_noise(len(prompts), student.family.sample_shape, b), prompts,
+                                 generator=renoise))
+        for j, image in enumerate(images):
+            Image.fromarray(image.numpy().transpose(1, 2, 0)).save(generated / f"{start + j:03d}.png")
+
+    def crop_lanczos(image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = Image.fromarray(image[top : top + side, left : left + side])
+        return np.asarray(square.resize((16, 16), Image.LANCZOS))
+
+    expected = cleanfid_fid.compute_fid(
+        str(generated), str(reference), mode="clean", num_workers=0, batch_size=4, device=torch.device("cpu"),
+        custom_feat_extractor=InceptionV3W(str(weights.parent), download=False).eval(), verbose=False,
+        custom_image_tranform=crop_lanczos)
+    assert student_row["coco_fid"] == pytest.approx(expected, rel=1e-3, abs=1e-3)

@@ -347,6 +347,23 @@ class CLIPConfig(Strict):
     prompt_prefix: str = "A photo depicts "
 
 
+class CocoConfig(Strict):
+    """Text-to-image FID in the COCO protocol (DMD2 §6.3): samples generated from `captions` in file order, both
+    sets centre-cropped and LANCZOS-resized to `resolution`, clean-fid Inception features (needs
+    eval.fid.inception_weights; without them the row says so and the proxy rows stand)."""
+
+    captions: str | None = Field(None, description="a captions file (.txt, .csv, .jsonl, .parquet), e.g. the 30k "
+                                 "COCO-2014 val captions of the SD1.5 protocol or the COCO-10k prompts of SDXL's")
+    images: str | None = Field(None, description="the reference images: a folder of image files (e.g. COCO val2014)")
+    resolution: int = Field(256, ge=8, description="both sets are centre-cropped and resized to this (256 for "
+                            "SD1.5's FID-30k, 512 for SDXL's FID-10k)")
+    num_samples: int = Field(30000, ge=2, description="generated images per model, from the first captions")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.captions and self.images)
+
+
 class EvalConfig(Strict):
     num_samples: int = Field(2000, ge=10, description="generated images per model for FID")
     batch_size: int = Field(250, ge=1)
@@ -360,6 +377,7 @@ class EvalConfig(Strict):
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     fid: FIDConfig = Field(default_factory=FIDConfig)
     clip: CLIPConfig = Field(default_factory=CLIPConfig)
+    coco: CocoConfig = Field(default_factory=CocoConfig)
 
 
 # ---------------------------------------------------------------------------------------------------- launch

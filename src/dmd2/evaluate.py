@@ -207,7 +207,7 @@ def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: 
     """Numbers only, one block per row, for `dvc metrics show/diff` (metrics.json); the definitions, protocol
     and provenance stay in evaluation.json, so DVC's tables hold figures rather than paragraphs."""
     keys = ("fid", "fid_std", "fid_at_floor_count", "fid_at_floor_count_std", "class_accuracy", "diversity",
-            "clip_score", "images_per_s", "latency_ms")
+            "clip_score", "coco_fid", "coco_clip_score", "images_per_s", "latency_ms")
     out: dict[str, Any] = {f"{r['model']}_nfe{r['nfe']}": {k: r[k] for k in keys if r.get(k) is not None} for r in rows}
     out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "fid_std", "count", "diversity")
                                     if real.get(k) is not None}
@@ -248,6 +248,35 @@ def _grid_prompts(model: Model, rows: int) -> list[str] | None:
     return list(raw[:columns]) if isinstance(raw, list) else None
 
 
+def _coco_captions(exp: ExperimentConfig, paths: ExperimentPaths, ref: FIDReference) -> list[str] | None:
+    """The COCO protocol's captions when it is configured and its reference statistics exist (Inception)."""
+    if not exp.eval.coco.enabled:
+        return None
+    if ref.coco is None:
+        print("evaluate: eval.coco is set but there are no COCO reference statistics (no Inception weights when "
+              "`dmd2 fid-reference` ran): the COCO FID is skipped")
+        return None
+    from dmd2.coco import coco_captions
+
+    return coco_captions(exp.eval.coco, paths.root)
+
+
+def coco_row(model: Model, num_steps: int | None, exp: ExperimentConfig, ref: FIDReference, captions: list[str],
+             clip) -> dict[str, Any]:
+    """The COCO protocol's FID (and CLIP score) of one model (`dmd2.coco`)."""
+    from dmd2.coco import generated_features
+
+    cfg = exp.eval
+    feats, clip_mean = generated_features(model, ref.extractor, captions, cfg.coco.resolution, cfg.seed,
+                                          cfg.batch_size, num_steps, clip, cfg.clip.prompt_prefix)
+    out = {"coco_fid": round(ref.coco_fid(feats), 4), "coco_num_samples": len(captions)}
+    if clip_mean is not None:
+        out["coco_clip_score"] = round(clip_mean, 4)
+    print(f"evaluate: COCO FID-{len(captions)} at {cfg.coco.resolution}px {out['coco_fid']:.3f}"
+          + (f", CLIP score {out['coco_clip_score']:.4f}" if clip_mean is not None else ""))
+    return out
+
+
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     """Score the teacher (at each of `eval.teacher_steps`) and the student; write results/<exp>/."""
     from dmd2.tracking import hardware_summary
@@ -266,12 +295,15 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 
         clip, class_names = load_clip(exp.eval.clip, dev), read_meta(paths.data / "train.lmdb").get("class_names")
     runs = [("teacher", teacher, s) for s in exp.eval.teacher_steps] + [("student", student, None)]
+    coco = _coco_captions(exp, paths, ref)
     rows, samples = [], []
     for kind, model, steps in runs:
         row, images = evaluate_model(kind, model, steps, exp, ref)
         samples.append(images)
         if clip is not None:  # on the same samples, not a second generation
             row["clip_score"] = _clip_row_score(exp, clip, model, images, class_names)
+        if coco is not None:
+            row.update(coco_row(model, steps, exp, ref, coco, clip))
         row["sample_grid"] = f"samples/{kind}_nfe{row['nfe']}.png"
         save_sample_grid(model, steps, exp, out / row["sample_grid"])
         rows.append(row)
@@ -290,6 +322,10 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         "fid_reference": {k: ref.info.get(k) for k in ("dataset", "split", "count", "resolution", "source", "feature_dim")},
         "num_samples": exp.eval.num_samples, "seed": exp.eval.seed, "resolution": exp.data.resolution,
         "grid_prompts": _grid_prompts(teacher, exp.eval.grid_per_class),
+        "coco_protocol": (f"COCO protocol: {exp.eval.coco.num_samples} images generated from the first captions of "
+                          f"{exp.eval.coco.captions} in order, both sets centre-cropped and LANCZOS-resized to "
+                          f"{exp.eval.coco.resolution}px, clean-fid Inception-v3 features; reference: "
+                          f"{ref.coco[2].get('count')} images in {ref.coco[2].get('folder')}") if coco else None,
         "rows": rows,
         "student_vs_full_teacher": comparison,
         "real_data": real,

@@ -380,11 +380,28 @@ def run_fid_reference(ctx: StageContext) -> dict[str, Any]:
         stats[split] = {"file": name, **_split_stats(extractor, x, y, out / name, info)}
     index = {"extractor": kind, "is_proxy": extractor.is_proxy, "weights": str(weights) if weights else None,
              "weights_sha256": extractor.weights_sha256, "reference_split": exp.eval.fid.reference_split,
-             "dataset": paths.experiment, "resolution": res, "stats": stats}
+             "dataset": paths.experiment, "resolution": res, "stats": stats,
+             "coco": _coco_stats(exp, paths, extractor, out) if exp.eval.coco.enabled else None}
     (out / REFERENCE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
     return {"extractor": kind, "is_proxy": extractor.is_proxy, "reference_split": exp.eval.fid.reference_split,
             "heldout_accuracy": heldout_acc, "train_accuracy": train_acc, "classifier_train_seconds": train_seconds,
             "stats_files": [s["file"] for s in stats.values()]}
+
+
+def _coco_stats(exp: ExperimentConfig, paths: ExperimentPaths, extractor, out: Path) -> dict[str, Any] | None:
+    """The COCO protocol's reference statistics (`dmd2.coco`), cached once; None without Inception weights."""
+    from dmd2.coco import reference_features
+
+    if extractor.is_proxy:
+        print("fid: eval.coco is set, but the COCO protocol needs Inception features (eval.fid.inception_weights); "
+              "its FID is skipped and the proxy rows stand")
+        return None
+    feats, info = reference_features(extractor, exp.eval.coco, paths.root)
+    name = f"coco_{exp.eval.coco.resolution}.npz"
+    mu, sigma = feature_stats(feats)
+    save_stats(out / name, mu, sigma, {**info, "extractor_sha256": extractor.weights_sha256})
+    print(f"fid: COCO reference statistics of {info['count']} images at {info['resolution']}px cached in {out / name}")
+    return {"file": name, **info}
 
 
 # ----------------------------------------------------------------------------------------- for evaluation
@@ -413,6 +430,15 @@ class FIDReference:
         self.other_split = "heldout" if ref_split == "train" else "train"
         self.mu, self.sigma, self.info = load_stats(out / self.index["stats"][ref_split]["file"])
         self.other_mu, self.other_sigma, self.other_info = load_stats(out / self.index["stats"][self.other_split]["file"])
+        coco = self.index.get("coco")
+        self.coco = load_stats(out / coco["file"]) if coco else None  # (mu, sigma, info) of the COCO protocol
+        if exp.eval.coco.enabled and coco and coco["resolution"] != exp.eval.coco.resolution:
+            raise FIDError(f"eval.coco.resolution is {exp.eval.coco.resolution} but {out} holds COCO statistics at "
+                           f"{coco['resolution']}; rerun `dmd2 fid-reference`")
+
+    def coco_fid(self, features: np.ndarray) -> float:
+        mu, sigma = feature_stats(features)
+        return frechet_distance(mu, sigma, self.coco[0], self.coco[1])
 
     @property
     def is_proxy(self) -> bool:

@@ -9,6 +9,7 @@ rule fid_reference:
     params:
         classifier=block("eval")["classifier"],
         fid=block("eval")["fid"],
+        coco=block("eval").get("coco", {}),
     threads: heavy_threads()
     log:
         f"logs/{EXP}/fid_reference.log",
