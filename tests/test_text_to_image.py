@@ -196,6 +196,21 @@ def test_bad_text_to_image_data_settings_are_named_before_anything_is_written(tm
     captions = tmp_path / "captions.txt"
     captions.write_text("one\ntwo\n")
     assert "holds 2 captions, but the source has 5000 images" in fails(image_captions=str(captions))
+    assert "data.prompts: captions file" in fails(prompts=str(tmp_path / "missing.txt"))
+    assert not (tmp_path / "data" / "sd-tiny").exists()
+
+    def teacher_fails(pretrained: str) -> str:
+        params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        params["sd-tiny"]["teacher"]["pretrained"] = pretrained
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        result = CliRunner().invoke(main, ["prepare-data", "--params", str(tmp_path / "params.yaml"),
+                                           "--root", str(tmp_path)])
+        assert result.exit_code != 0
+        return result.output
+
+    text_project(tmp_path, "sd-tiny")
+    assert "is not a diffusers pipeline directory" in teacher_fails(str(tmp_path / "models"))
+    assert "is not a tiny pipeline (tiny:sd15 or tiny:sdxl)" in teacher_fails("tiny:sd3")
     assert not (tmp_path / "data" / "sd-tiny").exists()
 
 

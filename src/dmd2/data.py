@@ -291,19 +291,18 @@ def run_prepare_data(ctx: StageContext) -> dict[str, Any]:
     cfg, root = ctx.exp.data, ctx.paths.root
     source = open_source(cfg, root)
     text_to_image = ctx.exp.teacher.family == "stable_diffusion"
-    captions = None
+    captions = prompts = None
     if text_to_image:  # checked before anything is written
-        from dmd2.latents import check_resolution, source_captions
+        from dmd2.latents import check_text_to_image
 
-        check_resolution(cfg, ctx.exp.teacher, root)
-        captions = source_captions(cfg, source.labels, source.class_names, root)
+        captions, prompts = check_text_to_image(cfg, ctx.exp.teacher, source, root)
     summary = prepare(ctx.paths.data, source, cfg.resolution, cfg.heldout_fraction, cfg.seed, rgb=text_to_image)
     print(f"wrote {ctx.paths.data}/train.lmdb ({summary['train']}) and heldout.lmdb ({summary['heldout']})")
     if text_to_image:
         from dmd2.latents import prepare_text_to_image
 
         splits = source_splits(source, cfg.heldout_fraction, cfg.seed)
-        summary.update(prepare_text_to_image(ctx.paths.data, cfg, ctx.exp.teacher, captions, splits, root))
+        summary.update(prepare_text_to_image(ctx.paths.data, cfg, ctx.exp.teacher, captions, splits, root, prompts))
         print(f"wrote {ctx.paths.data}/latents.lmdb ({summary['latents']}), prompts.lmdb ({summary['prompts']}) and "
               f"eval_prompts.lmdb ({summary['eval_prompts']})")
     return summary

@@ -144,9 +144,10 @@ def encode_split(images: LMDBImageDataset, codec, seed: int, batch_size: int = 6
 
 def check_resolution(cfg, teacher_cfg, root: Path) -> Path:
     """The teacher pipeline's directory, after checking that it makes images of `data.resolution`."""
-    from dmd2.families.stable_diffusion import pipeline_resolution, pipeline_root
+    from dmd2.families.stable_diffusion import pipeline_kind, pipeline_resolution, pipeline_root
 
     pipeline = pipeline_root(teacher_cfg.pretrained, root)
+    pipeline_kind(pipeline)  # a diffusers SD1.5/SDXL pipeline folder, or a clear error
     size = pipeline_resolution(pipeline)
     if cfg.resolution != size:
         raise DataError(f"data.resolution is {cfg.resolution}, but the teacher pipeline {pipeline} makes {size}px "
@@ -154,18 +155,40 @@ def check_resolution(cfg, teacher_cfg, root: Path) -> Path:
     return pipeline
 
 
+def training_prompts(cfg, root: Path) -> tuple[list[str], dict[str, Any]] | None:
+    """`data.prompts` read and described (None: the generator trains on the images' captions)."""
+    from dmd2.paths import input_path
+    from dmd2.prompts import read_captions
+
+    if not cfg.prompts:
+        return None
+    path = input_path(cfg.prompts, root)
+    try:
+        prompts = read_captions(path)
+    except DataError as err:
+        raise DataError(f"data.prompts: {err}") from None
+    return prompts, {"split": "train", "source": str(path), "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def check_text_to_image(cfg, teacher_cfg, source, root: Path) -> tuple[list[str], tuple | None]:
+    """Everything the text-to-image outputs need, checked before the data stage writes anything: the pipeline's
+    resolution, every image's caption and the training prompts. Returns (captions, training prompts)."""
+    check_resolution(cfg, teacher_cfg, root)
+    return source_captions(cfg, source.labels, source.class_names, root), training_prompts(cfg, root)
+
+
 def prepare_text_to_image(out_dir: Path, cfg, teacher_cfg, captions: list[str], splits: dict[str, np.ndarray],
-                          root: Path) -> dict[str, Any]:
+                          root: Path, prompts: tuple[list[str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """latents.lmdb (the training images through the teacher pipeline's VAE, with their captions), prompts.lmdb and
-    eval_prompts.lmdb, beside the image LMDBs `dmd2.data.prepare` wrote into `out_dir`."""
+    eval_prompts.lmdb, beside the image LMDBs `dmd2.data.prepare` wrote into `out_dir`; `prompts` from
+    `training_prompts`."""
     from dmd2.families.stable_diffusion import (
         EVAL_PROMPTS_FILE,
         LATENTS_FILE,
         PROMPTS_FILE,
         LatentCodec,
     )
-    from dmd2.paths import input_path
-    from dmd2.prompts import prompts_lmdb_from_captions, write_prompts_lmdb
+    from dmd2.prompts import write_prompts_lmdb
 
     pipeline = check_resolution(cfg, teacher_cfg, root)
     train_captions = [captions[i] for i in splits["train"]]
@@ -176,18 +199,15 @@ def prepare_text_to_image(out_dir: Path, cfg, teacher_cfg, captions: list[str], 
             "pipeline": str(pipeline), "vae_sha256": _weights_digest(vae),
             "scaling_factor": float(json.loads((vae / "config.json").read_text()).get("scaling_factor", 0.18215))}
     write_latents_lmdb(out_dir / LATENTS_FILE, latents, train_captions, meta)
-    if cfg.prompts:
-        prompts = prompts_lmdb_from_captions(input_path(cfg.prompts, root), out_dir / PROMPTS_FILE)
-    else:
-        prompts = {"count": len(train_captions)}
-        write_prompts_lmdb(out_dir / PROMPTS_FILE, train_captions,
-                           {"split": "train", "source": "the training images' captions",
-                            "source_sha256": hashlib.sha256("\n".join(train_captions).encode()).hexdigest()})
+    if prompts is None:
+        prompts = (train_captions, {"split": "train", "source": "the training images' captions",
+                                    "source_sha256": hashlib.sha256("\n".join(train_captions).encode()).hexdigest()})
+    write_prompts_lmdb(out_dir / PROMPTS_FILE, *prompts)
     held_out = [captions[i] for i in splits["heldout"]]
     write_prompts_lmdb(out_dir / EVAL_PROMPTS_FILE, held_out,
                        {"split": "heldout", "source": "the held-out images' captions",
                         "source_sha256": hashlib.sha256("\n".join(held_out).encode()).hexdigest()})
-    return {"latents": len(latents), "prompts": int(prompts["count"]), "eval_prompts": len(held_out)}
+    return {"latents": len(latents), "prompts": len(prompts[0]), "eval_prompts": len(held_out)}
 
 
 def _weights_digest(folder: Path) -> str:
