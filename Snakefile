@@ -10,6 +10,7 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
+include: "workflow/rules/regression.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
 

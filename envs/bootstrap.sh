@@ -16,7 +16,7 @@ python3 -m venv "$venv"
 # torch 2.14.1 + torchvision 0.29.1 is the matched pair (see envs/README.md); everything is pinned.
 "$venv/bin/pip" install --quiet -r "$here/requirements.lock"
 "$venv/bin/python" - <<'PY'
-import torch, torchvision, diffusers, accelerate, cleanfid, open_clip, lmdb, snakemake, dvc  # noqa: F401
+import torch, torchvision, diffusers, accelerate, cleanfid, open_clip, lmdb, lpips, snakemake, dvc  # noqa: F401
 assert torchvision.ops.nms is not None
 print(f"environment ready: torch {torch.__version__}, torchvision {torchvision.__version__}")
 PY

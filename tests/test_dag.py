@@ -66,7 +66,8 @@ def dvc_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str,
 
 
 @pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm", "fashion", "cifar10", "cifar10-edm", "imagenet64",
-                                        "sd-tiny", "sdxl-tiny", "sdv15", "sdxl"])
+                                        "sd-tiny", "sdxl-tiny", "sdxl-tiny-1step", "sdv15", "sdxl",
+                                        "sdxl-1step"])
 def test_snakemake_and_dvc_describe_the_same_dag(experiment):
     smk, dvc = snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment)
     assert sorted(smk) == sorted(dvc)
@@ -144,7 +145,8 @@ def change_distill_steps(root: Path) -> None:
 
 
 SNAKEMAKE = ("snakemake", "--cores", "2", "--workflow-profile", "workflow/profiles/default")
-ALL_STAGES = {"prepare_data", "teacher", "launch_config", "distill", "fid_reference", "evaluate", "report"}
+ALL_STAGES = {"prepare_data", "teacher", "regression", "launch_config", "distill", "fid_reference", "evaluate",
+              "report"}
 DOWNSTREAM_OF_DISTILL = {"distill", "evaluate", "report"}
 
 
@@ -189,24 +191,28 @@ def test_snakemake_runs_the_diffusers_experiment_and_reruns_distillation_when_th
 
 @pytest.mark.integration
 def test_the_text_to_image_experiments_run_through_snakemake_and_dvc(tmp_path):
-    """`sd-tiny` (SD1.5 shape, one step) through Snakemake and `sdxl-tiny` (SDXL shape, four steps with backward
-    simulation) through `dvc exp run`, with params.yaml's own blocks: tiny random pipelines built offline
-    (`tiny:sd15`, `tiny:sdxl`), captioned MNIST latents, every stage, a report and a diffusers pipeline export."""
+    """`sd-tiny` (SD1.5 shape, one step) through Snakemake and `sdxl-tiny-1step` (SDXL shape, the one-step recipe:
+    regression pre-training on teacher pairs, then distillation at t = 399) through `dvc exp run`, with params.yaml's
+    own blocks: tiny random pipelines built offline (`tiny:sd15`, `tiny:sdxl`), captioned MNIST latents, every
+    stage, a report and a diffusers pipeline export."""
     root = project_copy(tmp_path / "t2i")
     out, _ = sh(root, *SNAKEMAKE, "--config", "experiment=sd-tiny")
     assert snakemake_ran(out) == ALL_STAGES
     for name in ("latents.lmdb", "prompts.lmdb", "eval_prompts.lmdb"):
         assert (root / "data/sd-tiny" / name / "data.mdb").exists()
+    assert json.loads((root / "models/sd-tiny/regression/stage.json").read_text())["enabled"] is False
     evaluation = json.loads((root / "results/sd-tiny/evaluation.json").read_text())
     assert evaluation["family"] == "stable_diffusion" and len(evaluation["grid_prompts"]) == 8
     assert (root / "results/sd-tiny/report.html").exists()
     assert (root / "models/sd-tiny/student/pipeline/model_index.json").exists()
 
-    out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=sdxl-tiny")
+    out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=sdxl-tiny-1step")
     assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
-    metrics = json.loads((root / "results/sdxl-tiny/metrics.json").read_text())
-    assert "student_nfe4" in metrics and "teacher_nfe16" in metrics  # 8 DDIM steps, guided: NFE 16
-    index = json.loads((root / "models/sdxl-tiny/student/pipeline/model_index.json").read_text())
+    regression = json.loads((root / "models/sdxl-tiny-1step/regression/config.json").read_text())
+    assert regression["generator"]["timesteps"] == [399] and regression["source"]["type"] == "regression"
+    metrics = json.loads((root / "results/sdxl-tiny-1step/metrics.json").read_text())
+    assert "student_nfe1" in metrics and "teacher_nfe16" in metrics  # 8 DDIM steps, guided: NFE 16
+    index = json.loads((root / "models/sdxl-tiny-1step/student/pipeline/model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["scheduler"][1] == "LCMScheduler"
 
 

@@ -34,6 +34,18 @@ def test_frechet_distance_matches_cleanfid(n1, n2, d):
     assert ours == pytest.approx(float(cleanfid_fid.fid_from_feats(f1, f2)), rel=1e-6)
 
 
+@pytest.mark.parametrize("n,d", [(12, 256), (40, 64), (65, 64), (300, 64)], ids=["12x256", "40x64", "65x64", "300x64"])
+def test_fid_of_few_features_takes_the_low_rank_route_to_clean_fids_number(n, d):
+    """Fewer samples than dimensions: tr sqrt(S1 S2) from the N x N matrix, the same FID as clean-fid's D x D sqrtm."""
+    f1, f2 = random_features(n, d, 5, shift=0.2), random_features(3 * d, d, 6)
+    mu2, s2 = fid.feature_stats(f2)
+    theirs = float(cleanfid_fid.frechet_distance(*fid.feature_stats(f1), mu2, s2))
+    assert fid.fid_of_features(f1, mu2, s2) == pytest.approx(theirs, rel=1e-6)
+    repeated = f1[np.arange(n) % (n // 2)]  # a bootstrap resample repeats samples: lower rank still
+    assert fid.fid_of_features(repeated, mu2, s2) == pytest.approx(
+        float(cleanfid_fid.frechet_distance(*fid.feature_stats(repeated), mu2, s2)), rel=1e-6)
+
+
 def test_frechet_distance_basics():
     f = random_features(300, 16, 2)
     mu, sigma = fid.feature_stats(f)

@@ -311,8 +311,7 @@ def test_a_sharded_lora_run_matches_one_process_and_resumes_across_world_sizes(s
         assert weights.keys() == reference.keys() and (difference / norm).item() < PARAM_RTOL, other.name
 
 
-def test_bf16_keeps_the_frozen_teacher_in_bf16_and_the_trained_networks_in_float32(sdxl_project, tmp_path,
-                                                                                     monkeypatch):
+def test_bf16_keeps_the_frozen_networks_in_bf16_and_the_trained_ones_in_float32(sdxl_project, tmp_path, monkeypatch):
     import dmd2.distill as distill
 
     trainers = []
@@ -327,24 +326,99 @@ def test_bf16_keeps_the_frozen_teacher_in_bf16_and_the_trained_networks_in_float
     run(tmp_path, "distill")
     trainer = trainers[0]
     assert {p.dtype for p in trainer.teacher.parameters()} == {torch.bfloat16}
+    encoder = trainer.family.prompt_encoder("cpu")  # the text encoders too; their encodings stay float32
+    assert {p.dtype for enc in encoder.text_encoders for p in enc.parameters()} == {torch.bfloat16}
+    cond = trainer.family.encode_conditions(["a handwritten digit 2"], "cpu")
+    assert cond["encoder_hidden_states"].dtype == cond["added_cond_kwargs"]["text_embeds"].dtype == torch.float32
     for net in (trainer.generator_module, trainer.critic_module):
         assert {p.dtype for p in net.parameters()} == {torch.float32}
     student = load_file(tmp_path / "models/sdxl-tiny/student/model.safetensors")
     assert {v.dtype for v in student.values()} == {torch.float32}
 
 
-def test_the_sdxl_one_step_student_at_timestep_399_exports_with_its_timestep(sdxl_project, tmp_path):
-    """SDXL's one-step recipe feeds pure noise at t = 399; LCM's default for one step is 999, so the export says to
+def tiny_taesd(path):
+    """A tiny AutoencoderTiny (the recipe decodes the regression's images with taesdxl) for the tiny SDXL latents."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(path)
+    return str(path)
+
+
+def regression_settings(tmp_path, **extra):
+    return {"enabled": True, "num_pairs": 6, "pair_batch_size": 4, "steps": 4, "batch_size": 3, "lr": 1e-3,
+            "checkpoint_every": 2, "log_every": 1, "lpips": {"pretrained_backbone": False},
+            "decoder": tiny_taesd(tmp_path / "taesd"), **extra}
+
+
+def test_the_sdxl_one_step_recipe_regresses_onto_teacher_pairs_distills_at_399_and_exports(sdxl_project, tmp_path):
+    """SDXL's one-step recipe: teacher ODE pairs, an LPIPS regression (images decoded by a tiny VAE), then
+    distillation from the regressed generator at t = 399. LCM's default for one step is 999, so the export says to
     pass timesteps=[399], and with it the pipeline makes `dmd2 generate`'s images."""
     from dmd2.export import student_call_arguments
+    from dmd2.regression import PairDataset
 
-    sdxl_copy(sdxl_project, tmp_path, distill={"denoising_timesteps": [399], "steps": 2})
+    sdxl_copy(sdxl_project, tmp_path, distill={"denoising_timesteps": [399], "steps": 2},
+              regression=regression_settings(tmp_path))
+    run(tmp_path, "regression")
+    models = tmp_path / "models/sdxl-tiny"
+    # each pair is the teacher's own guided sampler from that pair's noise and prompt
+    teacher = load_model(models / "teacher", data_dir=tmp_path / "data/sdxl-tiny")
+    pairs_file = next((tmp_path / "work/sdxl-tiny/regression/pairs").glob("run-*/pairs.lmdb"))
+    pairs = PairDataset(pairs_file, teacher.family.sample_shape)
+    assert len(pairs) == 6 and pairs.info["teacher_steps"] == 8 and pairs.info["guidance_scale"] == 8.0
+    x0, noise, prompts = pairs.batch([4, 1])
+    cond = teacher.family.encode_conditions(prompts, "cpu")
+    expected = teacher.family.sample_teacher(teacher.net, noise, cond, 8, 8.0)
+    torch.testing.assert_close(x0, expected, atol=2e-2, rtol=1e-2)  # stored as float16
+    # the regressed generator is a one-step student that moved away from the teacher
+    regressed = load_model(models / "regression")
+    assert regressed.is_student and regressed.timesteps == [399]
+    moved = [not torch.equal(a, b) for a, b in zip(regressed.net.state_dict().values(),
+                                                    teacher.net.state_dict().values(), strict=True)]
+    assert sum(moved) > len(moved) // 2
+    losses = [json.loads(line)["loss"] for line in (models / "regression/metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses)
+
     run(tmp_path, "distill")
-    student = tmp_path / "models/sdxl-tiny/student"
+    student = models / "student"
     assert load_model(student).timesteps == [399]
     assert_exported_pipeline_reproduces_generate(student, tmp_path / "exported", ["a handwritten digit 5"])
     assert student_call_arguments(tmp_path / "exported") == {"num_inference_steps": 1, "guidance_scale": 0.0,
                                                              "timesteps": [399]}
+
+
+def test_distillation_starts_from_the_regressed_generator_and_a_regression_run_resumes(sdxl_project, tmp_path):
+    """Stopped at step 2 and run again, the regression reaches the same generator as a run straight to step 4; the
+    distillation's generator starts from it (the critic from the teacher)."""
+    import copy
+
+    from dmd2.config import load_params
+    from dmd2.distill import new_generator
+    from dmd2.paths import ExperimentPaths
+    from dmd2.regression import start_weights
+    from dmd2.stage import StageContext
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for root in (straight, resumed):
+        root.mkdir()
+        sdxl_copy(sdxl_project, root, distill={"denoising_timesteps": [399]},
+                  regression=regression_settings(tmp_path, loss="mse", decoder=None))
+    run(straight, "regression")
+    run(resumed, "regression", "--set", "regression.steps=2")
+    run(resumed, "regression")  # the same command again, with the step count back at 4: resumes at step 2
+    a = load_file(straight / "models/sdxl-tiny/regression/model.safetensors")
+    b = load_file(resumed / "models/sdxl-tiny/regression/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+    params = load_params(straight / "params.yaml")
+    ctx = StageContext(params, "sdxl-tiny", ExperimentPaths("sdxl-tiny", straight))
+    teacher = load_model(straight / "models/sdxl-tiny/teacher")
+    generator = new_generator(teacher.family, copy.deepcopy(teacher.net), params.current().distill, start_weights(ctx))
+    for key, value in generator.state_dict().items():
+        assert torch.equal(value, a[key])
 
 
 def test_clip_score_rows_compare_each_sample_with_its_own_prompt(sd_project, sd_student, tmp_path):
@@ -426,7 +500,8 @@ def test_the_coco_protocol_matches_clean_fid_on_the_same_folders(tmp_path):
         # the student alone, and few FIDs: each takes a 2048 x 2048 matrix square root (seconds on 2 cores)
         fid_curve=False, teacher_steps=[], num_samples=12, batch_size=4,
         fid={"feature_extractor": "inception", "inception_weights": str(weights), "bootstrap": 0},
-        coco={"captions": "coco/captions.txt", "images": "coco/val", "resolution": 16, "num_samples": 6})
+        coco={"captions": "coco/captions.txt", "images": "coco/val", "resolution": 16, "num_samples": 6,
+              "patch_size": 20})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(tmp_path, "fid-reference")
     run(tmp_path, "evaluate")
@@ -434,7 +509,8 @@ def test_the_coco_protocol_matches_clean_fid_on_the_same_folders(tmp_path):
     student_row = record["rows"][-1]
     assert student_row["model"] == "student" and student_row["coco_num_samples"] == 6 and record["coco_protocol"]
     run(tmp_path, "report")
-    assert "COCO protocol" in (tmp_path / "results/sd-tiny/report.html").read_text()
+    html = (tmp_path / "results/sd-tiny/report.html").read_text()
+    assert "COCO protocol" in html and "Patch FID" in html
 
     # the same images through clean-fid's folder pipeline: batch b from seed b's noise, captions in order
     student = load_model(tmp_path / "models/sd-tiny/student")
@@ -455,8 +531,15 @@ def test_the_coco_protocol_matches_clean_fid_on_the_same_folders(tmp_path):
         square = Image.fromarray(image[top : top + side, left : left + side])
         return np.asarray(square.resize((16, 16), Image.LANCZOS))
 
-    expected = cleanfid_fid.compute_fid(
-        str(generated), str(reference), mode="clean", num_workers=0, batch_size=4, device=torch.device("cpu"),
-        custom_feat_extractor=InceptionV3W(str(weights.parent), download=False).eval(), verbose=False,
-        custom_image_tranform=crop_lanczos)
-    assert student_row["coco_fid"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    def center_patch(image: np.ndarray) -> np.ndarray:  # patch FID: the centre 20 px, not resized
+        h, w = image.shape[:2]
+        top, left = (h - 20) // 2, (w - 20) // 2
+        return np.ascontiguousarray(image[top : top + 20, left : left + 20])
+
+    inception = InceptionV3W(str(weights.parent), download=False).eval()
+    for key, transform in (("coco_fid", crop_lanczos), ("coco_patch_fid", center_patch)):
+        expected = cleanfid_fid.compute_fid(
+            str(generated), str(reference), mode="clean", num_workers=0, batch_size=4, device=torch.device("cpu"),
+            custom_feat_extractor=inception, verbose=False, custom_image_tranform=transform)
+        assert student_row[key] == pytest.approx(expected, rel=1e-3, abs=1e-3), key
+    assert student_row["coco_patch_fid"] != student_row["coco_fid"]

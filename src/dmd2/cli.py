@@ -90,7 +90,7 @@ def _one_line(err: BaseException) -> str:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
-    """DMD2 distillation pipeline: data → teacher → distill → fid-reference → evaluate → report."""
+    """DMD2 distillation pipeline: data → teacher → (regression) → distill → fid-reference → evaluate → report."""
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -181,6 +181,16 @@ def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
     from dmd2.teacher import run_teacher
 
     _run_stage("teacher", run_teacher, ctx, resume_from=_path(resume_from_checkpoint))
+
+
+@main.command()
+@_common
+def regression(ctx: StageContext) -> None:
+    """Pre-train a one-step generator on teacher ODE pairs (regression.enabled; the SDXL one-step recipe); writes
+    models/<exp>/regression/. Pairs and checkpoints are kept in work/<exp>/regression/; rerun to resume."""
+    from dmd2.regression import run_regression
+
+    _run_stage("regression", run_regression, ctx)
 
 
 @main.command()

@@ -358,6 +358,8 @@ class CocoConfig(Strict):
     resolution: int = Field(256, ge=8, description="both sets are centre-cropped and resized to this (256 for "
                             "SD1.5's FID-30k, 512 for SDXL's FID-10k)")
     num_samples: int = Field(30000, ge=2, description="generated images per model, from the first captions")
+    patch_size: int | None = Field(None, ge=8, description="also patch FID: the centre patch_size x patch_size crop "
+                                   "of every image at full resolution, no resize (299 in SDXL's protocol)")
 
     @property
     def enabled(self) -> bool:
@@ -378,6 +380,43 @@ class EvalConfig(Strict):
     fid: FIDConfig = Field(default_factory=FIDConfig)
     clip: CLIPConfig = Field(default_factory=CLIPConfig)
     coco: CocoConfig = Field(default_factory=CocoConfig)
+
+
+class LPIPSConfig(Strict):
+    net: Literal["vgg", "alex", "squeeze"] = Field("vgg", description="LPIPS backbone (the recipe: VGG-16)")
+    replace_pooling: bool = Field(True, description="average instead of max pooling in the backbone (the recipe's "
+                                  "piq `replace_pooling=True`)")
+    pretrained_backbone: bool = Field(True, description="the backbone's ImageNet weights from torch's hub cache "
+                                      "(false: a random backbone, for tests only)")
+
+
+class RegressionConfig(Strict):
+    """Regression pre-training of a one-step generator on teacher ODE pairs (the SDXL one-step recipe: 10k pairs,
+    LPIPS, lr 1e-5, 2k iterations); distillation then starts from it."""
+
+    enabled: bool = Field(False, description="pre-train the generator before distillation (one-step students)")
+    num_pairs: int = Field(10000, ge=1, description="teacher noise-sample pairs to generate")
+    pair_batch_size: int = Field(16, ge=1, description="teacher samples generated at once")
+    teacher_steps: int | None = Field(None, ge=1, description="the teacher sampler's steps for the pairs "
+                                      "(default: teacher.sampler.num_steps)")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="the teacher's guidance for the pairs "
+                                         "(default: its sampler's)")
+    loss: Literal["lpips", "mse"] = Field("lpips", description="lpips: on decoded images (the recipe); mse: on the "
+                                          "samples themselves (no perceptual weights needed)")
+    lpips: LPIPSConfig = Field(default_factory=LPIPSConfig)
+    decoder: str | None = Field(None, description="latent models: a local AutoencoderTiny directory (the recipe: "
+                                "madebyollin/taesdxl) that decodes both sides for the loss; default: the pipeline's VAE")
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-5, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(10.0, gt=0)
+    mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast the generator (the loss stays float32)")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+    seed: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------- launch
@@ -445,13 +484,15 @@ class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=EDMTeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    regression: RegressionConfig = Field(default_factory=RegressionConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
 # The blocks a stage's `--config` file may give keys of without naming the block (the seed's `steps: 4`).
 STAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {"teacher": tuple(TEACHER_FAMILIES.values()),
-                                                         "distill": (DistillConfig,)}
+                                                         "distill": (DistillConfig,),
+                                                         "regression": (RegressionConfig,)}
 
 
 class WandbConfig(Strict):

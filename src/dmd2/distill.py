@@ -46,6 +46,7 @@ from dmd2.data import DataError, RandomBatches, open_split
 from dmd2.errors import RunLockedError, TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss
+from dmd2.regression import start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard, total_norm
 from dmd2.stage import StageContext
@@ -74,10 +75,14 @@ class Batch:
     real_cond: Any = None
 
 
-def new_generator(family: Family, teacher: nn.Module, cfg: DistillConfig) -> nn.Module:
+def new_generator(family: Family, teacher: nn.Module, cfg: DistillConfig,
+                  start: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The generator starts as the teacher: a trainable copy, or (distill.lora) a frozen copy with fresh low-rank
-    adapters, drawn from the run's seed apart from the main random stream."""
+    adapters, drawn from the run's seed apart from the main random stream; or from `start`, the weights of the
+    regression pre-training stage (`dmd2.regression`)."""
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    if start is not None:
+        generator.load_state_dict(start)
     if cfg.lora.enabled:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
@@ -106,7 +111,8 @@ class DMD2Trainer:
                  generator_weights: dict[str, torch.Tensor] | None = None):
         """Sharded runs may pass the networks as meta-device skeletons (see `run_distill`): each is sharded, then
         filled from `teacher_weights` (rank 0: `full_weights` of the teacher; None elsewhere), which rank 0
-        broadcasts shard by shard; a LoRA generator from `generator_weights` (the teacher with its adapters)."""
+        broadcasts shard by shard; the generator from `generator_weights` where it does not start as the teacher (a
+        LoRA generator: the teacher with its adapters; a regression-pretrained one)."""
         self.family, self.cfg, self.acc = family, cfg, accelerator
         self.shape = family.sample_shape
         self.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
@@ -114,6 +120,7 @@ class DMD2Trainer:
         self.sharded = shards(launch, accelerator.num_processes)
         if cfg.mixed_precision == "bf16":  # the frozen teacher is only ever read under bf16 autocast: half its memory
             teacher = teacher.to(torch.bfloat16)
+            family.keep_frozen_weights_in(torch.bfloat16)  # the text encoders too
         self.teacher = _to(teacher.requires_grad_(False).eval(), accelerator.device)
         # the generator's weight average: a frozen copy, sharded like the generator so its shards line up
         self.generator_ema = (_to(copy.deepcopy(generator).requires_grad_(False).eval(), accelerator.device)
@@ -130,8 +137,8 @@ class DMD2Trainer:
                 if net is not None:
                     shard(_to(net, accelerator.device), launch.fsdp, mesh)
             if any(_on_meta(net) for net in copies):
-                for net in copies:  # each starts as the teacher (a LoRA generator: with its fresh adapters)
-                    source = generator_weights if net in (generator, self.generator_ema) and cfg.lora.enabled else None
+                for net in copies:  # each starts as the teacher, or the generator from `generator_weights`
+                    source = generator_weights if net in (generator, self.generator_ema) else None
                     fill_from_rank0(net, source or teacher_weights, accelerator.device)
             accelerator.print(f"FSDP2 {launch.fsdp.sharding_strategy} over the mesh "
                               f"{dict(zip(mesh.mesh_dim_names, mesh.shape, strict=True))}")
@@ -346,11 +353,12 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     teacher = load_model(paths.teacher, weights=not sharded, data_dir=paths.data)
     family = teacher.family
     teacher_weights = generator_weights = None
+    start = start_weights(ctx) if not sharded or acc.is_main_process else None  # regression pre-training's
     if sharded and acc.is_main_process:
         full_teacher = load_model(paths.teacher).net
         teacher_weights = full_weights(full_teacher)
-        if cfg.lora.enabled:  # the adapters' first weights come from rank 0 too
-            generator_weights = full_weights(new_generator(family, full_teacher, cfg))
+        if cfg.lora.enabled or start is not None:  # the adapters' first weights come from rank 0 too
+            generator_weights = full_weights(new_generator(family, full_teacher, cfg, start))
         del full_teacher
     _check_timesteps(cfg, family)
     real = None
@@ -359,7 +367,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
                              rank=acc.process_index, world=acc.num_processes)
 
     torch.manual_seed(cfg.seed)  # the same on every rank: see GlobalBatchRandom
-    generator = new_generator(family, teacher.net, cfg)
+    generator = new_generator(family, teacher.net, cfg, None if sharded else start)
     critic_score = copy.deepcopy(teacher.net).train().requires_grad_(True)
     head = new_gan_head(family, cfg.seed) if cfg.gan.enabled else None
     trainer = DMD2Trainer(family, teacher.net, generator, critic_score, head, cfg, acc, exp.launch, teacher_weights,
@@ -369,6 +377,8 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     run_dir = None
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
         inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors") if f.exists()]
+        if start is not None:  # a new pre-trained generator is a new run
+            inputs.append(paths.regression / "model.safetensors")
         run_dir = run_directory(paths.work("distill"), to_dict(cfg),
                                 progress_keys(DISTILL_PROGRESS_KEYS, cfg.lr_scheduler), inputs)
     run_dir = broadcast_object_list([run_dir])[0]

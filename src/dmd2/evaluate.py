@@ -207,7 +207,7 @@ def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: 
     """Numbers only, one block per row, for `dvc metrics show/diff` (metrics.json); the definitions, protocol
     and provenance stay in evaluation.json, so DVC's tables hold figures rather than paragraphs."""
     keys = ("fid", "fid_std", "fid_at_floor_count", "fid_at_floor_count_std", "class_accuracy", "diversity",
-            "clip_score", "coco_fid", "coco_clip_score", "images_per_s", "latency_ms")
+            "clip_score", "coco_fid", "coco_patch_fid", "coco_clip_score", "images_per_s", "latency_ms")
     out: dict[str, Any] = {f"{r['model']}_nfe{r['nfe']}": {k: r[k] for k in keys if r.get(k) is not None} for r in rows}
     out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "fid_std", "count", "diversity")
                                     if real.get(k) is not None}
@@ -267,12 +267,17 @@ def coco_row(model: Model, num_steps: int | None, exp: ExperimentConfig, ref: FI
     from dmd2.coco import generated_features
 
     cfg = exp.eval
-    feats, clip_mean = generated_features(model, ref.extractor, captions, cfg.coco.resolution, cfg.seed,
-                                          cfg.batch_size, num_steps, clip, cfg.clip.prompt_prefix)
+    patch_size = cfg.coco.patch_size if ref.coco_patch is not None else None
+    feats, patch_feats, clip_mean = generated_features(model, ref.extractor, captions, cfg.coco.resolution, cfg.seed,
+                                                       cfg.batch_size, num_steps, clip, cfg.clip.prompt_prefix,
+                                                       patch_size)
     out = {"coco_fid": round(ref.coco_fid(feats), 4), "coco_num_samples": len(captions)}
+    if patch_feats is not None:
+        out["coco_patch_fid"] = round(ref.coco_fid(patch_feats, patch=True), 4)
     if clip_mean is not None:
         out["coco_clip_score"] = round(clip_mean, 4)
     print(f"evaluate: COCO FID-{len(captions)} at {cfg.coco.resolution}px {out['coco_fid']:.3f}"
+          + (f", patch FID ({patch_size}px) {out['coco_patch_fid']:.3f}" if patch_feats is not None else "")
           + (f", CLIP score {out['coco_clip_score']:.4f}" if clip_mean is not None else ""))
     return out
 
@@ -325,7 +330,9 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         "coco_protocol": (f"COCO protocol: {exp.eval.coco.num_samples} images generated from the first captions of "
                           f"{exp.eval.coco.captions} in order, both sets centre-cropped and LANCZOS-resized to "
                           f"{exp.eval.coco.resolution}px, clean-fid Inception-v3 features; reference: "
-                          f"{ref.coco[2].get('count')} images in {ref.coco[2].get('folder')}") if coco else None,
+                          f"{ref.coco[2].get('count')} images in {ref.coco[2].get('folder')}"
+                          + (f"; patch FID: the centre {exp.eval.coco.patch_size}px crop of every image at full "
+                             "resolution, not resized" if ref.coco_patch is not None else "")) if coco else None,
         "rows": rows,
         "student_vs_full_teacher": comparison,
         "real_data": real,

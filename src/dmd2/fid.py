@@ -71,6 +71,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def fid_of_features(features: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """FID of N×D features against reference statistics (mu2, sigma2).
+
+    With fewer samples than dimensions (N − 1 < D, e.g. a few hundred images in Inception's 2048-d space) their
+    covariance Σ₁ = AᵀA/(N − 1) (A: the centred features) has rank below D, and the nonzero eigenvalues of Σ₁Σ₂ are
+    those of the N×N matrix AΣ₂Aᵀ/(N − 1), so tr √(Σ₁Σ₂) is the sum of their square roots: the same number as the
+    D×D matrix square root (tested against clean-fid), in milliseconds instead of seconds."""
+    feats = np.asarray(features, np.float64)
+    n, d = feats.shape
+    if n - 1 >= d or n < 2:
+        return frechet_distance(*feature_stats(feats), mu2, sigma2)
+    mu1 = feats.mean(axis=0)
+    centred = feats - mu1
+    small = centred @ np.asarray(sigma2, np.float64) @ centred.T / (n - 1)
+    eigenvalues = np.linalg.eigvalsh((small + small.T) / 2)  # symmetric positive semi-definite, up to round-off
+    trace_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+    diff = mu1 - np.asarray(mu2, np.float64)
+    return float(diff @ diff + (centred * centred).sum() / (n - 1) + np.trace(sigma2) - 2 * trace_covmean)
+
+
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of N×D features, in float64 (clean-fid's `fid_from_feats` convention)."""
     feats = np.asarray(features, np.float64)
@@ -396,12 +416,17 @@ def _coco_stats(exp: ExperimentConfig, paths: ExperimentPaths, extractor, out: P
         print("fid: eval.coco is set, but the COCO protocol needs Inception features (eval.fid.inception_weights); "
               "its FID is skipped and the proxy rows stand")
         return None
-    feats, info = reference_features(extractor, exp.eval.coco, paths.root)
-    name = f"coco_{exp.eval.coco.resolution}.npz"
-    mu, sigma = feature_stats(feats)
-    save_stats(out / name, mu, sigma, {**info, "extractor_sha256": extractor.weights_sha256})
-    print(f"fid: COCO reference statistics of {info['count']} images at {info['resolution']}px cached in {out / name}")
-    return {"file": name, **info}
+    feats, patch_feats, info = reference_features(extractor, exp.eval.coco, paths.root)
+    files = {"file": f"coco_{exp.eval.coco.resolution}.npz"}
+    if patch_feats is not None:
+        files["patch_file"] = f"coco_patch_{exp.eval.coco.patch_size}.npz"
+    for key, features in (("file", feats), ("patch_file", patch_feats)):
+        if key in files:
+            save_stats(out / files[key], *feature_stats(features), {**info, "extractor_sha256": extractor.weights_sha256})
+    print(f"fid: COCO reference statistics of {info['count']} images at {info['resolution']}px"
+          + (f" (and of their centre {info['patch_size']}px patches)" if patch_feats is not None else "")
+          + f" cached in {out}")
+    return {**files, **info}
 
 
 # ----------------------------------------------------------------------------------------- for evaluation
@@ -432,21 +457,24 @@ class FIDReference:
         self.other_mu, self.other_sigma, self.other_info = load_stats(out / self.index["stats"][self.other_split]["file"])
         coco = self.index.get("coco")
         self.coco = load_stats(out / coco["file"]) if coco else None  # (mu, sigma, info) of the COCO protocol
-        if exp.eval.coco.enabled and coco and coco["resolution"] != exp.eval.coco.resolution:
-            raise FIDError(f"eval.coco.resolution is {exp.eval.coco.resolution} but {out} holds COCO statistics at "
-                           f"{coco['resolution']}; rerun `dmd2 fid-reference`")
+        self.coco_patch = load_stats(out / coco["patch_file"]) if coco and coco.get("patch_file") else None
+        for key in ("resolution", "patch_size"):
+            wanted = getattr(exp.eval.coco, key)
+            if exp.eval.coco.enabled and coco and coco.get(key) != wanted:
+                raise FIDError(f"eval.coco.{key} is {wanted} but {out} holds COCO statistics for {coco.get(key)}; "
+                               "rerun `dmd2 fid-reference`")
 
-    def coco_fid(self, features: np.ndarray) -> float:
-        mu, sigma = feature_stats(features)
-        return frechet_distance(mu, sigma, self.coco[0], self.coco[1])
+    def coco_fid(self, features: np.ndarray, patch: bool = False) -> float:
+        """The COCO protocol's FID of generated features (`patch`: of their centre patches, patch FID)."""
+        reference = self.coco_patch if patch else self.coco
+        return fid_of_features(features, reference[0], reference[1])
 
     @property
     def is_proxy(self) -> bool:
         return self.extractor.is_proxy
 
     def fid(self, features: np.ndarray) -> float:
-        mu, sigma = feature_stats(features)
-        return frechet_distance(mu, sigma, self.mu, self.sigma)
+        return fid_of_features(features, self.mu, self.sigma)
 
     def fid_bootstrap(self, features: np.ndarray, repeats: int, seed: int = 0) -> list[float]:
         """The FID of `repeats` bootstrap resamples (with replacement, same size) of `features`. The resampled

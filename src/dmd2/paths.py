@@ -39,6 +39,11 @@ class ExperimentPaths:
         return self.root / "models" / self.experiment / "student"
 
     @property
+    def regression(self) -> Path:
+        """The one-step generator pre-trained on teacher pairs (`regression.enabled`)."""
+        return self.root / "models" / self.experiment / "regression"
+
+    @property
     def feature_net(self) -> Path:
         """The proxy-FID classifier and the cached reference statistics."""
         return self.root / "models" / self.experiment / "fid_reference"
@@ -60,6 +65,7 @@ class ExperimentPaths:
 
     def stage_record(self, stage: str) -> Path | None:
         """Where a stage's `stage.json` (wall time, hardware, the stage's own figures) goes: beside its outputs."""
-        folder = {"prepare-data": self.data, "teacher": self.teacher, "distill": self.student,
+        folder = {"prepare-data": self.data, "teacher": self.teacher,
+                  "regression": self.regression, "distill": self.student,
                   "fid-reference": self.feature_net, "evaluate": self.results}.get(stage)
         return folder / "stage.json" if folder is not None else None

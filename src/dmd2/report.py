@@ -71,6 +71,7 @@ PAPER_RESULTS: dict[str, dict[str, Any]] = {
 
 CURVES = {
     "teacher": [("Denoising loss", ["loss"]), ("Gradient norm", ["grad_norm"]), ("Learning rate", ["lr"])],
+    "regression": [("Regression loss (LPIPS or MSE)", ["loss"]), ("Gradient norm", ["grad_norm"])],
     "student": [
         ("Distribution-matching loss", ["loss_dm"]),
         ("Fake-score (critic) loss", ["loss_fake"]),
@@ -165,11 +166,13 @@ def _duration(seconds: float | None) -> str:
 
 
 def stage_rows(paths: ExperimentPaths) -> list[dict[str, str]]:
-    files = [("prepare-data", paths.data), ("teacher", paths.teacher), ("distill", paths.student),
-             ("fid-reference", paths.feature_net), ("evaluate", paths.results)]
+    files = [("prepare-data", paths.data), ("teacher", paths.teacher), ("regression", paths.regression),
+             ("distill", paths.student), ("fid-reference", paths.feature_net), ("evaluate", paths.results)]
     rows = []
     for stage, folder in files:
         record = read_json(folder / "stage.json") or {}
+        if stage == "regression" and not record.get("enabled"):
+            continue  # off for this experiment
         finished = record.get("finished_unix")
         hw = record.get("hardware", {})
         rows.append({"stage": stage, "wall": _duration(record.get("wall_s")),
@@ -365,11 +368,15 @@ def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str
     proxy = bool(metrics.get("fid_is_proxy"))
     teacher_log = read_jsonl(paths.teacher / "metrics.jsonl")
     student_log = read_jsonl(paths.student / "metrics.jsonl")
+    regression_log = read_jsonl(paths.regression / "metrics.jsonl")
     fid_curve = read_jsonl(paths.student_run() / "fid_curve.jsonl")
     charts = [
         {"title": "Quality versus NFE", "src": fid_nfe_chart(metrics.get("rows", []), proxy)},
         {"title": "Teacher training", "src": curve_chart(teacher_log, CURVES["teacher"],
                                                           f"Teacher ({metrics.get('family', '?')} family) training")},
+        *([{"title": "Regression pre-training", "src": curve_chart(regression_log, CURVES["regression"],
+                                                                    "Regression onto teacher pairs")}]
+          if regression_log else []),  # only where regression.enabled
         {"title": "Distillation", "src": curve_chart(student_log, CURVES["student"], "DMD2 distillation")},
         {"title": "FID versus step", "src": fid_step_chart(fid_curve, proxy)},
     ]

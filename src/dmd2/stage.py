@@ -29,6 +29,7 @@ class StageContext:
 # The module each pipeline stage (a Snakemake rule / DVC stage) runs; its code dependencies are the package
 # files that module reaches through `dmd2` imports (at any depth, function-level imports included).
 STAGE_MODULES = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_config": ("launch",),
+                 "regression": ("regression",),
                  "distill": ("distill", "launch"), "fid_reference": ("fid",), "evaluate": ("evaluate",),
                  "report": ("report",)}
 DATA_FILES = {"report": ["templates/report.html.j2"]}

@@ -18,6 +18,7 @@ rule distill:
         "DMD2 distillation of {EXP} (rerun to resume from work/{EXP}/distill)"
     input:
         teacher=rules.teacher.output.model,
+        regression=rules.regression.output.model,
         data=rules.prepare_data.output.data,
         launch=rules.launch_config.output.config,
         code=code("distill"),

@@ -50,6 +50,7 @@ rule report:
         plots=rules.evaluate.output.plots,
         record=rules.evaluate.output.record,
         teacher=rules.teacher.output.model,
+        regression=rules.regression.output.model,
         student=rules.distill.output.student,
         data=rules.prepare_data.output.data,
         reference=rules.fid_reference.output.reference,

@@ -134,6 +134,11 @@ class Family(ABC):
         as a text-to-image family's prompts. Class-conditional and unconditional families need none."""
         return None
 
+    def keep_frozen_weights_in(self, dtype: torch.dtype) -> None:
+        """Hold the family's own frozen networks (a text-to-image family's text encoders) in `dtype` from now on
+        (bf16 runs: half their memory); what they compute is still handed on in float32. Most families have none."""
+        return None
+
     @property
     def latent_space(self) -> bool:
         """Whether samples are latents (real data comes from the data stage's latents LMDB) rather than pixels."""

@@ -68,8 +68,10 @@ class PromptEncoder:
                                                                         local_files_only=True))
         return cls(kind, tokenizers, encoders, resolution)
 
-    def to(self, device: torch.device | str) -> PromptEncoder:
-        self.text_encoders = [enc.to(device) for enc in self.text_encoders]
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEncoder:
+        """Move the text encoders (and, with `dtype`, keep their weights in it: bf16 halves SDXL's 3.3 GB of them;
+        the encodings still come out in float32)."""
+        self.text_encoders = [enc.to(device, dtype) for enc in self.text_encoders]
         self._empty = None
         return self
 
@@ -82,12 +84,12 @@ class PromptEncoder:
         device = device or next(self.text_encoders[0].parameters()).device
         if self.kind == "sd15":
             ids = self._ids(self.tokenizers[0], prompts).to(device)
-            return {"encoder_hidden_states": self.text_encoders[0](ids)[0]}
+            return {"encoder_hidden_states": self.text_encoders[0](ids)[0].float()}
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             out = encoder(self._ids(tokenizer, prompts).to(device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the second encoder's projected pooled embedding
+            hidden.append(out.hidden_states[-2].float())
+            pooled = out[0].float()  # the second encoder's projected pooled embedding
         height, width = self.resolution
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=device)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1),
@@ -223,6 +225,7 @@ class StableDiffusionFamily(DiffusersFamily):
         super().__init__(config)
         self._encoder: PromptEncoder | None = None
         self._encoder_device: torch.device | None = None
+        self._encoder_dtype: torch.dtype | None = None  # None: as stored (float32)
         self._codec: LatentCodec | None = None
         self._prompts = self._eval_prompts = self._eval_labels = None
 
@@ -285,8 +288,13 @@ class StableDiffusionFamily(DiffusersFamily):
         if self._encoder is None:
             self._encoder = PromptEncoder.from_pipeline(self.pipeline_path, (self.resolution, self.resolution))
         if self._encoder_device != device:
-            self._encoder, self._encoder_device = self._encoder.to(device), device
+            self._encoder, self._encoder_device = self._encoder.to(device, self._encoder_dtype), device
         return self._encoder
+
+    def keep_frozen_weights_in(self, dtype: torch.dtype) -> None:
+        self._encoder_dtype = dtype
+        if self._encoder is not None:
+            self._encoder.to(self._encoder_device, dtype)
 
     def encode_conditions(self, raw, device):
         if raw is None:

@@ -1,0 +1,366 @@
+"""Regression pre-training of a one-step generator on teacher ODE pairs (method notes §2.8; the SDXL one-step recipe).
+
+The SDXL one-step student conditions on t = 399 rather than 999, and starts not from the teacher's weights but from
+a short regression: the teacher's own deterministic sampler maps noise z to a sample x = ODE(z) (with its
+guidance), for `regression.num_pairs` noises; the generator G(z, t) then learns to reproduce x from z in one call,
+with LPIPS between the decoded images (the original: LPIPS-VGG with average pooling, both sides decoded by the tiny
+VAE). With `regression.enabled`, distillation starts its generator from the result.
+
+The stage has two halves, each resumable by running the same command again:
+  pairs   work/<exp>/regression/pairs/run-<fp>/pairs.lmdb: the samples with their conditions; each pair's noise is
+          a function of (seed, index), so it is regenerated rather than stored. The fingerprint covers the teacher
+          and the pair settings only: changing the learning rate reuses the pairs.
+  train   work/<exp>/regression/train/run-<fp>/checkpoints, as every training stage.
+Output: models/<exp>/regression/, the generator in the normalised format (a student at distill's one timestep,
+so `dmd2 generate` samples it). Disabled, the stage writes only its stage.json, which says so.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dmd2.checkpoint import (
+    checkpoint_at_or_refuse,
+    latest_checkpoint,
+    load_checkpoint,
+    load_latest,
+    rng_state,
+    run_directory,
+    run_lock,
+    save_checkpoint,
+    set_rng_state,
+)
+from dmd2.config import ConfigError, LPIPSConfig, RegressionConfig, to_dict
+from dmd2.data import RandomBatches
+from dmd2.errors import TrainingDiverged
+from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
+from dmd2.latents import LatentDataset, write_latents_lmdb
+from dmd2.stage import StageContext
+from dmd2.training import GlobalBatchRandom, adamw, device, progress_keys
+
+PAIRS_FILE = "pairs.lmdb"
+# Settings that only say how far or how visibly to train: changing them resumes the same run.
+REGRESSION_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
+PAIR_KEYS = ("num_pairs", "teacher_steps", "guidance_scale", "seed")  # what the pairs depend on (with the teacher)
+
+
+def run_regression(ctx: StageContext) -> dict[str, Any]:
+    """The stage: generate the pairs (once), regress the generator onto them, write models/<exp>/regression/."""
+    cfg, paths = ctx.exp.regression, ctx.paths
+    if not cfg.enabled:
+        shutil.rmtree(paths.regression, ignore_errors=True)
+        paths.regression.mkdir(parents=True)
+        print("regression pre-training is off for this experiment (regression.enabled: false): nothing to do")
+        return {"enabled": False}
+    # settings and weights are checked before hours of teacher sampling (the old output stays until the new one)
+    timestep = regression_timestep(ctx)
+    if cfg.loss == "lpips" and cfg.lpips.pretrained_backbone:
+        _check_backbone_weights(cfg.lpips.net)
+    if cfg.loss == "lpips" and cfg.decoder is not None:
+        _decoder_folder(cfg.decoder, paths.root)
+    started = time.time()
+    teacher = load_model(paths.teacher, device(), data_dir=paths.data)
+    pairs = make_pairs(ctx, teacher)
+    summary = train_regression(ctx, teacher, pairs, timestep)
+    return {"enabled": True, "pairs": str(pairs), "timestep": timestep, **summary,
+            "invocation_seconds": round(time.time() - started, 1)}
+
+
+def regression_timestep(ctx: StageContext) -> int:
+    """The generator's one timestep (distill.denoising_timesteps), refused for multi-step or LoRA students."""
+    distill = ctx.exp.distill
+    if len(distill.denoising_timesteps) != 1:
+        raise ConfigError(f"regression.enabled pre-trains a one-step generator, but distill.denoising_timesteps is "
+                          f"{distill.denoising_timesteps}: set one timestep (the SDXL recipe: [399]) or "
+                          "regression.enabled: false")
+    if distill.lora.enabled:
+        raise ConfigError("regression.enabled changes every weight of the generator, but distill.lora trains adapters "
+                          "on the teacher's weights: turn one of them off")
+    return int(distill.denoising_timesteps[0])
+
+
+# ------------------------------------------------------------------------------------------------------ pairs
+
+
+def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
+    """The unit Gaussian noise of pairs `indices`: one generator per pair, seeded from (seed, index), so any pair's
+    noise is found again without storing it and whatever the batch it is drawn in."""
+    out = torch.empty((len(indices), *shape))
+    for row, index in enumerate(indices):
+        state = np.random.SeedSequence([seed, int(index)]).generate_state(1, np.uint64)[0]
+        out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(int(state)))
+    return out
+
+
+def make_pairs(ctx: StageContext, teacher: Model) -> Path:
+    """The pairs LMDB for these settings, generated in batches (kept in the run directory, so an interrupted run
+    resumes at the next batch) unless it already exists."""
+    cfg, paths = ctx.exp.regression, ctx.paths
+    settings = {k: getattr(cfg, k) for k in PAIR_KEYS}
+    inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors",
+                          paths.data / "prompts.lmdb" / "data.mdb") if f.exists()]
+    run_dir = run_directory(paths.work("regression") / "pairs", settings, set(), inputs)
+    lmdb_path = run_dir / PAIRS_FILE
+    if (lmdb_path / "data.mdb").exists():
+        print(f"regression pairs: reusing {lmdb_path}")
+        return lmdb_path
+    family = teacher.family
+    steps = cfg.teacher_steps or family.default_teacher_steps
+    guidance = family.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+    conditions = _pair_conditions(family, cfg.num_pairs, cfg.seed)
+    parts = run_dir / "batches"
+    parts.mkdir(parents=True, exist_ok=True)
+    dev = next(teacher.net.parameters()).device
+    with run_lock(run_dir):
+        for start in tqdm(range(0, cfg.num_pairs, cfg.pair_batch_size), desc="teacher pairs", mininterval=2):
+            part = parts / f"{start:08d}.pt"
+            if part.exists():
+                continue
+            index = range(start, min(start + cfg.pair_batch_size, cfg.num_pairs))
+            noise = pair_noise(cfg.seed, index, family.sample_shape).to(dev)
+            cond = family.encode_conditions(_raw(conditions, index), dev)
+            with torch.no_grad():
+                x0 = family.sample_teacher(teacher.net, noise, cond, steps, guidance)
+            tmp = part.with_suffix(".tmp")
+            torch.save(x0.cpu().half(), tmp)
+            tmp.replace(part)
+        samples = torch.cat([torch.load(parts / f"{s:08d}.pt") for s in range(0, cfg.num_pairs, cfg.pair_batch_size)])
+        kind = "prompts" if isinstance(conditions, list) else "labels" if conditions is not None else "none"
+        texts = conditions if kind == "prompts" else [str(int(y)) for y in conditions] if kind == "labels" \
+            else [""] * cfg.num_pairs
+        write_latents_lmdb(lmdb_path, samples, texts, {
+            "pairs": {"noise_seed": cfg.seed, "conditions": kind, "teacher_steps": steps, "guidance_scale": guidance,
+                      "teacher": str(paths.teacher)}, "source": "teacher ODE pairs", "split": "regression"})
+        shutil.rmtree(parts)
+    print(f"regression pairs: wrote {cfg.num_pairs} teacher samples ({steps} steps, guidance {guidance}) to {lmdb_path}")
+    return lmdb_path
+
+
+def _pair_conditions(family: Family, n: int, seed: int):
+    """Every pair's raw condition (prompts, labels or None), drawn once from `seed` as distillation draws its own."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return family.random_conditions(n, GlobalBatchRandom())
+
+
+def _raw(conditions, index):
+    if conditions is None:
+        return None
+    return [conditions[i] for i in index] if isinstance(conditions, list) else conditions[list(index)]
+
+
+class PairDataset:
+    """The pairs LMDB: `batch(indices)` → (teacher samples, their noise, their raw conditions)."""
+
+    def __init__(self, path: Path, sample_shape: tuple[int, ...]):
+        self.samples = LatentDataset(path, expect_shape=sample_shape)
+        self.info = self.samples.meta.get("pairs") or {}
+        if "noise_seed" not in self.info:
+            raise ModelError(f"{path} is not a regression pairs LMDB (no pairs record); rerun `dmd2 regression`")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        x0, texts = self.samples.batch(indices)
+        noise = pair_noise(self.info["noise_seed"], indices, tuple(x0.shape[1:]))
+        kind = self.info["conditions"]
+        raw = texts if kind == "prompts" else torch.tensor([int(t) for t in texts]) if kind == "labels" else None
+        return x0, noise, raw
+
+
+# ------------------------------------------------------------------------------------------------------- loss
+
+
+def lpips_network(cfg: LPIPSConfig) -> nn.Module:
+    """LPIPS (the `lpips` package: its calibrated linear heads ship with it) on torchvision's ImageNet backbone,
+    read from torch's hub cache and never fetched at run time; `replace_pooling` swaps max for average pooling as
+    the recipe does. A random backbone (`pretrained_backbone: false`) is drawn from a fixed seed."""
+    import lpips
+
+    if cfg.pretrained_backbone:
+        _check_backbone_weights(cfg.net)
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        torch.manual_seed(0)
+        warnings.simplefilter("ignore")  # torchvision's deprecation of lpips' `pretrained=` argument
+        net = lpips.LPIPS(net=cfg.net, pretrained=True, pnet_rand=not cfg.pretrained_backbone, verbose=False)
+    if cfg.replace_pooling:
+        _average_pooling(net)
+    return net.eval().requires_grad_(False)
+
+
+BACKBONE_WEIGHTS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+
+
+def _check_backbone_weights(net: str) -> None:
+    import torchvision
+
+    weights = getattr(torchvision.models, BACKBONE_WEIGHTS[net]).IMAGENET1K_V1
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        builder = {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}[net]
+        raise ModelError(f"LPIPS needs torchvision's ImageNet {builder} weights at {path} (not found; nothing is "
+                         f"downloaded at run time): on a connected machine run `python -c \"import torchvision; "
+                         f"torchvision.models.{builder}(weights='IMAGENET1K_V1')\"` and copy {path.name} there (or set "
+                         "TORCH_HOME), or set regression.loss: mse")
+
+
+def _average_pooling(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode))
+        else:
+            _average_pooling(child)
+
+
+def _decoder_folder(decoder: str, root: Path) -> Path:
+    from dmd2.paths import input_path
+
+    folder = input_path(decoder, root)
+    if not (folder / "config.json").exists():
+        raise ModelError(f"regression.decoder: {folder} is not an AutoencoderTiny directory (no config.json); on a "
+                         "connected machine run `hf download madebyollin/taesdxl --local-dir DIR` and set DIR")
+    return folder
+
+
+def loss_function(cfg: RegressionConfig, family: Family, dev: torch.device,
+                  root: Path = Path(".")) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(generator samples, teacher samples) → the batch's mean loss: MSE on the samples, or LPIPS on both decoded
+    to pixels (grey images as RGB), the gradient flowing through the generator's side only."""
+    if cfg.loss == "mse":
+        return lambda x, target: F.mse_loss(x.float(), target.float())
+    lpips_net = lpips_network(cfg.lpips).to(dev)
+    decode = pixel_decoder(cfg, family, dev, root)
+
+    def loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target_images = decode(target)
+        images = decode(x)
+        if images.shape[1] == 1:
+            images, target_images = images.expand(-1, 3, -1, -1), target_images.expand(-1, 3, -1, -1)
+        return lpips_net(images, target_images).mean()
+
+    return loss
+
+
+def pixel_decoder(cfg: RegressionConfig, family: Family, dev: torch.device,
+                  root: Path = Path(".")) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Samples → images in [−1, 1], differentiable: pixel families' samples as they are; latents through
+    `regression.decoder` (an AutoencoderTiny, the recipe's taesdxl) or the pipeline's VAE, in float32."""
+    if not family.latent_space:
+        return lambda x: x.float()
+    if cfg.decoder is None:
+        vae, scaling = family.codec.vae.to(dev), family.codec.scaling_factor
+    else:
+        from diffusers import AutoencoderTiny
+
+        folder = _decoder_folder(cfg.decoder, root)
+        vae = AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).to(dev)
+        scaling = float(vae.config.scaling_factor)
+        if vae.config.latent_channels != family.sample_shape[0]:
+            raise ModelError(f"regression.decoder {folder} decodes {vae.config.latent_channels}-channel latents, but "
+                             f"the teacher's have {family.sample_shape[0]}: use the tiny VAE made for this pipeline")
+    vae.requires_grad_(False).eval()
+    return lambda x: vae.decode(x.float() / scaling).sample
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timestep: int) -> dict[str, Any]:
+    """Regress a copy of the teacher onto the pairs at `timestep`; rerunning resumes from the newest checkpoint."""
+    from dmd2.tracking import MetricsLog
+
+    cfg, paths, family = ctx.exp.regression, ctx.paths, teacher.family
+    dev = next(teacher.net.parameters()).device
+    pairs = PairDataset(pairs_path, family.sample_shape)
+    torch.manual_seed(cfg.seed)
+    generator = teacher.net.train().requires_grad_(True)  # the teacher's own copy: it is not needed any more
+    if cfg.gradient_checkpointing:
+        family.enable_gradient_checkpointing(generator)
+    optimizer = adamw(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = RandomBatches(pairs, cfg.batch_size, cfg.seed)
+    loss_fn = loss_function(cfg, family, dev, paths.root)
+    settings = {**to_dict(cfg), "pairs": pairs_path.parent.name, "timestep": timestep}
+    run_dir = run_directory(paths.work("regression") / "train", settings,
+                            progress_keys(REGRESSION_PROGRESS_KEYS, "constant"), [])
+    ckpt_dir = run_dir / "checkpoints"
+
+    def load(checkpoint: Path) -> tuple[int, float]:
+        models, state, meta = load_checkpoint(checkpoint)
+        generator.load_state_dict(models["generator"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        return meta["step"], meta.get("train_seconds", 0.0)
+
+    with run_lock(run_dir):
+        step, elapsed = 0, 0.0
+        resume_from = checkpoint_at_or_refuse(ckpt_dir, cfg.steps, "regression.steps")
+        found = (resume_from, load(resume_from)) if resume_from else load_latest(ckpt_dir, load)
+        if found is not None:
+            step, elapsed = found[1]
+            print(f"resuming regression pre-training from {found[0]} (step {step})")
+        print(f"regression run directory: {run_dir}")
+        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
+        t = torch.full((cfg.batch_size,), timestep, dtype=torch.long, device=dev)
+        autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+        t0 = time.time()
+        with tqdm(total=cfg.steps, initial=step, desc="regression", dynamic_ncols=True, mininterval=2) as bar:
+            while step < cfg.steps:
+                target, noise, raw = batches.next()
+                target, noise = target.to(dev), noise.to(dev)
+                cond = family.encode_conditions(raw, dev)
+                with autocast:
+                    x = family.predict_x0(generator, family.generator_input(noise, t), t, cond)
+                loss = loss_fn(x.float(), target)  # in float32: the SDXL VAE overflows in half precision
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"regression loss is {loss.item()} at step {step}; the last good checkpoint "
+                                           f"({latest_checkpoint(ckpt_dir)}) is intact. Lower regression.lr and rerun.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.max_grad_norm, foreach=True)
+                optimizer.step()
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    log.write({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                               "time_s": round(elapsed + time.time() - t0, 2)})
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": rng_state()}
+                    save_checkpoint(ckpt_dir, step, {"generator": generator.state_dict()}, state,
+                                    {"train_seconds": elapsed + time.time() - t0}, cfg.keep_last)
+    source = {"type": "regression", "teacher": str(paths.teacher), "pairs": len(pairs), "steps": cfg.steps,
+              "loss": cfg.loss, "run": run_dir.name}
+    save_model(paths.regression, generator, student_config(teacher.config, [timestep], source),
+               extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
+    return {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
+
+
+def start_weights(ctx: StageContext) -> dict[str, torch.Tensor] | None:
+    """The weights distillation starts its generator from: the regression stage's (regression.enabled), else None
+    (the teacher's)."""
+    if not ctx.exp.regression.enabled:
+        return None
+    regression_timestep(ctx)
+    folder = ctx.paths.regression
+    if not (folder / "model.safetensors").exists():
+        raise ModelError(f"regression.enabled, but {folder} holds no pre-trained generator: run `dmd2 regression` "
+                         "first (snakemake and dvc do this for you)")
+    model = load_model(folder)
+    if model.timesteps != list(ctx.exp.distill.denoising_timesteps):
+        raise ModelError(f"{folder} was pre-trained at t = {model.timesteps}, but distill.denoising_timesteps is "
+                         f"{ctx.exp.distill.denoising_timesteps}: rerun `dmd2 regression`")
+    return model.net.state_dict()
