@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -188,6 +189,13 @@ def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
 def regression(ctx: StageContext) -> None:
     """Pre-train a one-step generator on teacher ODE pairs (regression.enabled; the SDXL one-step recipe); writes
     models/<exp>/regression/. Pairs and checkpoints are kept in work/<exp>/regression/; rerun to resume."""
+    if not ctx.exp.regression.enabled:  # the usual case: a record that says so, without importing torch
+        folder = ctx.paths.regression
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "stage.json").write_text(json.dumps({"stage": "regression", "enabled": False}, indent=2) + "\n")
+        click.echo("regression pre-training is off for this experiment (regression.enabled: false): nothing to do")
+        return
     from dmd2.regression import run_regression
 
     _run_stage("regression", run_regression, ctx)

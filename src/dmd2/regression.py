@@ -12,7 +12,7 @@ The stage has two halves, each resumable by running the same command again:
           and the pair settings only: changing the learning rate reuses the pairs.
   train   work/<exp>/regression/train/run-<fp>/checkpoints, as every training stage.
 Output: models/<exp>/regression/, the generator in the normalised format (a student at distill's one timestep,
-so `dmd2 generate` samples it). Disabled, the stage writes only its stage.json, which says so.
+so `dmd2 generate` samples it). Disabled, `dmd2 regression` writes only a stage.json that says so.
 """
 
 from __future__ import annotations
@@ -59,10 +59,7 @@ def run_regression(ctx: StageContext) -> dict[str, Any]:
     """The stage: generate the pairs (once), regress the generator onto them, write models/<exp>/regression/."""
     cfg, paths = ctx.exp.regression, ctx.paths
     if not cfg.enabled:
-        shutil.rmtree(paths.regression, ignore_errors=True)
-        paths.regression.mkdir(parents=True)
-        print("regression pre-training is off for this experiment (regression.enabled: false): nothing to do")
-        return {"enabled": False}
+        raise ConfigError("regression.enabled is false: there is nothing to pre-train")
     # settings and weights are checked before hours of teacher sampling (the old output stays until the new one)
     timestep = regression_timestep(ctx)
     if cfg.loss == "lpips" and cfg.lpips.pretrained_backbone:

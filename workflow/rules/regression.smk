@@ -1,6 +1,10 @@
 rule regression:
     message:
-        "Regression pre-training of the {EXP} one-step generator (rerun to resume from work/{EXP}/regression)"
+        (
+            "Regression pre-training of the {EXP} one-step generator (rerun to resume from work/{EXP}/regression)"
+            if PARAMS.current(EXP).regression.enabled
+            else "Regression pre-training is off for {EXP} (regression.enabled: false)"
+        )
     input:
         teacher=rules.teacher.output.model,
         data=rules.prepare_data.output.data,
@@ -11,6 +15,8 @@ rule regression:
     params:
         regression=block("regression"),
     threads: heavy_threads()
+    # switched off, the stage only writes its stage.json: run it on the submit host, not as a cluster job
+    localrule: not PARAMS.current(EXP).regression.enabled
     log:
         f"logs/{EXP}/regression.log",
     shell:
