@@ -66,6 +66,10 @@ def test_unsharded_training_state_is_one_file_and_round_trips_the_optimiser(tmp_
     path = save_training_state(tmp_path, saved, sharded=False)
     assert path == tmp_path / "training.safetensors" == training_state_path(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["training.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # packed: one flat tensor per dtype, not one per key
+        assert sorted(f.keys()) == ["float32"]  # noqa: SIM118
 
     loaded = {"generator": _trained_part(2), "critic": _trained_part(3)}
     load_training_state(path, loaded)
@@ -84,6 +88,57 @@ def test_unsharded_training_state_is_one_file_and_round_trips_the_optimiser(tmp_
             net(x).square().mean().backward()
             opt.step()
         assert all(torch.equal(a, b) for a, b in zip(net_a.parameters(), net_b.parameters(), strict=True))
+
+
+def test_the_unsharded_training_state_is_what_dcp_get_state_dict_returns():
+    """The one-file checkpoint builds its state from the modules' and optimisers' own state dicts (DCP's name
+    lookups cost more than the iterations between checkpoints): it must be exactly DCP's, which loads it."""
+    from dmd2.checkpoint import _training_state, _unsharded_training_state
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(4, 2)))
+    net[0].bias.requires_grad_(False)  # a frozen parameter (LoRA's base weights) has no optimiser state
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # adds initial_lr to the group, as distill's does
+    net(torch.randn(5, 3)).square().mean().backward()
+    opt.step()
+    average = torch.nn.Linear(2, 2)
+    parts = {"generator": (net, opt), "generator_ema": (average, None)}
+
+    ours, dcp = _unsharded_training_state(parts), _training_state(parts)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list | tuple):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+        return a == b
+
+    assert same(ours, dcp)
+    assert ours["generator"]["optim"]["param_groups"][0]["params"] == ["0.weight", "1.1.weight", "1.1.bias"]
+
+
+def test_a_training_state_file_written_before_packing_still_loads(tmp_path):
+    """Files from before the packed form hold one tensor per key; a run started then resumes now."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from dmd2.checkpoint import _flatten, _unsharded_training_state, load_training_state
+
+    saved = {"generator": _trained_part(0)}
+    tensors = {}
+    skeleton = _flatten(_unsharded_training_state(saved), "", tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "training.safetensors",
+              metadata={"structure": json.dumps(skeleton)})
+    loaded = {"generator": _trained_part(1)}
+    load_training_state(tmp_path / "training.safetensors", loaded)
+    for a, b in zip(saved["generator"][0].parameters(), loaded["generator"][0].parameters(), strict=True):
+        assert torch.equal(a, b)
+    moments_a, moments_b = saved["generator"][1].state_dict()["state"], loaded["generator"][1].state_dict()["state"]
+    assert all(torch.equal(moments_a[i]["exp_avg_sq"], moments_b[i]["exp_avg_sq"]) for i in moments_a)
 
 
 def test_a_truncated_training_state_file_is_a_checkpoint_error(tmp_path):

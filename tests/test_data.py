@@ -7,6 +7,7 @@ import torch
 
 from dmd2.data import (
     DataError,
+    ImagesInMemory,
     LMDBImageDataset,
     RandomBatches,
     open_split,
@@ -90,6 +91,16 @@ def test_random_batches_resume_exactly(tmp_path):
     b = RandomBatches(ds, 4, seed=99)
     b.load_state_dict(state)
     assert torch.equal(b.next()[1], expected)
+
+
+def test_a_small_dataset_read_into_memory_gives_the_batches_the_lmdb_gives(tmp_path):
+    make(tmp_path / "d.lmdb", n=50)
+    ds = LMDBImageDataset(tmp_path / "d.lmdb")
+    in_memory, from_lmdb = RandomBatches(ds, 8, seed=3), RandomBatches(ds, 8, seed=3, in_memory_bytes=0)
+    assert isinstance(in_memory._reader, ImagesInMemory) and from_lmdb._reader is ds
+    for _ in range(3):
+        (x_a, y_a), (x_b, y_b) = in_memory.next(), from_lmdb.next()
+        assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b) and x_a.dtype == torch.float32 and y_a.dtype == torch.long
 
 
 def test_the_map_is_large_enough_for_many_small_records(tmp_path):

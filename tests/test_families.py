@@ -85,6 +85,14 @@ def test_every_family_keeps_the_interface(name, tmp_path):
     torch.testing.assert_close(images, by_hand.clamp(-1, 1))
 
 
+def test_edm_class_conditions_are_one_hot_and_minus_one_is_the_all_zero_unconditional_input():
+    from dmd2.families.edm import one_hot
+
+    expected = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert torch.equal(one_hot(torch.tensor([2, -1, 0]), 3), expected)
+    assert one_hot(None, 3) is None and one_hot(torch.tensor([0]), 0) is None
+
+
 def test_gradient_checkpointing_is_asked_of_the_family_and_keeps_gradients():
     for name in ("edm", "diffusers-unet2d"):
         family = family_for(CONFIGS[name]())

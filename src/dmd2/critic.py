@@ -71,9 +71,3 @@ class Critic(nn.Module):
         t = self.draw.randint(0, self.gan_max_timestep, x.shape[0], x.device)
         x_t = self.family.add_noise(x, self.draw.randn_like(x), t)
         return self.head(self.family.gan_features(self.score, x_t, t, cond))
-
-    def set_trainable(self, trainable: bool) -> None:
-        """Toggle the critic and head only (the original also re-enables the frozen teacher's gradients here)."""
-        self.score.requires_grad_(trainable)
-        if self.head is not None:
-            self.head.requires_grad_(trainable)

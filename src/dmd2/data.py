@@ -239,8 +239,15 @@ class LMDBImageDataset(torch.utils.data.Dataset):
             return torch.tensor([self._record(txn, i)[1] for i in range(len(self))], dtype=torch.long)
 
     def all_uint8(self) -> tuple[np.ndarray, np.ndarray]:
-        items = [self.raw(i) for i in range(len(self))]
+        """Every image (uint8, N×C×H×W) and label, each record read and checked, in one read transaction."""
+        with _open(self.path).begin() as txn:
+            items = [self._record(txn, i) for i in range(len(self))]
         return np.stack([x for x, _ in items]), np.array([y for _, y in items], dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """The images' size in memory as uint8."""
+        return len(self) * int(np.prod(self.shape))
 
     def close(self) -> None:
         _forget(self.path)
@@ -251,23 +258,48 @@ def _to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
 
 
+# An image LMDB up to this size is read into memory once by `RandomBatches` (the embedded experiments' are 1 to
+# 50 MB); a larger one (ImageNet's is 16 GB) is read batch by batch.
+IN_MEMORY_BYTES = 256 * 2**20
+
+
+class ImagesInMemory:
+    """An image LMDB read once, every record checked, whose `batch` is an index into memory: random batches drawn
+    over a whole run then cost no LMDB transaction and no checksum per image."""
+
+    def __init__(self, dataset: LMDBImageDataset):
+        self.images, self.labels = dataset.all_uint8()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.asarray(indices, dtype=np.int64)
+        return _to_model_range(self.images[index]), torch.from_numpy(self.labels[index])
+
+
 class RandomBatches:
     """Endless random batches drawn by a dedicated generator, so the data position is one RNG state to resume.
 
     With several processes every rank draws the indices of the whole global batch (the same generator state
     everywhere) and reads only its own slice: the data a run sees does not depend on the number of ranks.
+    An image dataset of at most `in_memory_bytes` is read into memory first (`ImagesInMemory`); the batches are
+    the same either way.
     """
 
-    def __init__(self, dataset: LMDBImageDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 in_memory_bytes: int = IN_MEMORY_BYTES):
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
         self.dataset, self.batch_size, self.rank, self.world = dataset, batch_size, rank, world
+        small = isinstance(dataset, LMDBImageDataset) and dataset.nbytes <= in_memory_bytes
+        self._reader = ImagesInMemory(dataset) if small else dataset
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(len(self.dataset), (self.batch_size,), generator=self.generator)
         per_rank = self.batch_size // self.world
-        return self.dataset.batch(index[self.rank * per_rank : (self.rank + 1) * per_rank])
+        return self._reader.batch(index[self.rank * per_rank : (self.rank + 1) * per_rank])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ class DMD2Trainer:
         # the generator's weight average: a frozen copy, sharded like the generator so its shards line up
         self.generator_ema = (_to(copy.deepcopy(generator).requires_grad_(False).eval(), accelerator.device)
                               if cfg.ema_decay > 0 else None)
+        self._average_views = None  # see _update_average
         # fsdp.activation_checkpointing asks for the same thing as distill.gradient_checkpointing: honour either
         if cfg.gradient_checkpointing or (self.sharded and launch.fsdp.activation_checkpointing):
             for net in (generator, critic_score):
@@ -146,11 +148,14 @@ class DMD2Trainer:
         # only what trains: a LoRA generator's frozen base weights get no optimiser state
         opt_g = adamw([p for p in generator.parameters() if p.requires_grad], lr=cfg.generator_lr, **opt)
         opt_c = adamw(critic.parameters(), lr=cfg.critic_lr, **opt)
+        self.opt_g, self.opt_c = opt_g, opt_c
         if self.sharded:
-            self.generator, self.critic, self.opt_g, self.opt_c = generator, critic, opt_g, opt_c
+            self.generator, self.critic = generator, critic
         else:
-            # accelerate's rule for several models: prepare models before/with their optimisers, in the same order
-            self.generator, self.critic, self.opt_g, self.opt_c = accelerator.prepare(generator, critic, opt_g, opt_c)
+            # accelerate prepares the models (DDP across processes) but not the optimisers: its optimiser wrapper
+            # serves gradient accumulation and fp16 loss scaling, neither used here, and inspects a signature at
+            # every zero_grad (benchmarks/distill_overhead.py). DDP keeps the parameters the optimisers hold.
+            self.generator, self.critic = accelerator.prepare(generator, critic)
         # the bare modules under accelerate's wrappers (DDP), looked up once: unwrap_model costs a millisecond
         self.generator_module = accelerator.unwrap_model(self.generator)
         self._critic_module = accelerator.unwrap_model(self.critic)
@@ -184,16 +189,33 @@ class DMD2Trainer:
             tensor = broadcast(tensor, from_process=0)
         return int(tensor.item())
 
-    def _clip(self, model: nn.Module) -> float:
-        """Clip the gradient norm to `max_grad_norm`; returns the norm before clipping. Gradients are already
-        all-reduced (DDP) or sharded (FSDP2, where the norm is a DTensor) and never loss-scaled (no fp16), so
-        torch's own multi-tensor norm and clip are all accelerate's would do."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    def _clip(self, optimizer: torch.optim.Optimizer) -> float:
+        """Clip the gradient norm of what `optimizer` trains to `max_grad_norm`; returns the norm before clipping.
+        Gradients are already all-reduced (DDP) or sharded (FSDP2, where the norm is a DTensor) and never
+        loss-scaled (no fp16), so torch's own multi-tensor norm and clip are all accelerate's would do. The
+        optimiser's parameter list is the model's trainable parameters without a walk over its modules."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         value = total_norm(norm)  # the same number on every rank, so every rank takes the same branch
         if value > self.cfg.max_grad_norm:  # below it the rescaling pass would multiply by exactly 1
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), self.cfg.max_grad_norm, norm, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, norm, foreach=True)
         return value
+
+    def _critic_trainable(self, trainable: bool) -> None:
+        """Switch the critic's and GAN head's gradients (the original also re-enables the frozen teacher's here),
+        so the generator turn's backward computes none for them. The critic optimiser's list is exactly these
+        parameters, without a walk over the modules; under FSDP2 both are the sharded parameters between passes."""
+        for group in self.opt_c.param_groups:
+            for param in group["params"]:
+                param.requires_grad_(trainable)
+
+    def _update_average(self, updates: int) -> None:
+        """The generator's weight average takes this update. The two state dicts are views of the weights, looked
+        up at the first update (after any resume has loaded weights into them, in place) and kept: building them
+        at every update cost more than the average itself on small networks."""
+        if self._average_views is None:
+            self._average_views = (self.generator_ema.state_dict(), self.generator_module.state_dict())
+        ema_update_(*self._average_views, warmed_up_decay(self.cfg.ema_decay, updates))
 
     def _full(self, n: int, t: int) -> torch.Tensor:
         return torch.full((n,), t, dtype=torch.long, device=self.acc.device)
@@ -245,7 +267,7 @@ class DMD2Trainer:
 
         if compute_generator:
             critic = self.critic_module
-            critic.set_trainable(False)  # the generator turn updates the generator only
+            self._critic_trainable(False)  # the generator turn updates the generator only
             t_dm = self.draw.randint(self.dm_range[0], self.dm_range[1] + 1, n, x.device)
             with self._autocast():
                 loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x, cond,
@@ -257,15 +279,12 @@ class DMD2Trainer:
                     metrics["loss_gan_generator"] = loss_gan_g.item()
             self._check_finite({"loss_generator": loss_g, **dm_stats}, "generator", step)
             self.acc.backward(loss_g)
-            metrics["grad_norm_generator"] = self._clip(self.generator)
+            metrics["grad_norm_generator"] = self._clip(self.opt_g)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
             if self.generator_ema is not None:
-                updates = step // cfg.dfake_gen_update_ratio  # generator steps before this one
-                ema_update_(self.generator_ema.state_dict(), self.generator_module.state_dict(),
-                            warmed_up_decay(cfg.ema_decay, updates))
-            self.opt_c.zero_grad(set_to_none=True)
-            critic.set_trainable(True)
+                self._update_average(step // cfg.dfake_gen_update_ratio)  # generator steps before this one
+            self._critic_trainable(True)  # it had no gradients to clear: none were computed for it
             metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
         self.sched_g.step()  # every iteration, as in the original: warm-up counts iterations
 
@@ -275,7 +294,7 @@ class DMD2Trainer:
             loss_c = out["loss_fake"] + (cfg.gan.critic_weight * out["loss_gan_critic"] if "loss_gan_critic" in out else 0)
         self._check_finite({"loss_critic": loss_c}, "critic", step)
         self.acc.backward(loss_c)
-        metrics["grad_norm_critic"] = self._clip(self.critic)
+        metrics["grad_norm_critic"] = self._clip(self.opt_c)
         self.opt_c.step()
         self.opt_c.zero_grad(set_to_none=True)
         self.sched_c.step()
@@ -286,7 +305,7 @@ class DMD2Trainer:
     def _check_finite(self, values: dict[str, Any], which: str, step: int) -> None:
         """Stop on a non-finite loss or intermediate (e.g. the DM normaliser), on every rank at once: a rank that
         stopped alone would leave the others waiting in a collective."""
-        bad = {k: float(v) for k, v in values.items() if not torch.isfinite(torch.as_tensor(v)).all()}
+        bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}  # scalars: losses, statistics
         if _all_ranks(not bad, self.acc):
             return
         what = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a value on another rank"
@@ -401,7 +420,8 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True, mininterval=2, disable=not main)
     writer = BackgroundWriter()
     # the bar is closed on errors too, so an error line never lands on its line; the writer finishes the
-    # checkpoint in flight whatever happens, so a diverged run keeps its last good one
+    # checkpoint in flight whatever happens, so a diverged run keeps its last good one, and it writes the last
+    # checkpoint while the student is written
     with bar, contextlib.closing(writer):
         t0, last_generator = time.time(), {}
         while step < cfg.steps:
@@ -432,18 +452,19 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
                 if tracker.logs_checkpoints:
                     writer.wait()  # the artifact is the committed directory
                     tracker.log_checkpoint(ckpt, f"{ctx.experiment}-distill-{run_dir.name}")
-    tracker.finish()
+        bar.close()
+        tracker.finish()
+        summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
+        weights, adapter = trainer.generator_weights()
+        if main:
+            save_model(paths.student, weights, student_config(teacher.config, cfg.denoising_timesteps,
+                                                              {**source, "iterations": cfg.steps}, _lora(cfg)),
+                       extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()}, extra_weights=adapter)
+            if family.latent_space:  # a text-to-image student also ships as a diffusers pipeline (`dmd2 export`)
+                from dmd2.export import export_pipeline
 
-    summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
-    weights, adapter = trainer.generator_weights()
-    if main:
-        save_model(paths.student, weights, student_config(teacher.config, cfg.denoising_timesteps,
-                                                          {**source, "iterations": cfg.steps}, _lora(cfg)),
-                   extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()}, extra_weights=adapter)
-        if family.latent_space:  # a text-to-image student also ships as a diffusers pipeline (`dmd2 export`)
-            from dmd2.export import export_pipeline
-
-            acc.print(f"exported a diffusers pipeline to {export_pipeline(paths.student, paths.student / 'pipeline')}")
+                pipeline = export_pipeline(paths.student, paths.student / "pipeline")
+                acc.print(f"exported a diffusers pipeline to {pipeline}")
     acc.wait_for_everyone()
     return summary
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmd2.config import EDMTeacherConfig, UNetConfig, to_dict
@@ -70,10 +69,9 @@ def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | Non
     """Integer labels → one-hot; label −1 means 'no label' (all zeros: the unconditional branch of CFG)."""
     if labels is None or num_classes == 0:
         return None
-    out = torch.zeros(labels.shape[0], num_classes, device=labels.device)
-    keep = labels >= 0
-    out[keep] = F.one_hot(labels[keep].long(), num_classes).float()
-    return out
+    # a comparison with every class: −1 matches none, with no masked assignment (a boolean index costs a
+    # nonzero() and a scatter, twice per distillation iteration)
+    return (labels.long().unsqueeze(1) == torch.arange(num_classes, device=labels.device)).float()
 
 
 # ----------------------------------------------------------------------------------------- the family
