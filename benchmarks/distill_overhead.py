@@ -109,6 +109,7 @@ def main() -> None:
         timed_call(self.opt_g, "step", "optimiser steps")
         timed_call(self.opt_c, "step", "optimiser steps")
         timed_call(self, "_clip", "gradient clipping")
+        timed_call(self, "_update_average", "generator's weight average")
         timed_call(family, "encode_conditions", "conditions (text encoders)")
 
     original_step = distill.DMD2Trainer.train_step
