@@ -19,7 +19,7 @@ import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lmdb
 import numpy as np
@@ -258,6 +258,14 @@ def _to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
 
 
+class BatchSource(Protocol):
+    """What `RandomBatches` draws from: image, latent and teacher-pair LMDBs (and `ImagesInMemory`)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> Any: ...
+
+
 # An image LMDB up to this size is read into memory once by `RandomBatches` (the embedded experiments' are 1 to
 # 50 MB); a larger one (ImageNet's is 16 GB) is read batch by batch.
 IN_MEMORY_BYTES = 256 * 2**20
@@ -273,7 +281,7 @@ class ImagesInMemory:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = np.asarray(indices, dtype=np.int64)
         return _to_model_range(self.images[index]), torch.from_numpy(self.labels[index])
 
@@ -287,7 +295,7 @@ class RandomBatches:
     the same either way.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+    def __init__(self, dataset: BatchSource, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                  in_memory_bytes: int = IN_MEMORY_BYTES):
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
@@ -296,7 +304,7 @@ class RandomBatches:
         self._reader = ImagesInMemory(dataset) if small else dataset
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> Any:
         index = torch.randint(len(self.dataset), (self.batch_size,), generator=self.generator)
         per_rank = self.batch_size // self.world
         return self._reader.batch(index[self.rank * per_rank : (self.rank + 1) * per_rank])
