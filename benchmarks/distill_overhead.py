@@ -108,7 +108,6 @@ def main() -> None:
         timed_backward(self.acc)
         timed_call(self.opt_g, "step", "optimiser steps")
         timed_call(self.opt_c, "step", "optimiser steps")
-        timed_call(self, "_clip", "gradient clipping")
         timed_call(self, "_update_average", "generator's weight average")
         timed_call(family, "encode_conditions", "conditions (text encoders)")
 
@@ -120,6 +119,7 @@ def main() -> None:
 
     import dmd2.export
 
+    timed_call(distill, "clip_gradients", "gradient clipping")
     timed_call(distill, "_save", "checkpoints (loop's share)")
     timed_call(dmd2.export, "export_pipeline", "pipeline export (text-to-image)")
     timed_call(distill.RandomBatches, "next", "real data batches")

@@ -177,3 +177,16 @@ def test_weight_average_update_matches_the_formula_and_warms_up():
     ema_update_(average, {"w": torch.tensor([3.0, -2.0]), "steps": torch.tensor(7)}, decay=0.75)
     assert torch.allclose(average["w"], torch.tensor([0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * -2]))
     assert average["steps"].item() == 7  # integers are copied, not averaged
+
+
+def test_gradients_are_clipped_to_the_norm_over_all_trained_tensors_and_left_alone_below_it():
+    from dmd2.distill import clip_gradients
+
+    a, b, frozen = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    optimizer = torch.optim.AdamW([a, b], lr=0.1)
+    a.grad, b.grad, frozen.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0]), torch.tensor([100.0, 0.0])
+    assert clip_gradients(optimizer, 10.0) == pytest.approx(5.0)  # sqrt(3² + 4²); `frozen` is not trained
+    assert torch.equal(a.grad, torch.tensor([3.0, 0.0])) and torch.equal(b.grad, torch.tensor([0.0, 4.0]))
+    assert clip_gradients(optimizer, 1.0) == pytest.approx(5.0)  # the norm before clipping
+    torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([0.6, 0.0, 0.0, 0.8]), rtol=1e-5, atol=1e-6)
+    assert torch.equal(frozen.grad, torch.tensor([100.0, 0.0]))

@@ -189,18 +189,6 @@ class DMD2Trainer:
             tensor = broadcast(tensor, from_process=0)
         return int(tensor.item())
 
-    def _clip(self, optimizer: torch.optim.Optimizer) -> float:
-        """Clip the gradient norm of what `optimizer` trains to `max_grad_norm`; returns the norm before clipping.
-        Gradients are already all-reduced (DDP) or sharded (FSDP2, where the norm is a DTensor) and never
-        loss-scaled (no fp16), so torch's own multi-tensor norm and clip are all accelerate's would do. The
-        optimiser's parameter list is the model's trainable parameters without a walk over its modules."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        value = total_norm(norm)  # the same number on every rank, so every rank takes the same branch
-        if value > self.cfg.max_grad_norm:  # below it the rescaling pass would multiply by exactly 1
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, norm, foreach=True)
-        return value
-
     def _critic_trainable(self, trainable: bool) -> None:
         """Switch the critic's and GAN head's gradients (the original also re-enables the frozen teacher's here),
         so the generator turn's backward computes none for them. The critic optimiser's list is exactly these
@@ -279,7 +267,7 @@ class DMD2Trainer:
                     metrics["loss_gan_generator"] = loss_gan_g.item()
             self._check_finite({"loss_generator": loss_g, **dm_stats}, "generator", step)
             self.acc.backward(loss_g)
-            metrics["grad_norm_generator"] = self._clip(self.opt_g)
+            metrics["grad_norm_generator"] = clip_gradients(self.opt_g, cfg.max_grad_norm)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
             if self.generator_ema is not None:
@@ -294,7 +282,7 @@ class DMD2Trainer:
             loss_c = out["loss_fake"] + (cfg.gan.critic_weight * out["loss_gan_critic"] if "loss_gan_critic" in out else 0)
         self._check_finite({"loss_critic": loss_c}, "critic", step)
         self.acc.backward(loss_c)
-        metrics["grad_norm_critic"] = self._clip(self.opt_c)
+        metrics["grad_norm_critic"] = clip_gradients(self.opt_c, cfg.max_grad_norm)
         self.opt_c.step()
         self.opt_c.zero_grad(set_to_none=True)
         self.sched_c.step()
@@ -336,6 +324,21 @@ class DMD2Trainer:
         if not self.cfg.lora.enabled or not weights:
             return weights, None
         return self.family.fuse_lora(weights, self.cfg.lora.rank, self.cfg.lora.alpha)
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip the gradient norm of what `optimizer` trains to `max_norm`; returns the norm before clipping.
+
+    Gradients are already all-reduced (DDP) or sharded (FSDP2, where the norm is a DTensor) and never loss-scaled
+    (no fp16), so torch's own multi-tensor norm and clip are all accelerate's would do. The optimiser's parameter
+    list is the model's trainable parameters without a walk over its modules; the norm is `get_total_norm`'s for
+    gradients on one device, without its per-tensor device moves (0.2 ms a call on the embedded networks)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+    value = total_norm(norm)  # the same number on every rank, so every rank takes the same branch
+    if value > max_norm:  # below it the rescaling pass would multiply by exactly 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return value
 
 
 def shards(launch: LaunchConfig | None, num_processes: int) -> bool:
