@@ -180,7 +180,7 @@ def test_weight_average_update_matches_the_formula_and_warms_up():
 
 
 def test_gradients_are_clipped_to_the_norm_over_all_trained_tensors_and_left_alone_below_it():
-    from dmd2.distill import clip_gradients
+    from dmd2.training import clip_gradients
 
     a, b, frozen = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     optimizer = torch.optim.AdamW([a, b], lr=0.1)

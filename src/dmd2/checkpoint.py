@@ -204,8 +204,8 @@ def save_training_state(checkpoint: str | Path, parts: TrainingParts, sharded: b
     Sharded (FSDP2): through torch.distributed.checkpoint into `training/`, each rank writing its own shards onto
     a filesystem all ranks share. Unsharded (one process, or DDP's identical replicas): rank 0 writes one
     `training.safetensors` (the tensors packed by `_pack`) whose metadata says where each one lies and holds the
-    rest (optimiser hyper-parameters); one write instead of DCP's one per tensor, which cost more than the iterations between
-    checkpoints on small models. Either loads into any number of ranks, sharded or not. Returns the path."""
+    rest (optimiser hyper-parameters); one write instead of DCP's one per tensor, which cost more than the
+    iterations between checkpoints on small models. Either loads into any number of ranks, sharded or not. Returns the path."""
     if sharded:
         import torch.distributed.checkpoint as dcp
 

@@ -47,7 +47,7 @@ from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
 from dmd2.latents import LatentDataset, write_latents_lmdb
 from dmd2.stage import StageContext
-from dmd2.training import GlobalBatchRandom, adamw, device, progress_keys
+from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, progress_keys
 
 PAIRS_FILE = "pairs.lmdb"
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
@@ -327,12 +327,12 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
                                            f"({latest_checkpoint(ckpt_dir)}) is intact. Lower regression.lr and rerun.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.max_grad_norm, foreach=True)
+                grad_norm = clip_gradients(optimizer, cfg.max_grad_norm)
                 optimizer.step()
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    log.write({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                    log.write({"step": step, "loss": loss.item(), "grad_norm": grad_norm,
                                "time_s": round(elapsed + time.time() - t0, 2)})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -73,11 +73,6 @@ def shard(model: nn.Module, fsdp: FSDPConfig, mesh: DeviceMesh) -> nn.Module:
     return model
 
 
-def total_norm(norm: torch.Tensor) -> float:
-    """`clip_grad_norm_`'s result as a number: over DTensor gradients it is a DTensor of per-shard partials."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
 def fill_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
     """Allocate a sharded meta-device skeleton's local shards on `device` and fill them from rank 0's full weights
     (a collective: rank 0 broadcasts each tensor, every rank keeps its shard; the others pass None). `full_state`

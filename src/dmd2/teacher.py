@@ -28,7 +28,7 @@ from dmd2.data import RandomBatches, open_split
 from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, family_for, import_teacher, save_model, teacher_config
 from dmd2.stage import StageContext
-from dmd2.training import EMA, adamw, device, progress_keys, warmup_schedule
+from dmd2.training import EMA, adamw, clip_gradients, device, progress_keys, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 TEACHER_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
@@ -130,14 +130,14 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
                                        f"({latest_checkpoint(ckpt_dir)}) is intact. Lower teacher.lr and rerun to resume.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0, foreach=True)
+            grad_norm = clip_gradients(optimizer, 10.0)
             optimizer.step()
             scheduler.step()
             step += 1
             run.ema.update(net, step)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                           "time_s": round(elapsed + time.time() - t0, 2)}
                 log.write(record)
                 tracker.log(record, step)
