@@ -51,7 +51,11 @@ class FIDError(Dmd2Error, RuntimeError):
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = 1e-6) -> float:
-    """Fréchet distance between two Gaussians, in float64, with clean-fid's handling of numerical trouble."""
+    """Fréchet distance between two Gaussians, in float64, with clean-fid's handling of numerical trouble.
+
+    Its structure (sqrtm of the product, a diagonal offset when that is singular, the imaginary round-off check)
+    follows clean-fid's `frechet_distance` (MIT, © 2021 Gaurav Parmar) and pytorch-fid's `calculate_frechet_distance`
+    (Apache-2.0); see NOTICE."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
