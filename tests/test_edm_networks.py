@@ -1,12 +1,13 @@
 """EDM's released networks: our ADM / DDPM++ / NCSN++ match EDM's checkpoints name for name and shape for shape,
-compute what EDM's own code computes, and EDM's pickles are converted without executing anything they carry.
+compute what EDM's own networks compute, and EDM's pickles are converted without executing anything they carry.
 
-Test data (`tests/data/edm/`), derived from reading EDM's `training/networks.py` and `train.py` (no EDM code is
-in this repository):
+Test data (`tests/data/edm/`, see its README): names, shapes, constructor arguments and outputs recorded from EDM's
+networks by running them (a local clone of NVlabs/edm, not in this repository; its commit was not recorded):
 - `edm-*.json`: the constructor arguments of a released checkpoint's `ema` network and its state dict's names and
   shapes in order (ImageNet-64 ADM: 553 entries, 295,899,267 parameters; CIFAR-10 DDPM++: 427 entries, 55,735,299);
 - `tiny-*.json`: the same for tiny configurations;
 - `reference-outputs.*`: EDM's networks' outputs for fixed inputs under the weight fill `_fill` below.
+`tests/data/edm/make_reference_data.py` redoes both from any EDM clone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,56 @@ def test_features_stop_at_the_encoder_output():
     x = torch.randn(2, 3, 16, 16)
     features = net(x, torch.tensor([1.0, 2.0]), None, features_only=True)
     assert features.shape == (2, 128, 8, 8)  # model_channels · channel_mult[-1] at 16 / 2 px
+
+
+_STAND_IN_NETWORKS = """
+import torch
+from dmd2.families.edm_networks import build_edm_network, precondition
+from dmd2.families.edm_pickle import network_config_from_edm
+
+
+class _Preconditioned(torch.nn.Module):  # EDM's constructor and call signature, over our networks
+    def __init__(self, **constructor):
+        super().__init__()
+        c = network_config_from_edm(type(self).__name__, constructor)
+        self.kind, self.sigma_data = c["precond"], c["sigma_data"]
+        self.model = build_edm_network(c["architecture"], c["resolution"], c["in_channels"], c["label_dim"],
+                                       c["network"])
+
+    def forward(self, x, sigma, class_labels=None, **model_kwargs):
+        c_skip, c_out, c_in, c_noise = precondition(self.kind, sigma.reshape(-1, 1, 1, 1), self.sigma_data)
+        return c_skip * x + c_out * self.model(c_in * x, c_noise.flatten(), class_labels, **model_kwargs)
+
+
+class EDMPrecond(_Preconditioned):
+    pass
+
+
+class VPPrecond(_Preconditioned):
+    pass
+"""
+
+
+def test_the_reference_data_script_reproduces_the_committed_files(tmp_path, monkeypatch, capsys):
+    """`make_reference_data.py` against a stand-in checkout whose `training.networks` wraps our networks: every
+    manifest comes out identical and every output within the numerical test's tolerance, so the script's procedure
+    (constructors, fill, inputs, call) is the one that produced the files."""
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "__init__.py").write_text("")
+    (tmp_path / "training" / "networks.py").write_text(_STAND_IN_NETWORKS)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the checkout; undone afterwards
+    for name in ("training", "training.networks"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(DATA))
+    import make_reference_data
+
+    assert make_reference_data.main([str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    manifests = [p for p in DATA.glob("*.json") if p.stem != "reference-outputs"]
+    assert report.count(": 553 entries, identical") == 1 and report.count("identical") == len(manifests), report
+    assert report.count(".output: largest difference") == 5, report
+    for name in ("training", "training.networks"):
+        sys.modules.pop(name, None)
 
 
 # ------------------------------------------------------------------------------------------- pickles
