@@ -23,7 +23,7 @@ test: env
 	WANDB_MODE=offline pytest
 
 lint: env
-	ruff check src tests benchmarks
+	ruff check src tests benchmarks tools
 
 clean:
 	rm -rf data models results work logs .snakemake
