@@ -55,12 +55,18 @@ def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list
     metrics = json.loads((run_dir / "results" / experiment / "metrics.json").read_text())
     curve_files = sorted((run_dir / "work" / experiment / "distill").glob("run-*/fid_curve.jsonl"))
     curve = [json.loads(line) for line in curve_files[-1].read_text().splitlines()] if curve_files else []
+    student = next(v for k, v in metrics.items() if k.startswith("student_nfe"))
+    teacher = max((k for k in metrics if k.startswith("teacher_nfe")), key=lambda k: int(k.removeprefix("teacher_nfe")))
+    teacher = metrics[teacher]
+    stage = run_dir / "models" / experiment / "student" / "stage.json"
     return {"setting": name, "sets": sets, "seed": seed,
-            "teacher_fid": metrics["teacher_nfe35"]["fid"] if "teacher_nfe35" in metrics else None,
-            "student_fid": metrics["student_nfe1"]["fid"], "student_fid_std": metrics["student_nfe1"]["fid_std"],
+            "teacher_fid": teacher["fid"], "student_fid": student["fid"], "student_fid_std": student["fid_std"],
             "difference": metrics["student_minus_full_teacher_fid"]["fid_difference"],
             "difference_std": metrics["student_minus_full_teacher_fid"]["fid_difference_std"],
-            "class_accuracy": metrics["student_nfe1"]["class_accuracy"],
+            "class_accuracy": student["class_accuracy"], "teacher_class_accuracy": teacher["class_accuracy"],
+            **{f"{kind}_{key}": row.get(key) for kind, row in (("student", student), ("teacher", teacher))
+               for key in ("precision", "recall", "class_coverage", "class_coverage_min")},
+            "distill_seconds": json.loads(stage.read_text()).get("wall_s") if stage.exists() else None,
             "curve": {row["step"]: row["fid"] for row in curve}}
 
 
@@ -70,15 +76,18 @@ def mean_sd(values: list[float]) -> str:
 
 
 def summarise(rows: list[dict]) -> None:
-    print("\nsetting            seeds  student FID      student − teacher  class acc.  mean curve (iteration: FID)")
+    print("\nsetting            seeds  student FID      student − teacher  class acc.  recall (teacher)  "
+          "mean curve (iteration: FID)")
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == name]
         steps = sorted({int(s) for r in mine for s in r["curve"]})
         curve = "  ".join(f"{s}: {statistics.fmean(r['curve'][s] for r in mine if s in r['curve']):.2f}"
                           for s in steps)
+        recall = (f"{statistics.fmean(r['student_recall'] for r in mine):.3f} "
+                  f"({statistics.fmean(r['teacher_recall'] for r in mine):.3f})")
         print(f"{name:18s} {len(mine):5d}  {mean_sd([r['student_fid'] for r in mine]):15s}  "
               f"{mean_sd([r['difference'] for r in mine]):17s}  {statistics.fmean(r['class_accuracy'] for r in mine):.3f}"
-              f"       {curve}")
+              f"       {recall:16s}  {curve}")
 
 
 def main() -> None:
@@ -108,8 +117,10 @@ def main() -> None:
             return None
         with open(args.workdir / "runs.jsonl", "a") as out:
             out.write(json.dumps(row) + "\n")
-        print(f"{row['setting']} seed {row['seed']}: student {row['student_fid']:.3f}, student − teacher "
-              f"{row['difference']:+.3f} ± {row['difference_std']:.3f}, class accuracy {row['class_accuracy']:.3f}",
+        print(f"{row['setting']} seed {row['seed']}: student {row['student_fid']:.3f} (teacher {row['teacher_fid']:.3f}), "
+              f"student − teacher {row['difference']:+.3f} ± {row['difference_std']:.3f}, class accuracy "
+              f"{row['class_accuracy']:.3f} ({row['teacher_class_accuracy']:.3f}), precision {row['student_precision']}, "
+              f"recall {row['student_recall']} ({row['teacher_recall']}), coverage {row['student_class_coverage']}",
               flush=True)
         return row
 

@@ -93,6 +93,25 @@ def test_edm_class_conditions_are_one_hot_and_minus_one_is_the_all_zero_uncondit
     assert one_hot(None, 3) is None and one_hot(torch.tensor([0]), 0) is None
 
 
+def test_guidance_is_refused_for_a_network_that_never_learned_the_unconditional_branch():
+    """EDM's released checkpoints were trained without label dropout: their all-zero label was never seen, so
+    guided predictions would be extrapolations. Teachers trained here with label dropout guide as before."""
+    from dmd2.families.edm import EDMFamily
+
+    trained = edm_config()
+    net = family_for(trained).build_network().eval()
+    x, t, cond = torch.randn(2, *SHAPE), torch.tensor([10, 900]), torch.eye(CLASSES)[[1, 2]]
+    converted = {**trained, "label_dropout": 0.0, "source": {"type": "edm_pickle"}}
+    legacy = {k: v for k, v in converted.items() if k != "label_dropout"}  # a config from before the key
+    with torch.no_grad():
+        assert torch.isfinite(EDMFamily(trained).predict_x0(net, x, t, cond, guidance_scale=2.0)).all()
+        for config in (converted, legacy):
+            EDMFamily(config).predict_x0(net, x, t, cond)  # unguided: fine
+            with pytest.raises(ModelError, match="never learned"):
+                EDMFamily(config).predict_x0(net, x, t, cond, guidance_scale=2.0)
+    assert trained["label_dropout"] == 0.1 and EDMFamily(trained).has_unconditional_branch
+
+
 def test_gradient_checkpointing_is_asked_of_the_family_and_keeps_gradients():
     for name in ("edm", "diffusers-unet2d"):
         family = family_for(CONFIGS[name]())
@@ -106,6 +125,30 @@ def test_gradient_checkpointing_is_asked_of_the_family_and_keeps_gradients():
             family.fake_score_loss(net, x, t, cond, torch.ones_like(x)).backward()
         for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["diffusers-unet2d", "diffusers-conditional"])
+def test_diffusers_gan_features_are_the_mid_block_output_and_the_decoder_does_not_run(name):
+    """The GAN features are what the mid-block computes in a full forward (caught with a hook), the up blocks and
+    the output convolution are not called for them, and the UNet is whole again afterwards (its full forward
+    unchanged)."""
+    family = family_for(CONFIGS[name]())
+    torch.manual_seed(0)
+    net = family.build_network().eval()
+    x, t, cond = torch.randn(2, *SHAPE), torch.tensor([10, 900]), family.encode_conditions(torch.tensor([1, 2]), "cpu")
+    seen: dict[str, torch.Tensor] = {}
+    net.mid_block.register_forward_hook(lambda _m, _i, out: seen.__setitem__("mid", out))
+    calls = []
+    for module in (*net.up_blocks, net.conv_out):
+        module.register_forward_hook(lambda m, _i, _o: calls.append(type(m).__name__))
+    with torch.no_grad():
+        full = family.denoise(net, x, t, cond)
+        mid, calls_in_full = seen["mid"], len(calls)
+        features = family.gan_features(net, x, t, cond)
+        again = family.denoise(net, x, t, cond)
+    assert calls_in_full == len(net.up_blocks) + 1 and len(calls) == calls_in_full * 2  # none for the features
+    torch.testing.assert_close(features, mid.float(), rtol=0, atol=0)
+    torch.testing.assert_close(again, full, rtol=0, atol=0)
 
 
 def _save_tiny_pipeline(folder: Path) -> None:
@@ -185,6 +228,51 @@ def test_the_diffusers_generator_input_is_the_noise_itself_and_its_x0_is_float64
     family = DiffusersFamily(diffusers_config())
     noise = torch.randn(3, *SHAPE)
     assert torch.equal(family.generator_input(noise, torch.full((3,), 399)), noise)  # the SDXL 1-step recipe's input
+
+
+def test_the_ddim_teacher_sampler_never_clamps_even_when_the_config_does_not_say(tmp_path):
+    """A scheduler config without `clip_sample` (DDIM's default is to clamp x0 to ±1, wrong for latents): an ε-net
+    that predicts ε̂ = 0 makes x0 = x_t/√ᾱ, far outside ±1, and two DDIM steps carry it through unclamped."""
+    config = diffusers_config()
+    del config["scheduler"]["clip_sample"]
+    family = DiffusersFamily(config)
+
+    class ZeroEpsilon(torch.nn.Module):
+        def forward(self, x, t, **_):
+            return torch.zeros_like(x)
+
+    noise = torch.randn(2, *SHAPE)
+    x0 = family.sample_teacher(ZeroEpsilon(), noise, None, 2)
+    expected = noise.double() / family.alphas_cumprod[999].sqrt()
+    assert x0.abs().max() > 5
+    torch.testing.assert_close(x0.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 8.0])
+def test_the_ddim_teacher_sampler_is_the_euler_sampler_the_originals_regression_pairs_come_from(guidance):
+    """Deterministic DDIM is Euler's method on the probability-flow ODE in σ-space: from the same start and on the
+    same (trailing) timesteps it gives what diffusers' EulerDiscreteScheduler gives, as the SDXL pipeline runs it for
+    the original's regression pairs (SD's scaled-linear schedule, 50 steps, a nonlinear guided ε-network). The
+    pipeline's own start, σ_max·z, is 0.23 % below x_999 = z (docs/differences.md)."""
+    from diffusers import EulerDiscreteScheduler
+
+    config = diffusers_config()
+    config["scheduler"].update(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    family = DiffusersFamily(config)
+    torch.manual_seed(0)
+    net = family.build_network().eval()
+    noise, cond = torch.randn(3, *SHAPE), family.encode_conditions(torch.tensor([1, 4, 7]), "cpu")
+    with torch.no_grad():
+        ours = family.sample_teacher(net, noise, cond, 50, guidance)
+        euler = EulerDiscreteScheduler.from_config(config["scheduler"], timestep_spacing="trailing")
+        euler.set_timesteps(50)
+        x = noise * (euler.sigmas[0] ** 2 + 1).sqrt()  # x_999 = noise, in σ-space (the pipeline's own: σ_max·noise)
+        for t in euler.timesteps:  # as a diffusers pipeline does it: guided ε, then the scheduler's step
+            x_in, t_int = euler.scale_model_input(x, t), torch.full((3,), int(t))
+            eps, eps_uncond = (net(x_in, t_int, class_labels=c["class_labels"]).sample
+                               for c in (cond, family.unconditional(cond)))
+            x = euler.step(eps_uncond + guidance * (eps - eps_uncond), t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
 def test_no_family_specific_names_outside_the_family_modules():

@@ -98,6 +98,44 @@ def digits(n: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
+def _points(*values: float) -> np.ndarray:
+    return np.array(values, np.float64)[:, None]
+
+
+def test_kth_neighbour_distance_leaves_the_point_itself_out():
+    points = torch.from_numpy(_points(0, 1, 3, 7))
+    assert fid.kth_neighbour_distance(points, 1).tolist() == [1, 1, 2, 4]
+    assert fid.kth_neighbour_distance(points, 2, chunk=3).tolist() == [3, 2, 3, 6]
+
+
+def test_precision_and_recall_by_hand():
+    """Real 0, 1, 2, 3 (k = 1: every real ball has radius 1); generated 0.5 and 10. Precision: 0.5 lies in a real
+    ball, 10 in none → 1/2. Recall: the two generated points are each other's nearest (9.5 apart), so their balls
+    (radius 9.5) hold every real point → 1."""
+    assert fid.precision_recall(_points(0, 1, 2, 3), _points(0.5, 10), k=1) == (0.5, 1.0)
+    # generated 0.5, 0.6, 2.9, 3.2: all in real balls; their own balls are 0.1, 0.1, 0.3, 0.3 wide, so only real 3
+    # (0.1 from 2.9) is reached
+    assert fid.precision_recall(_points(0, 1, 2, 3), _points(0.5, 0.6, 2.9, 3.2), k=1) == (1.0, 0.25)
+
+
+def test_class_coverage_by_hand():
+    """Class 0: reals 0, 1, 2, 3 with k = 1 balls of radius 1; the one sample generated for it, at 0.2, reaches
+    reals 0 and 1 → 0.5. Class 1: reals 10, 11, and its sample at 10.5 reaches both → 1. A sample generated for
+    class 0 near class 1's reals does not count for class 1."""
+    real, real_labels = _points(0, 1, 2, 3, 10, 11), np.array([0, 0, 0, 0, 1, 1])
+    coverage = fid.class_coverage(real, real_labels, _points(0.2, 10.5), np.array([0, 1]), k=1)
+    assert coverage == {0: 0.5, 1: 1.0}
+    assert fid.class_coverage(real, real_labels, _points(0.2, 10.5), np.array([0, 0]), k=1) == {0: 0.5}
+
+
+def test_the_kept_real_features_are_class_balanced_in_every_prefix():
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+    order = fid.balanced_order(labels)
+    assert sorted(order.tolist()) == list(range(10))
+    assert labels[order[:3]].tolist() == [0, 1, 2] and sorted(labels[order[3:5]].tolist()) == [0, 1]
+    assert labels[order[-3:]].tolist() == [0, 0, 0]  # the largest class fills the end once the others run out
+
+
 def test_proxy_classifier_is_deterministic_and_learns():
     images, labels = digits()
     cfg = ClassifierConfig(width=8, feature_dim=16, steps=40, batch_size=32, lr=5e-3, seed=3)

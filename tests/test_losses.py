@@ -190,3 +190,54 @@ def test_gradients_are_clipped_to_the_norm_over_all_trained_tensors_and_left_alo
     assert clip_gradients(optimizer, 1.0) == pytest.approx(5.0)  # the norm before clipping
     torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([0.6, 0.0, 0.0, 0.8]), rtol=1e-5, atol=1e-6)
     assert torch.equal(frozen.grad, torch.tensor([100.0, 0.0]))
+
+
+def test_the_critic_in_the_dm_loss_can_run_in_float32_under_bf16():
+    """`fake_in_fp32` (the text-to-image recipes): the critic's call inside the DM loss sees autocast off and float32
+    inputs, whatever the caller autocasts to; the teacher's call keeps the caller's precision."""
+    seen = {}
+
+    class Recording(Linear):
+        def __init__(self, name: str):
+            super().__init__(0.5, 0.0)
+            self.name = name
+
+        def forward(self, x, sigma, cond=None, features_only=False):
+            seen[self.name] = (torch.is_autocast_enabled("cpu"), x.dtype)
+            return super().forward(x, sigma)
+
+    family, x = MixtureEDM(), torch.randn(2, 1, 4, 4)
+    t, noise = torch.tensor([20, 900]), torch.randn_like(x)
+    for fp32, expected in ((True, (False, torch.float32)), (False, (True, torch.float32))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            distribution_matching_loss(family, Recording("real"), Recording("fake"), x, None, t, noise,
+                                       fake_in_fp32=fp32)
+        assert seen["fake"] == expected and seen["real"][0] is True
+
+
+@pytest.mark.parametrize("channels, size, halvings", [(768, 8, 1), (1280, 32, 3)], ids=["imagenet-sd15", "sdxl"])
+def test_the_gan_head_is_the_originals_stack(channels, size, halvings):
+    """[conv 4×4 stride 2 → GroupNorm(32) → SiLU] down to 4×4, conv 4×4 stride 4 → GroupNorm(32) → SiLU, conv 1×1 to
+    one logit: 8×8 features (ImageNet-64, SD1.5) take one halving, SDXL's 32×32 three."""
+    from dmd2.critic import GANHead
+
+    with torch.device("meta"):
+        head = GANHead(channels, size)
+    layers = list(head.layers)
+    convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in layers if isinstance(m, torch.nn.GroupNorm)]
+    assert [(c.kernel_size, c.stride) for c in convs] == [((4, 4), (2, 2))] * halvings + [((4, 4), (4, 4)), ((1, 1), (1, 1))]
+    assert [n.num_groups for n in norms] == [32] * (halvings + 1) and convs[-1].out_channels == 1
+    assert head(torch.zeros(2, channels, size, size, device="meta")).shape == (2,)
+
+
+def test_a_narrow_gan_head_keeps_at_least_four_channels_per_group():
+    """32 groups of one channel would normalise the head's 1×1 map to zero (a constant logit): narrow heads, such as
+    the embedded experiments' 32-channel ones, take fewer groups, and their logits still depend on the input."""
+    from dmd2.critic import GANHead
+
+    torch.manual_seed(0)
+    head = GANHead(32, 4)
+    assert [m.num_groups for m in head.layers if isinstance(m, torch.nn.GroupNorm)] == [8]
+    logits = head(torch.randn(8, 32, 4, 4))
+    assert logits.std() > 1e-3

@@ -59,8 +59,13 @@ def test_metrics_schema(metrics):
         assert row["images_per_s"] > 0 and row["latency_ms"] > 0 and row["batch_size"] == EVAL_OVERRIDES["batch_size"]
         assert row["fid_std"] > 0  # bootstrap spread (eval.fid.bootstrap resamples)
         assert row["fid_at_floor_count"] is None  # 100 samples: fewer than two subsets of the floor's 500
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["manifold_samples"] == 100
+        per_class = row["class_coverage_per_class"]
+        assert sorted(per_class) == [str(c) for c in range(10)] and min(per_class.values()) == row["class_coverage_min"]
     real = metrics["real_data"]
     assert real["split"] == "heldout" and real["count"] == 500 and real["fid"] >= 0 and real["fid_std"] > 0
+    assert real["recall"] > 0.5 and real["precision"] > 0.5  # real against real: most of either manifold is shared
+    assert "k = 3" in metrics["manifold_definition"]
     assert "diversity_definition" in metrics and "hardware" in metrics
     assert 0 <= metrics["feature_classifier_heldout_accuracy"] <= 1
 

@@ -277,7 +277,9 @@ class DistillConfig(Strict):
                              "guidance_lr)")
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(100, ge=0, description="linear LR warm-up, counted in iterations")
+    warmup_steps: int = Field(100, ge=0, description="linear LR warm-up, counted in iterations (the original's 500 "
+                              "scheduler steps advance by its number of processes per iteration: the recipes' 72 on "
+                              "ImageNet's 7 GPUs, 8 on SD's 64)")
     lr_scheduler: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="after the warm-up, for both models: constant (the original's), or decayed to zero at "
         "`steps` (then raising `steps` starts a new run instead of extending this one)")
@@ -299,6 +301,9 @@ class DistillConfig(Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast every network call, and keep the frozen "
                                           "teacher's weights in bf16 (trained networks keep float32 weights)")
+    fake_score_fp32: bool = Field(False, description="under bf16, still evaluate the critic's prediction inside the "
+                                  "DM loss in float32 (the original's text-to-image recipes; its ImageNet recipe "
+                                  "runs it in bf16)")
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -338,6 +343,10 @@ class FIDConfig(Strict):
     reference_split: Literal["train", "heldout"] = "train"
     protocol: str = Field("", description="extra protocol words for the report (e.g. 'EDM FID-50k')")
     bootstrap: int = Field(20, ge=0, description="bootstrap resamples for each FID's spread (0 or 1: no spread)")
+    neighbours: int = Field(3, ge=1, description="k of the k-nearest-neighbour manifolds behind precision, recall and "
+                            "class coverage (Kynkäänniemi et al. 2019: 3)")
+    manifold_samples: int = Field(10000, ge=10, description="at most this many real and generated samples enter "
+                                  "precision, recall and coverage (their cost grows with its square)")
 
 
 class CLIPConfig(Strict):
@@ -409,7 +418,9 @@ class RegressionConfig(Strict):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-5, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's (the original's 0.01)")
+    warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, in iterations (the recipe: 8, what the "
+                              "original's 500 scheduler steps come to at its 64 processes)")
     max_grad_norm: float = Field(10.0, gt=0)
     mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast the generator (the loss stays float32)")
     gradient_checkpointing: bool = False

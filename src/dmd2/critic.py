@@ -18,7 +18,9 @@ from dmd2.losses import gan_critic_loss
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels)
+    """The original head's GroupNorm(32) for its 768 and 1280 channels; fewer groups where 32 would leave fewer than
+    4 channels in a group (a group of one channel on the head's 1×1 map normalises every value to zero)."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
 
 
 class GANHead(nn.Module):

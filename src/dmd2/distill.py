@@ -260,7 +260,8 @@ class DMD2Trainer:
             t_dm = self.draw.randint(self.dm_range[0], self.dm_range[1] + 1, n, x.device)
             with self._autocast():
                 loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x, cond,
-                                                               t_dm, self.draw.randn_like(x), cfg.real_guidance_scale)
+                                                               t_dm, self.draw.randn_like(x), cfg.real_guidance_scale,
+                                                               cfg.fake_score_fp32)
                 loss_g = cfg.dm_loss_weight * loss_dm
                 if critic.head is not None:
                     loss_gan_g = gan_generator_loss(critic.logits(x, cond))
@@ -275,7 +276,7 @@ class DMD2Trainer:
                 self._update_average(step // cfg.dfake_gen_update_ratio)  # generator steps before this one
             self._critic_trainable(True)  # it had no gradients to clear: none were computed for it
             metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
-        self.sched_g.step()  # every iteration, as in the original: warm-up counts iterations
+        self.sched_g.step()  # every iteration, generator turn or not: warm-up counts iterations
 
         # Critic turn, on the same (detached) generator samples.
         with self._autocast():
@@ -294,7 +295,8 @@ class DMD2Trainer:
     def _check_finite(self, values: dict[str, Any], which: str, step: int) -> None:
         """Stop on a non-finite loss or intermediate (e.g. the DM normaliser), on every rank at once: a rank that
         stopped alone would leave the others waiting in a collective."""
-        bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}  # scalars: losses, statistics
+        scalars = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+        bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}  # losses and statistics
         if _all_ranks(not bad, self.acc):
             return
         what = ", ".join(f"{k} = {v}" for k, v in bad.items()) or "a value on another rank"
@@ -369,6 +371,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
             generator_weights = full_weights(new_generator(family, full_teacher, cfg, start))
         del full_teacher
     _check_timesteps(cfg, family)
+    _check_guidance(cfg, family)
     real = None
     if cfg.gan.enabled or (len(cfg.denoising_timesteps) > 1 and not cfg.backward_simulation):
         real = RandomBatches(real_samples(paths.data, exp.data.resolution, family), cfg.batch_size, cfg.seed,
@@ -525,6 +528,13 @@ def _resume(trainer: DMD2Trainer, real: RandomBatches | None, ckpt_dir: Path, re
 def _all_ranks(ok: bool, acc: Accelerator) -> bool:
     """True only where every rank says True (a collective under several processes)."""
     return all_ranks_agree(ok, acc.device)
+
+
+def _check_guidance(cfg: DistillConfig, family: Family) -> None:
+    if cfg.real_guidance_scale != 1.0 and not family.has_unconditional_branch:
+        raise ConfigError(f"distill.real_guidance_scale is {cfg.real_guidance_scale}, but the teacher never learned an "
+                          "unconditional branch (trained without label dropout, as EDM's released checkpoints are), so "
+                          "guidance would extrapolate from an input it has never seen: set distill.real_guidance_scale: 1")
 
 
 def _check_timesteps(cfg: DistillConfig, family: Family) -> None:

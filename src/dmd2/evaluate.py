@@ -34,6 +34,13 @@ DIVERSITY_DEFINITION = ("mean pairwise L2 distance between FID features of sampl
                         "classes, divided by the same quantity for the real reference images (1.0 = as diverse as "
                         "real data; lower = mode collapse; above 1 = more spread than real data, e.g. residual noise)")
 ACCURACY_DEFINITION = "fraction of samples that the feature classifier assigns to the class they were generated for"
+MANIFOLD_DEFINITION = ("in the FID's feature space, every sample stands for a ball reaching its k-th nearest neighbour "
+                       "of its own set (k = {k}; {n} real reference and {n} generated samples at most). Precision: the "
+                       "share of generated samples inside some real ball (quality); recall: the share of real samples "
+                       "inside some generated ball (diversity; Kynkäänniemi et al. 2019). Class coverage: per class, "
+                       "the share of its real samples whose ball (among that class's real samples) holds a sample "
+                       "generated for the class (Naeem et al. 2020), averaged over classes; the lowest class is given "
+                       "too, since a dropped mode shows there first")
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -54,6 +61,7 @@ def score_images(ref: FIDReference, images: torch.Tensor, labels: torch.Tensor |
         "fid_at_floor_count_std": round(at_floor[1], 4) if at_floor else None,
         "class_accuracy": round(classifier_accuracy(ref.classifier, images, labels), 4) if labels is not None else None,
         "diversity": round(class_diversity(feats, np_labels) / ref.info["class_diversity"], 4),
+        **ref.manifold_scores(feats, np_labels),
     }
 
 
@@ -113,7 +121,9 @@ def evaluate_model(kind: str, model: Model, num_steps: int | None, exp: Experime
     row.update(images_per_s=round(ips, 2), latency_ms=round(latency, 3), batch_size=cfg.batch_size,
                num_samples=cfg.num_samples, eval_seconds=round(time.time() - started, 1))
     print(f"evaluate: {kind} {steps} step(s) (NFE {nfe}): FID {row['fid']:.3f}, class accuracy "
-          f"{row['class_accuracy']}, diversity {row['diversity']:.3f}, {ips:.1f} img/s, {latency:.1f} ms")
+          f"{row['class_accuracy']}, diversity {row['diversity']:.3f}, precision {row['precision']:.3f}, recall "
+          f"{row['recall']:.3f}, class coverage {row['class_coverage']} (lowest {row['class_coverage_min']}), "
+          f"{ips:.1f} img/s, {latency:.1f} ms")
     return row, images
 
 
@@ -169,12 +179,12 @@ def real_data_row(ref: FIDReference, exp: ExperimentConfig, paths) -> dict[str, 
     from dmd2.data import open_split
 
     other = ref.other_info
-    spread = None
-    if exp.eval.fid.bootstrap >= 2:  # the floor's own spread, from the real images' features
-        images, _ = open_split(paths.data, ref.other_split, exp.data.resolution).all_uint8()
-        spread = ref.fid_spread(ref.extractor(images), exp.eval.fid.bootstrap)
+    images, labels = open_split(paths.data, ref.other_split, exp.data.resolution).all_uint8()
+    feats = ref.extractor(images)
+    spread = ref.fid_spread(feats, exp.eval.fid.bootstrap)  # the floor's own spread
     return {"split": ref.other_split, "count": other.get("count"), "fid": round(ref.real_fid(), 4),
             "fid_std": round(spread, 4) if spread is not None else None,
+            **ref.manifold_scores(feats, labels),
             "diversity": round(other["class_diversity"] / ref.info["class_diversity"], 4),
             "class_accuracy": ref.classifier_info.get("heldout_accuracy") if ref.other_split == "heldout" else
             ref.classifier_info.get("train_accuracy"),
@@ -207,9 +217,11 @@ def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: 
     """Numbers only, one block per row, for `dvc metrics show/diff` (metrics.json); the definitions, protocol
     and provenance stay in evaluation.json, so DVC's tables hold figures rather than paragraphs."""
     keys = ("fid", "fid_std", "fid_at_floor_count", "fid_at_floor_count_std", "class_accuracy", "diversity",
-            "clip_score", "coco_fid", "coco_patch_fid", "coco_clip_score", "images_per_s", "latency_ms")
+            "precision", "recall", "class_coverage", "class_coverage_min", "clip_score", "coco_fid", "coco_patch_fid",
+            "coco_clip_score", "images_per_s", "latency_ms")
     out: dict[str, Any] = {f"{r['model']}_nfe{r['nfe']}": {k: r[k] for k in keys if r.get(k) is not None} for r in rows}
-    out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "fid_std", "count", "diversity")
+    out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "fid_std", "count", "diversity", "precision", "recall",
+                                                         "class_coverage", "class_coverage_min")
                                     if real.get(k) is not None}
     student = next((r for r in rows if r["model"] == "student"), None)
     teachers = [r for r in rows if r["model"] == "teacher"]
@@ -338,6 +350,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         "real_data": real,
         "diversity_definition": DIVERSITY_DEFINITION,
         "class_accuracy_definition": ACCURACY_DEFINITION,
+        "manifold_definition": MANIFOLD_DEFINITION.format(k=exp.eval.fid.neighbours, n=exp.eval.fid.manifold_samples),
         "feature_classifier_heldout_accuracy": ref.classifier_info.get("heldout_accuracy"),
         "timing": {"throughput": "median wall time of the quality sampling's full batches of eval.batch_size, the "
                                  "first (a warm-up) left out",

@@ -149,6 +149,56 @@ def class_diversity(features: np.ndarray, labels: np.ndarray | None, max_per_cla
     return float(np.mean(means)) if means else float("nan")
 
 
+# ------------------------------------------------------------------------------- precision, recall, coverage
+# Kynkäänniemi et al. 2019 (precision/recall) and Naeem et al. 2020 (coverage): each real (or generated) sample
+# stands for a ball reaching its k-th nearest neighbour in its own set; a sample of the other set inside some ball is
+# on that set's manifold. Distances are in the FID's feature space.
+
+
+def kth_neighbour_distance(points: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """For every point, the distance to its k-th nearest *other* point of the set."""
+    radii = []
+    for start in range(0, len(points), chunk):
+        dist = torch.cdist(points[start:start + chunk], points)
+        radii.append(dist.kthvalue(k + 1, dim=1).values)  # the point itself is its own nearest, at distance 0
+    return torch.cat(radii)
+
+
+def inside_balls(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Whether each query lies in at least one ball (centre, radius)."""
+    inside = [(torch.cdist(queries[start:start + chunk], centres) <= radii[None]).any(dim=1)
+              for start in range(0, len(queries), chunk)]
+    return torch.cat(inside) if inside else torch.zeros(0, dtype=torch.bool)
+
+
+def _on_device(features: np.ndarray) -> torch.Tensor:
+    """Features as float32 on the accelerator if there is one: 10,000 Inception features are 10⁸ distances."""
+    return torch.from_numpy(np.asarray(features, np.float32)).to(device())
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """(precision, recall): the share of generated samples on the real manifold, and of real samples on the
+    generated one, each manifold the union of its samples' k-nearest-neighbour balls."""
+    real_t, fake_t = _on_device(real), _on_device(fake)
+    precision = inside_balls(fake_t, real_t, kth_neighbour_distance(real_t, k)).double().mean()
+    recall = inside_balls(real_t, fake_t, kth_neighbour_distance(fake_t, k)).double().mean()
+    return float(precision), float(recall)
+
+
+def class_coverage(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray,
+                   k: int = 3) -> dict[int, float]:
+    """Per class c, the share of the real samples of c whose k-nearest-neighbour ball (among the real samples of c)
+    holds at least one sample generated for c: 1 when every part of the class is reached, low when the generator
+    drops modes of it. Classes with fewer than k + 1 real or no generated samples are left out."""
+    coverage = {}
+    for c in np.unique(real_labels):
+        r, f = _on_device(real[real_labels == c]), _on_device(fake[fake_labels == c])
+        if len(r) > k and len(f):
+            reached = (torch.cdist(r, f).min(dim=1).values <= kth_neighbour_distance(r, k))
+            coverage[int(c)] = float(reached.double().mean())
+    return coverage
+
+
 # ---------------------------------------------------------------------------------------- proxy classifier
 
 
@@ -352,10 +402,27 @@ def build_extractor(kind: str, weights: Path | None, feature_dir: Path) -> Proxy
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def _split_stats(extractor, images: np.ndarray, labels: np.ndarray, path: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Compute (or reuse, when the sidecar matches exactly) one split's statistics; returns its sidecar."""
+def manifold_path(stats_path: Path) -> Path:
+    """Where a split's sample of real features (for precision, recall and coverage) sits beside its statistics."""
+    return stats_path.with_name(stats_path.stem + "_manifold.npz")
+
+
+def balanced_order(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices in an order whose every prefix is as class-balanced as the data allows (classes taken in turn, each
+    shuffled), like the generated samples' labels 0, 1, …, 0, 1, …"""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    rounds = max(len(idx) for idx in per_class)
+    return np.array([idx[i] for i in range(rounds) for idx in per_class if i < len(idx)], dtype=np.int64)
+
+
+def _split_stats(extractor, images: np.ndarray, labels: np.ndarray, path: Path, info: dict[str, Any],
+                 manifold_samples: int = 0) -> dict[str, Any]:
+    """Compute (or reuse, when the sidecar matches exactly) one split's statistics; returns its sidecar. With
+    `manifold_samples`, also keep the features of that many of its images (a fixed random draw) with their labels."""
     sidecar = path.with_suffix(".json")
-    if path.exists() and sidecar.exists():
+    info = {**info, "manifold_samples": min(manifold_samples, len(labels))}
+    if path.exists() and sidecar.exists() and (not manifold_samples or manifold_path(path).exists()):
         old = json.loads(sidecar.read_text())
         if {k: old.get(k) for k in info} == info:
             print(f"fid: reusing cached {path.name}")
@@ -363,6 +430,9 @@ def _split_stats(extractor, images: np.ndarray, labels: np.ndarray, path: Path, 
     feats = extractor(images)
     mu, sigma = feature_stats(feats)
     full = {**info, "feature_dim": int(feats.shape[1]), "class_diversity": class_diversity(feats, labels)}
+    if manifold_samples:
+        keep = balanced_order(labels)[: info["manifold_samples"]]
+        np.savez(manifold_path(path), features=feats[keep].astype(np.float32), labels=labels[keep])
     save_stats(path, mu, sigma, full)
     return full
 
@@ -401,7 +471,8 @@ def run_fid_reference(ctx: StageContext) -> dict[str, Any]:
                 "protocol": "clean-fid clean (PIL bicubic to 299, Inception-v3 pool3)" if kind == "inception"
                 else f"proxy: {ccfg.feature_dim}-d penultimate features of the feature classifier"}
         name = stats_filename(paths.experiment, split, kind, res)
-        stats[split] = {"file": name, **_split_stats(extractor, x, y, out / name, info)}
+        keep = exp.eval.fid.manifold_samples if split == exp.eval.fid.reference_split else 0
+        stats[split] = {"file": name, **_split_stats(extractor, x, y, out / name, info, keep)}
     index = {"extractor": kind, "is_proxy": extractor.is_proxy, "weights": str(weights) if weights else None,
              "weights_sha256": extractor.weights_sha256, "reference_split": exp.eval.fid.reference_split,
              "dataset": paths.experiment, "resolution": res, "stats": stats,
@@ -458,6 +529,9 @@ class FIDReference:
         self.reference_split = ref_split
         self.other_split = "heldout" if ref_split == "train" else "train"
         self.mu, self.sigma, self.info = load_stats(out / self.index["stats"][ref_split]["file"])
+        self.manifold_file = manifold_path(out / self.index["stats"][ref_split]["file"])
+        self.neighbours, self.manifold_samples = exp.eval.fid.neighbours, exp.eval.fid.manifold_samples
+        self._manifold: tuple[np.ndarray, np.ndarray] | None = None
         self.other_mu, self.other_sigma, self.other_info = load_stats(out / self.index["stats"][self.other_split]["file"])
         coco = self.index.get("coco")
         self.coco = load_stats(out / coco["file"]) if coco else None  # (mu, sigma, info) of the COCO protocol
@@ -514,6 +588,30 @@ class FIDReference:
             return None
         values = [self.fid(features[i * n:(i + 1) * n]) for i in range(k)]
         return float(np.mean(values)), float(np.std(values, ddof=1))
+
+    def manifold_scores(self, features: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+        """Precision, recall and per-class coverage of generated `features` (sampled for `labels`) against the
+        reference split's kept features, on at most `eval.fid.manifold_samples` of each."""
+        if self._manifold is None:
+            if not self.manifold_file.exists():
+                raise FIDError(f"{self.manifold_file} not found (reference statistics from an older version); "
+                               "rerun `dmd2 fid-reference`")
+            with np.load(self.manifold_file) as kept:
+                self._manifold = kept["features"], kept["labels"]
+        real, real_labels = self._manifold
+        n = min(len(features), len(real), self.manifold_samples)
+        k = self.neighbours
+        precision, recall = precision_recall(real[:n], features[:n], k)
+        fake_labels = labels[:n] if labels is not None else np.zeros(n, np.int64)
+        if labels is None:  # unconditional: one class, the whole set
+            real_labels = np.zeros(len(real_labels), np.int64)
+        per_class = class_coverage(real[:n], real_labels[:n], features[:n], fake_labels, k)
+        values = list(per_class.values())
+        return {"precision": round(precision, 4), "recall": round(recall, 4),
+                "class_coverage": round(float(np.mean(values)), 4) if values else None,
+                "class_coverage_min": round(min(values), 4) if values else None,
+                "class_coverage_per_class": {str(c): round(v, 4) for c, v in per_class.items()},
+                "manifold_samples": n}
 
     def real_fid(self) -> float:
         """FID of the other real split against the reference: the floor of this metric at that sample size."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -30,17 +31,20 @@ def distribution_matching_loss(
     t: torch.Tensor,
     noise: torch.Tensor,
     real_guidance_scale: float = 1.0,
+    fake_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DMD's KL gradient through a stop-gradient surrogate.
 
     grad = (x̂_fake − x̂_real) / w with w = mean|x − x̂_real| per sample, and L = ½·mean((x − sg(x − grad))²),
     so ∂L/∂x = grad / N: the generator moves its samples towards the teacher's denoised estimate and away from
-    the critic's. The value of L is a monitor, not an objective.
+    the critic's. The value of L is a monitor, not an objective. `fake_in_fp32` runs the critic's prediction with
+    autocast off, as the original's text-to-image path does, whatever precision the caller autocasts to.
     """
     with torch.no_grad():
         x_t = family.add_noise(x.detach(), noise, t)
         pred_real = family.predict_x0(real_net, x_t, t, cond, real_guidance_scale).double()
-        pred_fake = family.predict_x0(fake_net, x_t, t, cond).double()
+        with torch.autocast(x.device.type, enabled=False) if fake_in_fp32 else contextlib.nullcontext():
+            pred_fake = family.predict_x0(fake_net, x_t.float(), t, cond).double()
         p_real = x.detach().double() - pred_real
         p_fake = x.detach().double() - pred_fake
         w = p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)

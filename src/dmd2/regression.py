@@ -47,7 +47,7 @@ from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
 from dmd2.latents import LatentDataset, write_latents_lmdb
 from dmd2.stage import StageContext
-from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, progress_keys
+from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, progress_keys, warmup_schedule
 
 PAIRS_FILE = "pairs.lmdb"
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
@@ -287,6 +287,7 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(generator)
     optimizer = adamw(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     batches = RandomBatches(pairs, cfg.batch_size, cfg.seed)
     loss_fn = loss_function(cfg, family, dev, paths.root)
     settings = {**to_dict(cfg), "pairs": pairs_path.parent.name, "timestep": timestep}
@@ -298,6 +299,8 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
         models, state, meta = load_checkpoint(checkpoint)
         generator.load_state_dict(models["generator"])
         optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints from before the warm-up had none: it was always 1 then
+            scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         return meta["step"], meta.get("train_seconds", 0.0)
@@ -329,6 +332,7 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
                 loss.backward()
                 grad_norm = clip_gradients(optimizer, cfg.max_grad_norm)
                 optimizer.step()
+                scheduler.step()
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
@@ -336,7 +340,8 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
                                "time_s": round(elapsed + time.time() - t0, 2)})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    state = {"optimizer": optimizer.state_dict(), "data": batches.state_dict(), "rng": rng_state()}
+                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "data": batches.state_dict(), "rng": rng_state()}
                     save_checkpoint(ckpt_dir, step, {"generator": generator.state_dict()}, state,
                                     {"train_seconds": elapsed + time.time() - t0}, cfg.keep_last)
     source = {"type": "regression", "teacher": str(paths.teacher), "pairs": len(pairs), "steps": cfg.steps,

@@ -305,6 +305,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _coverage(row: dict[str, Any]) -> str:
+    """Mean class coverage with its lowest class: '0.912 (0.850)'."""
+    if row.get("class_coverage") is None:
+        return "—"
+    return f"{_fmt(row['class_coverage'])} ({_fmt(row.get('class_coverage_min'))})"
+
+
 def _with_spread(value: float | None, std: float | None) -> str:
     return _fmt(value) if std is None or value is None else f"{_fmt(value)} ± {_fmt(std)}"
 
@@ -324,6 +331,8 @@ def metric_rows(metrics: dict[str, Any], experiment: str) -> list[dict[str, str]
                     "fid_at_floor": _with_spread(row.get("fid_at_floor_count"), row.get("fid_at_floor_count_std")),
                     "class_accuracy": _fmt(row.get("class_accuracy")),
                     "diversity": _fmt(row.get("diversity")), "clip_score": _fmt(row.get("clip_score")),
+                    "precision": _fmt(row.get("precision")), "recall": _fmt(row.get("recall")),
+                    "coverage": _coverage(row),
                     "paper_fid": _fmt(paper["fid"], 2) if paper else "—",
                     "paper_clip": _fmt(paper.get("clip_score"), 3) if paper else "—",
                     "paper_note": paper.get("note", "") if paper else ""})

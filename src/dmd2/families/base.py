@@ -152,6 +152,12 @@ class Family(ABC):
     def unconditional(self, cond: Any) -> Any:
         """The family's own unconditional input for a batch of encoded conditions (the CFG branch)."""
 
+    @property
+    def has_unconditional_branch(self) -> bool:
+        """Whether the network learned what `unconditional` gives it (label dropout, empty prompts), so that
+        classifier-free guidance means something."""
+        return True
+
     # ------------------------------------------------------------------------------ noise and predictions
 
     @property
@@ -184,6 +190,10 @@ class Family(ABC):
         x0 = denoise(cond)
         if guidance_scale == 1.0 or cond is None:
             return x0
+        if not self.has_unconditional_branch:
+            raise ModelError(f"guidance scale {guidance_scale} needs an unconditional branch, which this {self.name} "
+                             "network never learned (trained without label dropout, as EDM's released checkpoints "
+                             "are): set distill.real_guidance_scale and the sampler's guidance_scale to 1")
         x0_uncond = denoise(self.unconditional(cond))
         return x0_uncond + guidance_scale * (x0 - x0_uncond)
 

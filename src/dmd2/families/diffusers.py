@@ -10,7 +10,7 @@ generator's input at any timestep is the unit noise itself (t = 999 ≈ pure noi
 the same noise at t = 399). Class labels go in as `class_labels` with one extra "null" class (index
 `num_classes`) as the unconditional branch that label dropout trains. The teacher's own sampler is
 deterministic DDIM with trailing timestep spacing (so one step starts at t = T − 1, not at t = 0).
-The GAN head reads the UNet's mid-block output, taken with a forward hook.
+The GAN head reads the UNet's mid-block output; the decoder does not run for it (`decoder_skipped`).
 
 Weights: a teacher trained here is stored as `model.safetensors` beside config.json; a pretrained teacher is
 recorded by reference (its directory, and each weight file's size and sha256) and loaded from there, never
@@ -138,6 +138,10 @@ class DiffusersFamily(Family):
     def unconditional(self, cond):
         return {**cond, "class_labels": torch.full_like(cond["class_labels"], self.null_class)}
 
+    @property
+    def has_unconditional_branch(self) -> bool:
+        return not self.num_classes or self.config.get("null_class") is not None
+
     # ------------------------------------------------------------------------------ noise and predictions
 
     @property
@@ -188,14 +192,8 @@ class DiffusersFamily(Family):
     # --------------------------------------------------------------------------------------- GAN head
 
     def gan_features(self, net, x_t, t, cond):
-        with capture_output(_mid_block(net)) as captured:
-            out = self._call(net, x_t, t, cond)
-        features = captured[0]
-        if _is_sharded(net):
-            # FSDP2 gathers a network's own (root) parameters for backward from a hook on its *output*, which the
-            # mid-block's features do not reach: tie the output in with zero weight, or backward finds them freed
-            features = features + 0.0 * out.sum()
-        return features
+        with decoder_skipped(net):
+            return self._call(net, x_t, t, cond)  # the mid-block's output
 
     @property
     def gan_feature_shape(self) -> tuple[int, int, int]:
@@ -213,10 +211,16 @@ class DiffusersFamily(Family):
 
     @torch.no_grad()
     def sample_teacher(self, net, noise, cond, num_steps, guidance_scale=1.0):
+        """Deterministic DDIM with trailing timestep spacing. It is Euler's method on the probability-flow ODE in
+        σ-space, so from the same start it gives what diffusers' EulerDiscreteScheduler gives on the same timesteps
+        (the SDXL pipeline's, which the original's regression pairs come from; tested). The one difference: that
+        pipeline starts at σ_max·z in σ-space, 0.23 % less noise than x_999 = z, the start here."""
         from diffusers import DDIMScheduler
 
+        # x0 comes from `predict_x0` (guided, float64 conversions); the scheduler only steps. Never clamp: DDIM's
+        # default clip_sample=True, taken by any config without the key, would clamp latents to ±1.
         ddim = DDIMScheduler.from_config(self.config["scheduler"], prediction_type="sample",
-                                         timestep_spacing="trailing")
+                                         timestep_spacing="trailing", clip_sample=False, thresholding=False)
         ddim.set_timesteps(num_steps)
         x = noise * ddim.init_noise_sigma
         for t in ddim.timesteps:
@@ -232,29 +236,28 @@ class DiffusersFamily(Family):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _is_sharded(net: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(net, FSDPModule)
-
-
-def _mid_block(net: nn.Module) -> nn.Module:
-    mid = getattr(net, "mid_block", None)
-    if mid is None:
-        raise ModelError("the GAN head reads the UNet's mid-block output, but this UNet has no mid_block "
-                         "(unet.mid_block_type: null); set a mid block or turn distill.gan.enabled off")
-    return mid
+# What follows the mid-block in diffusers' UNet2DModel and UNet2DConditionModel: the decoder and the output layers.
+_AFTER_MID_BLOCK = ("up_blocks", "conv_norm_out", "conv_act", "conv_out")
 
 
 @contextlib.contextmanager
-def capture_output(module: nn.Module):
-    """Collect `module`'s forward output for the duration of the block (a forward hook; no patched forward)."""
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(output))
+def decoder_skipped(net: nn.Module):
+    """For the duration of the block, the UNet's own forward returns its mid-block's output: the up blocks become
+    an empty list and the output layers identities (all restored afterwards), so the decoder never runs, as in the
+    original's early-exit forward. It stays an ordinary call of the whole network, so DDP's and FSDP2's hooks see a
+    normal forward whose output is the features (FSDP2 prepares the root's backward from its output)."""
+    if getattr(net, "mid_block", None) is None:
+        raise ModelError("the GAN head reads the UNet's mid-block output, but this UNet has no mid_block "
+                         "(unet.mid_block_type: null); set a mid block or turn distill.gan.enabled off")
+    saved = {name: net._modules[name] for name in _AFTER_MID_BLOCK}
     try:
-        yield captured
+        net.up_blocks = nn.ModuleList()
+        for name in _AFTER_MID_BLOCK[1:]:
+            setattr(net, name, nn.Identity())
+        yield
     finally:
-        handle.remove()
+        for name, module in saved.items():
+            setattr(net, name, module)
 
 
 def teacher_config(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:

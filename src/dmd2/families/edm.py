@@ -121,6 +121,15 @@ class EDMFamily(Family):
         return torch.zeros_like(cond)  # the all-zero one-hot: the branch label dropout trained
 
     @property
+    def has_unconditional_branch(self) -> bool:
+        if not self.num_classes:
+            return True
+        dropout = self.config.get("label_dropout")
+        if dropout is None:  # a config from before the key was recorded: converted checkpoints never learned it
+            return self.config.get("source", {}).get("type") != "edm_pickle"
+        return dropout > 0
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.config.get("num_train_timesteps", 1000))
 
@@ -182,7 +191,7 @@ def teacher_config(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_cla
     return {"family": "edm", "kind": "teacher", "in_channels": channels, "resolution": resolution,
             "label_dim": num_classes, "sigma_data": cfg.sigma_data, "architecture": cfg.architecture,
             "precond": cfg.precond, **network, "sampler": to_dict(cfg.sampler),
-            "training": {"p_mean": cfg.p_mean, "p_std": cfg.p_std}}
+            "training": {"p_mean": cfg.p_mean, "p_std": cfg.p_std}, "label_dropout": cfg.label_dropout}
 
 
 # ------------------------------------------------------------------------------------ EDM's checkpoints
@@ -239,6 +248,7 @@ def import_edm_pickle(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_
                          f"{tuple(sample_shape)} with {num_classes} classes: set data.resolution (and the dataset) to match")
     config = {**teacher_config(cfg, sample_shape, num_classes), **network}
     config.pop("unet", None)
+    config["label_dropout"] = float(network["network"].get("label_dropout", 0.0))  # as trained (EDM's: none)
     source = {"type": "edm_pickle", "pickle": cfg.pickle, "path": str(path), "sha256": digest,
               "parameters": sum(v.numel() for v in weights.values())}
     print(f"teacher: converted {path} ({network['architecture']}, {network['precond']} preconditioning, "
