@@ -19,7 +19,8 @@ from dmd2.losses import gan_critic_loss
 
 def _norm(channels: int) -> nn.GroupNorm:
     """The original head's GroupNorm(32) for its 768 and 1280 channels; fewer groups where 32 would leave fewer than
-    4 channels in a group (a group of one channel on the head's 1×1 map normalises every value to zero)."""
+    4 channels in a group: on the head's 1×1 map a one-channel group normalises every value to zero, and a
+    two-channel one to ±1 by the sign of a difference that rounding can flip."""
     return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
 
 
