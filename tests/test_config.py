@@ -64,6 +64,15 @@ def test_invalid_values_are_rejected():
         DistillConfig(min_step_percent=0.9, max_step_percent=0.1)
 
 
+@pytest.mark.parametrize("key", ["teacher.lr", "distill.generator_lr", "distill.critic_lr", "eval.classifier.lr"])
+@pytest.mark.parametrize("value", [".inf", ".nan", "2e3", "0"])
+def test_every_learning_rate_must_be_finite_positive_and_at_most_one(key, value):
+    raw = raw_params()
+    apply_override(raw, f"{key}={value}")
+    with pytest.raises(ConfigError, match=rf"mnist\.{key}: "):
+        parse_params(raw)
+
+
 def test_cli_exits_nonzero_with_the_message(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     result = CliRunner().invoke(main, ["prepare-data", "--params", str(tmp_path / "params.yaml"),

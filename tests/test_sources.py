@@ -4,6 +4,7 @@ and one clear line for each way they go wrong."""
 import io
 import json
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tiny import EDM_TINY_NETWORKS
 from dmd2.config import DataConfig, EDMTeacherConfig
 from dmd2.data import DataError, open_source, prepare
 from dmd2.families import ModelError, import_teacher
+from dmd2.sources import SourceError
 
 
 def test_cifar10_binary_archive_records_and_splits(tmp_path):
@@ -68,6 +70,37 @@ def test_dataset_tool_zip_and_folder_give_the_same_images_and_labels(tmp_path):
         open_source(DataConfig(source="image_folder", path=str(tmp_path / "folder"), resolution=8))
     with pytest.raises(DataError, match="missing; prepare it with EDM's dataset_tool"):
         open_source(DataConfig(source="image_folder", path=str(tmp_path / "nowhere"), resolution=8))
+
+
+def test_image_folder_labels_and_images_are_checked_where_they_enter(tmp_path):
+    import zipfile
+
+    write_dataset_tool_zip(tmp_path / "set.zip", 12, 8, 3)
+    zipfile.ZipFile(tmp_path / "set.zip").extractall(tmp_path / "folder")
+    table_path = tmp_path / "folder/dataset.json"
+    good = json.loads(table_path.read_text())
+
+    def opened(text: str, **data):
+        table_path.write_text(text)
+        return open_source(DataConfig(source="image_folder", path=str(tmp_path / "folder"), resolution=8, **data))
+
+    assert opened(json.dumps(good), num_classes=5).num_classes == 5  # classes no image uses, when asked for
+    for text, message in [
+        ('{"labels": [["00000/img00000000.png", 1]', "dataset.json is malformed"),
+        ("[1, 2]", "dataset.json is malformed"),
+        (json.dumps({"labels": [[n, "cat"] for n, _ in good["labels"]]}), "labels 00000/img00000000.png as 'cat'"),
+        (json.dumps({"labels": [[n, -1] for n, _ in good["labels"]]}), "has label -1"),
+        (json.dumps({"labels": [[n, 1_000_000 if i == 0 else y] for i, (n, y) in enumerate(good["labels"])]}),
+         "labels run to 1000000 but use only"),
+    ]:
+        with pytest.raises(DataError, match=re.escape(message)):
+            opened(text)
+    with pytest.raises(DataError, match="has label 2, but data.num_classes is 2"):
+        opened(json.dumps(good), num_classes=2)
+
+    (tmp_path / "folder/00000/img00000003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(SourceError, match=r"img00000003.png is not a readable image .*: replace or remove it"):
+        opened(json.dumps(good)).read_image(3)
 
 
 def _teacher(tmp_path: Path, **fields) -> EDMTeacherConfig:

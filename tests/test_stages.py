@@ -16,6 +16,7 @@ from tiny import fresh_copy, run, run_dir, write_tiny_params
 
 from dmd2.checkpoint import _read_single_file, checkpoint_step, list_checkpoints, load_checkpoint
 from dmd2.cli import main
+from dmd2.tracking import read_jsonl
 
 
 def student_weights(root: Path) -> dict[str, torch.Tensor]:
@@ -140,15 +141,27 @@ def test_changed_settings_start_a_fresh_run_and_keep_the_old_one(prepared, tmp_p
     write_tiny_params(root, distill={"steps": 4, "generator_lr": 1e-5})  # more steps: the same run, extended
     run(root, "distill")
     assert len(list((root / "work/mnist/distill").glob("run-*"))) == 2
+    # steps lowered to a checkpoint, then raised again: the student ships its own steps' records, the run keeps all
+    second = next(p for p in (root / "work/mnist/distill").glob("run-*") if p != first)
+    write_tiny_params(root, distill={"steps": 3, "generator_lr": 1e-5})
+    run(root, "distill")
+    assert [r["step"] for r in read_jsonl(root / "models/mnist/student/metrics.jsonl")] == [1, 2, 3]
+    write_tiny_params(root, distill={"steps": 4, "generator_lr": 1e-5})
+    run(root, "distill")
+    assert [r["step"] for r in read_jsonl(second / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
-def test_metrics_log_drops_lines_past_the_resume_point_and_torn_lines(tmp_path):
+def test_metrics_log_keeps_every_record_until_a_step_is_recomputed(tmp_path):
     from dmd2.tracking import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
-    MetricsLog(path, resume_step=2).write({"step": 3, "new": True})
-    assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2}', '{"step": 3, "new": true}']
+    log = MetricsLog(path)  # a run resumed at step 2 with steps lowered to 2: it writes nothing, and loses nothing
+    assert path.read_text().startswith('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    assert log.text_through(2) == '{"step": 1}\n{"step": 2}\n'  # what the model written at step 2 ships
+    log.write({"step": 3, "new": True})  # recomputing step 3 replaces it (and the torn line), once
+    log.write({"step": 4})
+    assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2}', '{"step": 3, "new": true}', '{"step": 4}']
 
 
 @pytest.mark.slow

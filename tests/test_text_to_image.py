@@ -3,6 +3,7 @@ by their class as the real data. prepare-data writes the latents and prompts, th
 pipeline, distillation draws prompts (not labels), evaluation samples from the held-out captions."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,26 @@ def test_the_exported_one_step_pipeline_reproduces_dmd2_generate(sd_student, tmp
     from dmd2.export import student_call_arguments
 
     assert student_call_arguments(tmp_path / "exported") == {"num_inference_steps": 1, "guidance_scale": 0.0}
+
+
+def test_export_replaces_only_a_directory_it_wrote(sd_project, sd_student, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from dmd2.cli import main
+
+    monkeypatch.chdir(sd_project)
+    before = sorted(str(p) for p in Path(".").rglob("*"))
+    for target in (".", "models/sd-tiny", "models/sd-tiny/student"):
+        result = CliRunner().invoke(main, ["export", "--model", "models/sd-tiny/student", "--output_dir", target])
+        assert result.exit_code == 1 and result.output.count("error:") == 1, result.output
+        assert "not empty and was not written by `dmd2 export`" in result.output
+    assert sorted(str(p) for p in Path(".").rglob("*")) == before  # nothing deleted, nothing left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for _ in range(2):  # an empty directory, then its own earlier export
+        result = CliRunner().invoke(main, ["export", "--model", "models/sd-tiny/student", "--output_dir", str(empty)])
+        assert result.exit_code == 0, result.output
+    assert (empty / "dmd2_student.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_only_text_to_image_students_export(sd_project, tmp_path):

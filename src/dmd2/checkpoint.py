@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from dmd2.atomic import replace_directory
 from dmd2.errors import CheckpointError, RunLockedError
 
 _NAME = re.compile(r"^ckpt-(\d{7})$")
@@ -70,8 +71,7 @@ def commit_checkpoint(root: str | Path, step: int, meta: dict[str, Any], keep_la
         if f.is_file():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_directory(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -271,7 +271,8 @@ def generate(model_dir: str, output_dir: str, num_samples: int, steps: int | Non
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A text-to-image student directory (models/<exp>/student).")
 @click.option("--output_dir", required=True, type=click.Path(file_okay=False),
-              help="The diffusers pipeline directory to write (replaced if it exists).")
+              help="The diffusers pipeline directory to write: new, empty, or an earlier export (replaced); "
+                   "any other directory is refused.")
 def export(model_dir: str, output_dir: str) -> None:
     """Write a text-to-image student as a diffusers pipeline directory (the teacher's VAE and text encoders, the
     student's UNet, an LCMScheduler on the student's timesteps): DiffusionPipeline.from_pretrained loads it."""

@@ -39,7 +39,8 @@ class ConfigError(Dmd2Error, ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no inf or nan anywhere: `lr: .inf` is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _false_is_no(value: Any) -> Any:
@@ -108,7 +109,7 @@ class TeacherTraining(Strict):
 
     steps: int = Field(3000, ge=1, description="optimiser steps")
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, le=1)
     warmup_steps: int = Field(200, ge=0)
     lr_scheduler: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="after the warm-up: constant, or decayed to zero at `steps` (then raising `steps` "
@@ -331,7 +332,7 @@ class ClassifierConfig(Strict):
     feature_dim: int = Field(64, ge=8, description="penultimate feature size (the proxy-FID features)")
     steps: int = Field(600, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, le=1)
     seed: int = 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dmd2 import sources
+from dmd2.atomic import fresh_staging_dir, replace_directory
 from dmd2.config import DataConfig
 from dmd2.errors import Dmd2Error
 from dmd2.paths import input_path
@@ -76,8 +76,7 @@ def write_lmdb(path: str | Path, images: np.ndarray | Sequence[np.ndarray], labe
     path = Path(path)
     first = np.asarray(images[0])
     assert first.dtype == np.uint8 and first.ndim == 3 and len(images) == len(labels)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_staging_dir(path, create=False)
     # values twice over (page fill), three keys per record with their B-tree overhead, and slack: the map is
     # address space, not disk, so a generous bound costs nothing
     map_size = max(1 << 24, int(first.nbytes * len(labels) * 2 + len(labels) * 512 + (1 << 22)))
@@ -105,8 +104,7 @@ def write_lmdb(path: str | Path, images: np.ndarray | Sequence[np.ndarray], labe
     env.sync()
     env.close()
     _forget(path)  # an environment this process had open on the old file would be stale
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_directory(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------- read

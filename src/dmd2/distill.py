@@ -406,7 +406,7 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
     exp, paths, cfg, acc, family = ctx.exp, ctx.paths, ctx.exp.distill, trainer.acc, trainer.family
     ckpt_dir, main = run_dir / "checkpoints", acc.is_main_process
     acc.print(f"distillation run directory: {run_dir}")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, enabled=main)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     tracker = Wandb(ctx.params.wandb, "distill", ctx.experiment, to_dict(cfg), enabled=main)
     source = {"type": "dmd2", "teacher": str(paths.teacher), "run": run_dir.name}
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True, mininterval=2, disable=not main)
@@ -451,7 +451,7 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
         if main:
             save_model(paths.student, weights, student_config(teacher.config, cfg.denoising_timesteps,
                                                               {**source, "iterations": cfg.steps}, _lora(cfg)),
-                       extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()}, extra_weights=adapter)
+                       extra_files={"metrics.jsonl": log.text_through(cfg.steps)}, extra_weights=adapter)
             if family.latent_space:  # a text-to-image student also ships as a diffusers pipeline (`dmd2 export`)
                 from dmd2.export import export_pipeline
 

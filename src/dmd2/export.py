@@ -17,11 +17,18 @@ adapters alone as `pytorch_lora_weights.safetensors`, for `load_lora_weights` on
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
+from dmd2.atomic import fresh_staging_dir, replace_directory
 from dmd2.families import ModelError, load_model
+
+MARKER = "dmd2_student.json"  # in every exported pipeline: how to call it, and proof that export wrote the folder
+
+
+class ExportError(ModelError):
+    """An output directory export may not write to (reported as one `error:` line)."""
 
 
 def lcm_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -48,6 +55,7 @@ def export_pipeline(student_dir: str | Path, out_dir: str | Path) -> Path:
     directory in `out_dir`, atomically; returns `out_dir`."""
     from diffusers import DiffusionPipeline, LCMScheduler
 
+    out_dir = writable_export_dir(out_dir)
     student = load_model(student_dir)
     if not student.is_student or student.family.name != "stable_diffusion":
         raise ModelError(f"{student_dir} is not a text-to-image student (family {student.family.name}, "
@@ -55,9 +63,7 @@ def export_pipeline(student_dir: str | Path, out_dir: str | Path) -> Path:
     timesteps = student.timesteps
     scheduler = LCMScheduler.from_config(student_scheduler_config(student.config["scheduler"], timesteps))
     pipeline = DiffusionPipeline.from_pretrained(student.family.pipeline_path, unet=student.net, scheduler=scheduler)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_staging_dir(out_dir, create=False)
     pipeline.save_pretrained(tmp)
     lora = student.config["generator"].get("lora")
     if lora:  # the adapters alone too, for `load_lora_weights` on a copy of the teacher pipeline
@@ -71,15 +77,30 @@ def export_pipeline(student_dir: str | Path, out_dir: str | Path) -> Path:
     usage = {"num_inference_steps": len(timesteps), "guidance_scale": 0.0}
     if default != timesteps:
         usage["timesteps"] = timesteps  # not LCM's default for this step count: pass them to the call
-    (tmp / "dmd2_student.json").write_text(json.dumps(
+    (tmp / MARKER).write_text(json.dumps(
         {"timesteps": timesteps, "call": usage, "teacher_pipeline": str(student.family.pipeline_path),
          "source": student.config.get("source")}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    replace_directory(tmp, out_dir)
+    return out_dir
+
+
+def writable_export_dir(out_dir: str | Path) -> Path:
+    """`out_dir` as an absolute path, if an export may write there: it does not exist, is empty, or holds an
+    earlier export (its MARKER file). Anything else is refused before any work: export replaces the whole
+    directory, and a directory it did not write (a project root, `models/<exp>`) must never be deleted."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--output_dir {out_dir} is a file: name a new directory for the pipeline")
+    if out_dir.is_dir() and os.path.ismount(out_dir):
+        raise ExportError(f"--output_dir {out_dir} is a mount point, which cannot be replaced: name a new "
+                          "directory inside it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise ExportError(f"--output_dir {out_dir} is not empty and was not written by `dmd2 export` (no {MARKER}): "
+                          "export replaces the whole directory, so name a new or empty directory")
     return out_dir
 
 
 def student_call_arguments(pipeline_dir: str | Path) -> dict[str, Any]:
     """The keyword arguments that sample an exported student as trained (`num_inference_steps`, `guidance_scale`,
     and `timesteps` where LCM's default differs)."""
-    return json.loads((Path(pipeline_dir) / "dmd2_student.json").read_text())["call"]
+    return json.loads((Path(pipeline_dir) / MARKER).read_text())["call"]

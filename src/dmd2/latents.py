@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ import lmdb
 import numpy as np
 import torch
 
+from dmd2.atomic import fresh_staging_dir, replace_directory
 from dmd2.data import META_KEY, SCHEMA_VERSION, DataError, LMDBImageDataset, _forget, _open, read_meta
 
 KIND = "latents"
@@ -44,8 +43,7 @@ def write_latents_lmdb(path: str | Path, latents: torch.Tensor, prompts: Sequenc
     if len(latents) != len(prompts):
         raise DataError(f"{len(latents)} latents but {len(prompts)} captions for {path}")
     arrays = latents.detach().cpu().numpy().astype(LATENT_DTYPE)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_staging_dir(path, create=False)
     map_size = max(1 << 24, 2 * arrays.nbytes + sum(len(p) for p in prompts) * 2 + len(prompts) * 512 + (1 << 22))
     env = lmdb.open(str(tmp), map_size=int(map_size), subdir=True)
     with env.begin(write=True) as txn:
@@ -60,8 +58,7 @@ def write_latents_lmdb(path: str | Path, latents: torch.Tensor, prompts: Sequenc
     env.sync()
     env.close()
     _forget(path)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_directory(tmp, path)
 
 
 class LatentDataset:

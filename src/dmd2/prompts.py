@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import lmdb
 import torch
 
+from dmd2.atomic import fresh_staging_dir, replace_directory
 from dmd2.data import META_KEY, SCHEMA_VERSION, DataError, _forget, _open, read_meta
 
 CAPTION_KEYS = ("caption", "prompt", "text")
@@ -119,8 +118,7 @@ def write_prompts_lmdb(path: str | Path, prompts: Sequence[str], meta: dict[str,
     """Write `prompts` atomically (into `path.tmp`, then renamed over `path`)."""
     path = Path(path)
     encoded = [p.encode("utf-8") for p in prompts]
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_staging_dir(path, create=False)
     map_size = max(1 << 24, 4 * sum(len(e) + 64 for e in encoded))
     env = lmdb.open(str(tmp), map_size=map_size, subdir=True)
     with env.begin(write=True) as txn:
@@ -132,8 +130,7 @@ def write_prompts_lmdb(path: str | Path, prompts: Sequence[str], meta: dict[str,
     env.sync()
     env.close()
     _forget(path)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_directory(tmp, path)
 
 
 def prompts_lmdb_from_captions(captions: str | Path, out: str | Path, split: str = "train") -> dict[str, Any]:

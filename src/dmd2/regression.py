@@ -313,7 +313,7 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
             step, elapsed = found[1]
             print(f"resuming regression pre-training from {found[0]} (step {step})")
         print(f"regression run directory: {run_dir}")
-        log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
+        log = MetricsLog(run_dir / "metrics.jsonl")
         t = torch.full((cfg.batch_size,), timestep, dtype=torch.long, device=dev)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
         t0 = time.time()
@@ -347,7 +347,7 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
     source = {"type": "regression", "teacher": str(paths.teacher), "pairs": len(pairs), "steps": cfg.steps,
               "loss": cfg.loss, "run": run_dir.name}
     save_model(paths.regression, generator, student_config(teacher.config, [timestep], source),
-               extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
+               extra_files={"metrics.jsonl": log.text_through(cfg.steps)})
     return {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
 
 

@@ -168,25 +168,60 @@ def image_folder(path: str | Path, num_classes: int | None = None) -> Source:
     names = sorted(n for n in reader.names() if n.lower().endswith((".png", ".jpg", ".jpeg")))
     if not names:
         raise SourceError(f"{path} holds no .png/.jpg images")
-    labels = np.zeros(len(names), np.int64)
-    if "dataset.json" in reader.names():
-        table = json.loads(reader.read("dataset.json")).get("labels") or []
-        by_name = {str(name): label for name, label in table}
-        missing = [n for n in names if n not in by_name]
-        if table and missing:
-            raise SourceError(f"{path}/dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
-        if table:
-            labels = np.array([int(by_name[n]) for n in names], np.int64)
-    classes = num_classes or (int(labels.max()) + 1 if len(labels) else 1)
+    labels = _folder_labels(path, reader, names) if "dataset.json" in reader.names() else np.zeros(len(names), np.int64)
+    classes = _class_count(path, labels, num_classes)
 
     def read(i: int) -> np.ndarray:
-        with Image.open(io.BytesIO(reader.read(names[i]))) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(io.BytesIO(reader.read(names[i]))) as image:
+                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+            raise SourceError(f"{path}/{names[i]} is not a readable image ({err}): replace or remove it") from None
         return array.transpose(2, 0, 1)
 
     digest = file_digest(path) if path.is_file() else hashlib.sha256(
         "".join(f"{n}:{reader.size(n)}" for n in names).encode() + labels.tobytes()).hexdigest()
     return Source(labels, read, digest, f"image folder {path.name} ({len(names)} images)", classes)
+
+
+def _folder_labels(path: Path, reader: _FolderReader | _ZipReader, names: list[str]) -> np.ndarray:
+    """Each image's label from dataset.json (`{"labels": [[name, label], ...]}`, EDM's layout; null: unlabelled)."""
+    fix = 'it should hold {"labels": [["00000/img00000000.png", 3], ...]} (EDM dataset_tool) or "labels": null'
+    try:
+        document = json.loads(reader.read("dataset.json"))
+        table = document.get("labels") or []
+        by_name = {str(name): label for name, label in table}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise SourceError(f"{path}/dataset.json is malformed ({err}): {fix}") from None
+    if not table:
+        return np.zeros(len(names), np.int64)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise SourceError(f"{path}/dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
+    bad = [(n, by_name[n]) for n in names if isinstance(by_name[n], bool) or not isinstance(by_name[n], int)]
+    if bad:
+        raise SourceError(f"{path}/dataset.json labels {bad[0][0]} as {bad[0][1]!r}: labels are integers; {fix}")
+    return np.array([by_name[n] for n in names], np.int64)
+
+
+def _class_count(path: Path, labels: np.ndarray, num_classes: int | None) -> int:
+    """`data.num_classes` if set (every label must be below it), else largest label + 1, refused when that leaves
+    class ids no image uses (one stray label of 1,000,000 would make a million-class teacher)."""
+    if len(labels) and labels.min() < 0:
+        raise SourceError(f"{path}/dataset.json has label {int(labels.min())}: labels are 0, 1, ... (unlabelled "
+                          "images: \"labels\": null)")
+    largest = int(labels.max()) if len(labels) else 0
+    if num_classes is not None:
+        if largest >= num_classes:
+            raise SourceError(f"{path}/dataset.json has label {largest}, but data.num_classes is {num_classes}: "
+                              f"labels must be below it (set data.num_classes: {largest + 1}, or fix the labels)")
+        return num_classes
+    used = len(np.unique(labels))
+    if largest + 1 > used:
+        raise SourceError(f"{path}/dataset.json labels run to {largest} but use only {used} distinct values, so "
+                          f"{largest + 1 - used} classes would have no image: renumber them 0..{used - 1}, or set "
+                          f"data.num_classes: {largest + 1} if the gaps are intended")
+    return largest + 1
 
 
 class _FolderReader:

@@ -114,7 +114,7 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
     family, net, optimizer, scheduler = run.family, run.net, run.optimizer, run.scheduler
     dev = next(net.parameters()).device
     print(f"teacher run directory: {run_dir}")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
+    log = MetricsLog(run_dir / "metrics.jsonl")
     tracker = Wandb(ctx.params.wandb, "teacher", ctx.experiment, to_dict(cfg))
     net.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True, mininterval=2)
@@ -149,6 +149,6 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
     net.load_state_dict(run.ema.shadow)
     source = {"type": "trained", "steps": cfg.steps, "data_sha256": run.batches.dataset.meta["source_sha256"]}
     save_model(paths.teacher, net, {**run.model_config, "source": source},
-               extra_files={"metrics.jsonl": (run_dir / "metrics.jsonl").read_text()})
+               extra_files={"metrics.jsonl": log.text_through(cfg.steps)})
     return {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1),
             "invocation_seconds": round(time.time() - started, 1)}

@@ -13,21 +13,30 @@ from dmd2.config import WandbConfig
 
 
 class MetricsLog:
-    """Append-only JSON lines; on resume, lines past the resumed step are dropped so the log has no duplicates."""
+    """Append-only JSON lines, one per logged step. A resumed run keeps the whole log: the first record it writes
+    replaces the lines from its step on (records of steps it is about to recompute, and a torn last line), so the
+    log never holds a step twice, and a run whose steps were lowered and raised again loses no record."""
 
-    def __init__(self, path: str | Path, resume_step: int = 0, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled, self._appending = Path(path), enabled, False
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        if not self._appending and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) < record["step"]]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._appending = True
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def text_through(self, step: int) -> str:
+        """The log's lines up to `step` (what a model written at `step` ships as its metrics.jsonl)."""
+        if not self.path.exists():
+            return ""
+        return "".join(line + "\n" for line in self.path.read_text().splitlines() if _step_of(line) <= step)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -9,8 +9,6 @@ and `evaluate` never care where a model came from; `config.json`'s `family` pick
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmd2.atomic import fresh_staging_dir, replace_directory
 from dmd2.families.base import FORMAT, Family, ModelError, read_config
 from dmd2.families.diffusers import DiffusersFamily
 from dmd2.families.edm import EDMFamily
@@ -118,9 +117,7 @@ def save_model(out_dir: str | Path, weights: nn.Module | dict[str, torch.Tensor]
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_staging_dir(out_dir)
     if weights is not None:
         state = weights.state_dict() if isinstance(weights, nn.Module) else weights
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors",
@@ -131,5 +128,4 @@ def save_model(out_dir: str | Path, weights: nn.Module | dict[str, torch.Tensor]
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **config}, indent=2, sort_keys=True))
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    replace_directory(tmp, out_dir)

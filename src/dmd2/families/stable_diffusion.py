@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmd2.atomic import replace_directory
 from dmd2.config import DiffusersTeacherConfig, StableDiffusionTeacherConfig, to_dict
 from dmd2.families.base import ModelError
 from dmd2.families.diffusers import DiffusersFamily, pretrained_teacher_config, resolve_pretrained
@@ -167,8 +168,7 @@ def tiny_pipeline_dir(name: str) -> Path:
         with torch.random.fork_rng():  # its seed must not move the caller's random stream
             tiny_pipeline(kind, tmp, resolution=32, seed=0)
         if not (folder / "model_index.json").exists():  # another process may have finished first
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
+            replace_directory(tmp, folder)
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
