@@ -94,6 +94,16 @@ def test_relative_overrides_apply_to_the_experiment_selected_on_the_command_line
     assert params.current("mnist").distill.steps != 7  # not the `experiment:` of params.yaml
 
 
+def test_a_misspelt_config_file_key_names_that_file_and_the_closest_key(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    for text, hint in [("stpes: 4\n", "did you mean 'steps'?"), ("distil: {steps: 4}\n", "did you mean 'distill'?")]:
+        (tmp_path / "my.yaml").write_text(text)
+        result = CliRunner().invoke(main, ["distill", "--params", str(tmp_path / "params.yaml"),
+                                           "--config", str(tmp_path / "my.yaml")])
+        assert result.exit_code == 2, result.output
+        assert f"--config {tmp_path / 'my.yaml'}: unknown key" in result.output and hint in result.output
+
+
 def test_a_config_file_may_hold_any_block(tmp_path):
     """`--config` takes the seed's flat distill keys and params.yaml's own blocks (launch:, wandb:, ...)."""
     from dmd2.cli import _config_file_overrides

@@ -471,3 +471,34 @@ def test_each_evaluation_row_is_computed_from_its_own_model_and_step_count(tmp_p
         assert row["nfe"] == model.nfe(steps)
         fids.add(row["fid"])
     assert len(fids) == len(rows)  # three different models or step counts: three different numbers
+
+
+def test_sample_counts_and_output_paths_are_checked_by_the_cli(tmp_path):
+    for count in ("0", "-3"):
+        result = CliRunner().invoke(main, ["generate", "--model", str(tmp_path), "--output_dir", str(tmp_path / "g"),
+                                           "--num_samples", count])
+        assert result.exit_code == 2 and "Invalid value for '--num_samples'" in result.output, result.output
+    result = CliRunner().invoke(main, ["evaluate-folder", "--folder", str(tmp_path), "--output", str(tmp_path)])
+    assert result.exit_code == 2 and "Invalid value for '--output'" in result.output and "directory" in result.output
+
+
+def test_a_caption_template_with_an_attribute_and_a_model_index_that_is_a_list_are_one_line(tmp_path):
+    from dmd2.families import ModelError
+    from dmd2.families.stable_diffusion import pipeline_kind
+    from dmd2.latents import image_captions
+
+    with pytest.raises(DataError, match=r"caption_template 'a {label.foo}' cannot be filled \(AttributeError"):
+        image_captions(np.array([1, 2]), "a {label.foo}", None)
+    (tmp_path / "model_index.json").write_text('["StableDiffusionPipeline"]')
+    with pytest.raises(ModelError, match="model_index.json cannot be read .*is not a diffusers pipeline directory"):
+        pipeline_kind(tmp_path)
+
+
+def test_a_stage_run_too_early_or_on_a_launch_it_cannot_start_is_one_line(tmp_path):
+    write_tiny_params(tmp_path)
+    assert "run `dmd2 evaluate` first" in error_line(cli(tmp_path, "report"))
+    two_processes = ["--set", "launch.distributed=ddp", "--set", "launch.processes_per_machine=2"]
+    assert "run `dmd2 launch-config` first" in error_line(cli(tmp_path, "distill", *two_processes))
+    assert cli(tmp_path, "launch-config", *two_processes, "--set", "launch.num_machines=2").exit_code == 0
+    line = error_line(cli(tmp_path, "distill", *two_processes, "--set", "launch.num_machines=2"))
+    assert "needs one launcher per machine" in line

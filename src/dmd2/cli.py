@@ -8,6 +8,7 @@ function `run_<stage>(ctx, **options) -> dict`; `_run_stage` below times it and 
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import json
@@ -170,8 +171,22 @@ def _config_file_overrides(path: str | None, stage: str) -> list[str]:
     blocks = set(SHARED_KEYS) | set(ExperimentConfig.model_fields)
     own = set().union(*(m.model_fields for m in STAGE_MODELS[stage]))
     for key, value in raw.items():
+        _check_config_file_key(path, stage, str(key), value, sorted(own | blocks))
         walk(f"{stage}.{key}" if key in own and key not in blocks else key, value)
     return out
+
+
+def _check_config_file_key(path: str, stage: str, key: str, value: object, known: list[str]) -> None:
+    """A `--config` key that is neither the stage's nor a block is a typo (a scalar can be nothing else; a mapping
+    may be a whole experiment block, unless its name is one letter off a block's): name the file and the fix."""
+    if key in known:
+        return
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5 if not isinstance(value, dict) else 0.8)
+    if isinstance(value, dict) and not close:
+        return  # an experiment's block
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"--config {path}: unknown key '{key}'{hint} (it holds {stage} settings such as "
+                      f"steps, and params.yaml blocks such as launch or wandb)")
 
 
 @main.command()
@@ -250,8 +265,10 @@ def _cuda() -> bool:
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A teacher or student directory (normalised format).")
 @click.option("--output_dir", required=True, type=click.Path(file_okay=False), help="Where the images and grid go.")
-@click.option("--num_samples", default=8, show_default=True, help="Samples per class.")
-@click.option("--steps", default=None, type=int, help="Teacher sampler steps (default: its full sampler).")
+@click.option("--num_samples", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Samples per class.")
+@click.option("--steps", default=None, type=click.IntRange(min=1),
+              help="Teacher sampler steps (default: its full sampler).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--prompt", "prompts", multiple=True, help="Text-to-image models: a prompt (repeat for several); "
               "--num_samples images of each.")
@@ -303,7 +320,8 @@ def evaluate(ctx: StageContext) -> None:
 
 @main.command("evaluate-folder")
 @click.option("--folder", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to watch.")
-@click.option("--output", "output_file", default=None, help="JSON-lines file (default: fid_curve.jsonl beside the folder).")
+@click.option("--output", "output_file", default=None, type=click.Path(dir_okay=False),
+              help="JSON-lines file (default: fid_curve.jsonl beside the folder).")
 @click.option("--watch/--once", default=False, show_default=True, help="Keep waiting for new checkpoints.")
 @click.option("--poll_seconds", default=30.0, show_default=True, help="Wait between scans when watching.")
 @_common

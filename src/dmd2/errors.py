@@ -19,3 +19,11 @@ class RunLockedError(Dmd2Error, RuntimeError):
 
 class TrainingDiverged(Dmd2Error, FloatingPointError):
     """A loss or an intermediate value became non-finite; the last good checkpoint is intact."""
+
+
+class MissingInputError(Dmd2Error, FileNotFoundError):
+    """A stage's input is missing: the message names it and the command that writes it."""
+
+
+class LaunchError(Dmd2Error, RuntimeError):
+    """The launch settings cannot run here (e.g. several machines outside Slurm)."""

@@ -107,7 +107,7 @@ def image_captions(labels: np.ndarray, template: str, class_names: list[str] | N
     else the label) filled in."""
     try:
         return [template.format(label=int(y), class_name=class_names[y] if class_names else int(y)) for y in labels]
-    except (KeyError, IndexError, ValueError) as err:
+    except (KeyError, IndexError, ValueError, AttributeError) as err:  # {x}, {0}, {label:q}, {label.foo}
         raise DataError(f"data.caption_template {template!r} cannot be filled ({type(err).__name__}: {err}); it may "
                         "use {label} and {class_name} only") from None
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from dmd2.config import LaunchConfig
+from dmd2.errors import LaunchError, MissingInputError
 
 LAUNCHED_ENV = "DMD2_LAUNCHED"  # set in the children so they do not relaunch themselves
 
@@ -107,7 +108,7 @@ def launcher_command(launch: LaunchConfig, config_file: Path, stage_args: list[s
     tail = ["-m", "dmd2.cli", *stage_args]
     if not in_slurm:
         if launch.num_machines > 1:
-            raise RuntimeError(f"launch.num_machines={launch.num_machines} needs one launcher per machine: run "
+            raise LaunchError(f"launch.num_machines={launch.num_machines} needs one launcher per machine: run "
                                "inside a Slurm allocation (snakemake --profile workflow/profiles/slurm), or on each "
                                f"machine i: accelerate launch --config_file {config_file} --machine_rank i ...")
         return [*inner, "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
@@ -130,7 +131,7 @@ def relaunch_if_needed(launch: LaunchConfig, config_file: Path, stage_args: list
     if launch.world_size == 1 or os.environ.get(LAUNCHED_ENV) or "LOCAL_RANK" in os.environ:
         return False
     if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} is missing; run `dmd2 launch-config` first")
+        raise MissingInputError(f"{config_file} is missing; run `dmd2 launch-config` first")
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if launch.gpus_per_machine == 0:
         env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))

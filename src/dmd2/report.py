@@ -20,6 +20,7 @@ from typing import Any
 
 from dmd2.checkpoint import sha256_file
 from dmd2.config import ExperimentConfig, Params, WandbConfig, to_dict
+from dmd2.errors import MissingInputError
 from dmd2.paths import ExperimentPaths
 from dmd2.stage import StageContext
 from dmd2.tracking import read_jsonl
@@ -373,7 +374,7 @@ def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str
     metrics_file = paths.results / "evaluation.json"
     metrics = read_json(metrics_file)
     if metrics is None:
-        raise FileNotFoundError(f"{metrics_file} not found or unreadable; run `dmd2 evaluate` first")
+        raise MissingInputError(f"{metrics_file} not found or unreadable; run `dmd2 evaluate` first")
     proxy = bool(metrics.get("fid_is_proxy"))
     teacher_log = read_jsonl(paths.teacher / "metrics.jsonl")
     student_log = read_jsonl(paths.student / "metrics.jsonl")

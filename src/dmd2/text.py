@@ -14,6 +14,8 @@ import gzip
 import json
 from pathlib import Path
 
+from dmd2.errors import MissingInputError
+
 START, END = "<|startoftext|>", "<|endoftext|>"
 FULL_VOCAB_SIZE = 49_408
 BYTE_SYMBOLS = 256
@@ -34,7 +36,7 @@ def open_clip_merges() -> list[tuple[str, str]]:
 
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the CLIP tokenizer is built from the BPE file open_clip ships; "
+        raise MissingInputError(f"{path} not found: the CLIP tokenizer is built from the BPE file open_clip ships; "
                                 "reinstall open-clip-torch (make env)")
     with gzip.open(path) as f:
         lines = f.read().decode("utf-8").split("\n")

@@ -36,7 +36,7 @@ def pipeline_kind(path: str | Path) -> str:
     index = Path(path) / "model_index.json"
     try:
         name = json.loads(index.read_text())["_class_name"]
-    except (OSError, json.JSONDecodeError, KeyError) as err:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:  # TypeError: a list, not an object
         raise ModelError(f"{index} cannot be read ({type(err).__name__}): {path} is not a diffusers pipeline "
                          "directory") from None
     if name not in PIPELINES:
