@@ -200,3 +200,20 @@ def test_forward_noised_multistep_training_pairs_real_samples_with_their_own_lab
     random_cond = family.encode_conditions(torch.tensor([1, 1, 0, 0]), "cpu")
     trainer.train_step(1, Batch(4, cond=random_cond, real=mixture.sample(4)[0], real_cond=real_cond))
     assert torch.equal(generator.seen, real_cond)
+
+
+def test_progress_in_a_log_file_is_plain_periodic_lines():
+    import io
+
+    from dmd2.tracking import LogLines
+
+    out = io.StringIO()
+    with LogLines(4, 1, "distill", every=0, file=out) as bar:  # resumed at step 1
+        for _ in range(3):
+            bar.set_postfix(dm="0.21", fake="0.49")
+            bar.update(1)
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and len(lines) == 3  # one per update here (every=0), none repeated at close
+    assert re.fullmatch(r"distill 2/4 \(50%\) [\d.e+]+ it/s elapsed 0m00s ETA \dm\d\ds dm=0.21 fake=0.49", lines[0])
+    assert lines[-1].startswith("distill 4/4 (100%)") and "ETA" not in lines[-1]

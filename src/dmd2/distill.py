@@ -18,7 +18,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list
 from torch import nn
-from tqdm import tqdm
 
 from dmd2.checkpoint import (
     BackgroundWriter,
@@ -401,7 +400,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
 def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: RandomBatches | None, run_dir: Path,
            step: int, elapsed: float, per_rank: int) -> dict[str, Any]:
     """The loop from `step` to `distill.steps`, with logging, sample grids and checkpoints; writes the student."""
-    from dmd2.tracking import MetricsLog, Wandb
+    from dmd2.tracking import MetricsLog, Wandb, progress
 
     exp, paths, cfg, acc, family = ctx.exp, ctx.paths, ctx.exp.distill, trainer.acc, trainer.family
     ckpt_dir, main = run_dir / "checkpoints", acc.is_main_process
@@ -409,7 +408,7 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     tracker = Wandb(ctx.params.wandb, "distill", ctx.experiment, to_dict(cfg), enabled=main)
     source = {"type": "dmd2", "teacher": str(paths.teacher), "run": run_dir.name}
-    bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True, mininterval=2, disable=not main)
+    bar = progress(cfg.steps, step, "distill", disable=not main)
     writer = BackgroundWriter()
     # the bar is closed on errors too, so an error line never lands on its line; the writer finishes the
     # checkpoint in flight whatever happens, so a diverged run keeps its last good one, and it writes the last

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from dmd2.checkpoint import (
     checkpoint_at_or_refuse,
@@ -47,6 +46,7 @@ from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
 from dmd2.latents import LatentDataset, write_latents_lmdb
 from dmd2.stage import StageContext
+from dmd2.tracking import progress
 from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, progress_keys, warmup_schedule
 
 PAIRS_FILE = "pairs.lmdb"
@@ -119,8 +119,10 @@ def make_pairs(ctx: StageContext, teacher: Model) -> Path:
     parts = run_dir / "batches"
     parts.mkdir(parents=True, exist_ok=True)
     dev = next(teacher.net.parameters()).device
-    with run_lock(run_dir):
-        for start in tqdm(range(0, cfg.num_pairs, cfg.pair_batch_size), desc="teacher pairs", mininterval=2):
+    starts = range(0, cfg.num_pairs, cfg.pair_batch_size)
+    with run_lock(run_dir), progress(len(starts), 0, "teacher pairs") as bar:
+        for start in starts:
+            bar.update(1)
             part = parts / f"{start:08d}.pt"
             if part.exists():
                 continue
@@ -317,7 +319,7 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
         t = torch.full((cfg.batch_size,), timestep, dtype=torch.long, device=dev)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
         t0 = time.time()
-        with tqdm(total=cfg.steps, initial=step, desc="regression", dynamic_ncols=True, mininterval=2) as bar:
+        with progress(cfg.steps, step, "regression") as bar:
             while step < cfg.steps:
                 target, noise, raw = batches.next()
                 target, noise = target.to(dev), noise.to(dev)

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dmd2.checkpoint import (
     checkpoint_at_or_refuse,
@@ -108,7 +107,7 @@ class TeacherRun:
 
 def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed: float,
            started: float) -> dict[str, Any]:
-    from dmd2.tracking import MetricsLog, Wandb
+    from dmd2.tracking import MetricsLog, Wandb, progress
 
     cfg, paths, ckpt_dir = ctx.exp.teacher, ctx.paths, run_dir / "checkpoints"
     family, net, optimizer, scheduler = run.family, run.net, run.optimizer, run.scheduler
@@ -117,7 +116,7 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
     log = MetricsLog(run_dir / "metrics.jsonl")
     tracker = Wandb(ctx.params.wandb, "teacher", ctx.experiment, to_dict(cfg))
     net.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True, mininterval=2)
+    bar = progress(cfg.steps, step, "teacher")
     with bar:  # closed on errors too, so an error line never lands on the bar's line
         t0 = time.time()
         while step < cfg.steps:
