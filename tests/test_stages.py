@@ -1,5 +1,6 @@
 """The real stages on a tiny configuration: data → teacher → distill, resume equivalence and crash recovery."""
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from tiny import fresh_copy, run, run_dir, write_tiny_params
 
 from dmd2.checkpoint import _read_single_file, checkpoint_step, list_checkpoints, load_checkpoint
 from dmd2.cli import main
+from dmd2.data import LMDBImageDataset, write_lmdb
 from dmd2.tracking import read_jsonl
 
 
@@ -217,3 +219,37 @@ def test_progress_in_a_log_file_is_plain_periodic_lines():
     assert "\r" not in text and len(lines) == 3  # one per update here (every=0), none repeated at close
     assert re.fullmatch(r"distill 2/4 \(50%\) [\d.e+]+ it/s elapsed 0m00s ETA \dm\d\ds dm=0.21 fake=0.49", lines[0])
     assert lines[-1].startswith("distill 4/4 (100%)") and "ETA" not in lines[-1]
+
+
+def test_the_teacher_sampler_changes_the_teacher_record_not_its_training(prepared, tmp_path):
+    import shutil
+
+    root = fresh_copy(prepared, tmp_path / "sampler")
+    shutil.copytree(prepared / "work", root / "work")
+    weights = (root / "models/mnist/teacher/model.safetensors").read_bytes()
+    write_tiny_params(root, teacher={"sampler": {"num_steps": 5}})
+    result = CliRunner().invoke(main, ["teacher", "--params", str(root / "params.yaml"), "--root", str(root)])
+    assert result.exit_code == 0 and "resuming teacher training" in result.output, result.output
+    assert len(list((root / "work/mnist/teacher").glob("run-*"))) == 1
+    assert (root / "models/mnist/teacher/model.safetensors").read_bytes() == weights
+    assert json.loads((root / "models/mnist/teacher/config.json").read_text())["sampler"]["num_steps"] == 5
+
+
+def test_the_distillation_run_covers_the_prompts_and_the_real_data(prepared, tmp_path):
+    from dmd2.config import DistillConfig
+    from dmd2.distill import distill_run_directory
+    from dmd2.paths import ExperimentPaths
+    from dmd2.prompts import write_prompts_lmdb
+
+    root = fresh_copy(prepared, tmp_path / "inputs")
+    paths, cfg = ExperimentPaths("mnist", root), DistillConfig()
+    first = distill_run_directory(paths, cfg, regressed=False)
+    assert distill_run_directory(paths, cfg, regressed=False) == first  # the same inputs: the same run
+    write_prompts_lmdb(paths.data / "prompts.lmdb", ["a handwritten digit 1"], {})
+    with_prompts = distill_run_directory(paths, cfg, regressed=False)
+    write_prompts_lmdb(paths.data / "prompts.lmdb", ["a handwritten digit 2"], {})
+    assert len({first, with_prompts, distill_run_directory(paths, cfg, regressed=False)}) == 3
+    train = LMDBImageDataset(paths.data / "train.lmdb")
+    images, labels = train.all_uint8()
+    write_lmdb(paths.data / "train.lmdb", images, labels, {**train.meta, "source_sha256": "another source"})
+    assert distill_run_directory(paths, cfg, regressed=False) not in {first, with_prompts}

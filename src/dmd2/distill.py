@@ -42,10 +42,11 @@ from dmd2.checkpoint import (
 )
 from dmd2.config import ConfigError, DistillConfig, LaunchConfig, to_dict
 from dmd2.critic import Critic, GANHead
-from dmd2.data import DataError, RandomBatches, open_split
+from dmd2.data import DataError, RandomBatches, open_split, read_meta
 from dmd2.errors import RunLockedError, TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss
+from dmd2.paths import ExperimentPaths
 from dmd2.regression import start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard
@@ -386,15 +387,24 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
 
     run_dir = None
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
-        inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors") if f.exists()]
-        if start is not None:  # a new pre-trained generator is a new run
-            inputs.append(paths.regression / "model.safetensors")
-        run_dir = run_directory(paths.work("distill"), to_dict(cfg),
-                                progress_keys(DISTILL_PROGRESS_KEYS, cfg.lr_scheduler), inputs)
+        run_dir = distill_run_directory(paths, cfg, regressed=start is not None)
     run_dir = broadcast_object_list([run_dir])[0]
     with _one_writer(run_dir, acc):
         step, elapsed = _resume(trainer, real, run_dir / "checkpoints", resume_from, cfg.steps, acc)
         return _train(ctx, trainer, teacher, real, run_dir, step, elapsed, per_rank)
+
+
+def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool) -> Path:
+    """The run directory for these settings and inputs: the teacher's files, the regressed generator (when
+    distillation starts from one), the prompts the generator draws and the real data's source (the GAN's and
+    forward-noised training's batches). Any of them changed is a new run beside the old one."""
+    inputs = [paths.teacher / "config.json", paths.teacher / "model.safetensors", paths.data / "prompts.lmdb" / "data.mdb"]
+    if regressed:
+        inputs.append(paths.regression / "model.safetensors")
+    train = paths.data / "train.lmdb"
+    data = read_meta(train) if (train / "data.mdb").exists() else None
+    return run_directory(paths.work("distill"), {**to_dict(cfg), "data": data},
+                         progress_keys(DISTILL_PROGRESS_KEYS, cfg.lr_scheduler), [f for f in inputs if f.exists()])
 
 
 def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: RandomBatches | None, run_dir: Path,

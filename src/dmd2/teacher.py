@@ -31,6 +31,7 @@ from dmd2.training import EMA, adamw, clip_gradients, device, progress_keys, war
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
 TEACHER_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
+EVALUATION_KEYS = {"sampler"}  # how the teacher samples (evaluation, the distillation timestep table), not trains
 
 
 def run_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def train_teacher(ctx: StageContext, resume_from: Path | None = None) -> dict[st
                      RandomBatches(train, cfg.batch_size, cfg.seed), model_cfg)
 
     run_dir = run_directory(paths.work("teacher"), {**to_dict(cfg), "data": train.meta},
-                            progress_keys(TEACHER_PROGRESS_KEYS, cfg.lr_scheduler), [])
+                            progress_keys(TEACHER_PROGRESS_KEYS, cfg.lr_scheduler) | EVALUATION_KEYS, [])
     ckpt_dir = run_dir / "checkpoints"
     with run_lock(run_dir):
         step, elapsed = 0, 0.0
