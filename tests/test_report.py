@@ -157,3 +157,30 @@ def test_throughput_is_the_median_full_batch_after_the_warm_up():
 
     assert throughput(250, [9.0, 1.0, 2.0, 0.5]) == 250 / 1.0  # the 9 s warm-up batch is left out
     assert throughput(250, [9.0, 1.0, 2.0]) is None  # too few batches: evaluate times separate calls instead
+
+
+def test_without_bootstrap_spread_the_comparison_gives_no_verdict(root):
+    import torch
+
+    from dmd2.data import open_split
+    from dmd2.evaluate import compare_student_with_teacher
+    from dmd2.fid import FIDReference
+
+    exp = load_params(root / "params.yaml").current()
+    paths = ExperimentPaths("mnist", root)
+    images, _ = open_split(paths.data, "heldout", exp.data.resolution).all_uint8()
+    teacher = torch.from_numpy(images[:200])
+    student = (teacher.int() // 2).to(torch.uint8)  # far worse: a verdict with a spread, none without one
+    rows = [{"model": "teacher", "nfe": 3}, {"model": "student", "nfe": 1}]
+    ref = FIDReference(exp, paths)
+    assert compare_student_with_teacher(ref, rows, [teacher, student], 0)["verdict"].startswith("no verdict")
+    assert compare_student_with_teacher(ref, rows, [teacher, student], 5)["verdict"] == "teacher better"
+
+
+def test_a_teacher_recorded_by_reference_shows_its_recorded_hashes():
+    from dmd2.report import _by_reference
+
+    pretrained = {"pretrained": {"path": "models/ddpm", "files": {"model.safetensors": {"sha256": "ab12", "size": 3}}}}
+    assert _by_reference(pretrained) == "recorded by reference at models/ddpm: model.safetensors ab12"
+    assert "not hashed" in _by_reference({"pipeline": {"path": "models/sd-tiny/pipeline"}})
+    assert _by_reference({"family": "edm"}) is None

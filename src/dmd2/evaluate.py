@@ -203,8 +203,11 @@ def compare_student_with_teacher(ref: FIDReference, rows: list[dict[str, Any]], 
     student = kinds.index("student")
     difference, std = ref.paired_difference(ref.extractor(samples[student].numpy()),
                                             ref.extractor(samples[full].numpy()), bootstrap)
-    verdict = ("indistinguishable at this sample count" if std is None or abs(difference) < 2 * std
-               else "student better" if difference < 0 else "teacher better")
+    if std is None:  # eval.fid.bootstrap: 0, no spread to judge by
+        verdict = "no verdict: no bootstrap spread (eval.fid.bootstrap is 0)"
+    else:
+        verdict = ("indistinguishable at this sample count" if abs(difference) < 2 * std
+                   else "student better" if difference < 0 else "teacher better")
     return {"fid_difference": round(difference, 4), "fid_difference_std": round(std, 4) if std is not None else None,
             "teacher_nfe": rows[full]["nfe"], "verdict": verdict,
             "definition": f"student FID − teacher FID (NFE {rows[full]['nfe']}) on the same noise and labels; ± the "

@@ -188,12 +188,13 @@ def provenance(params: Params, name: str, paths: ExperimentPaths) -> dict[str, A
 
     here = Path(__file__).resolve().parent
     try:
-        source = read_config(paths.teacher).get("source")
+        config = read_config(paths.teacher)
     except Exception:  # a report should still render without the teacher directory
-        source = None
+        config = None
+    source = config.get("source") if config else None
     return {"git": git_state(here, paths.root),
             "teacher_source": json.dumps(source, sort_keys=True) if source is not None else "unknown",
-            "teacher_sha256": sha256_or_none(paths.teacher / "model.safetensors") or "missing",
+            "teacher_sha256": sha256_or_none(paths.teacher / "model.safetensors") or _by_reference(config) or "missing",
             "student_sha256": sha256_or_none(paths.student / "model.safetensors") or "missing",
             "param_diffs": param_differences(params, name), "versions": package_versions(),
             "stages": stage_rows(paths)}
@@ -368,6 +369,18 @@ def sample_grids(metrics: dict[str, Any], results: Path) -> list[dict[str, str]]
 
 
 # ------------------------------------------------------------------------------------------------- render
+
+
+def _by_reference(config: dict[str, Any] | None) -> str | None:
+    """What a teacher recorded by reference (weights left where they are, no model.safetensors) says of them."""
+    config = config or {}
+    if isinstance(config.get("pretrained"), dict):
+        ref = config["pretrained"]
+        hashes = ", ".join(f"{name} {entry['sha256']}" for name, entry in ref.get("files", {}).items())
+        return f"recorded by reference at {ref.get('path')}: {hashes}"
+    if isinstance(config.get("pipeline"), dict):
+        return f"recorded by reference: the pipeline at {config['pipeline'].get('path')} (its files are not hashed)"
+    return None
 
 
 def build_context(params: Params, name: str, paths: ExperimentPaths) -> dict[str, Any]:
