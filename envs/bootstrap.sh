@@ -13,7 +13,8 @@ fi
 rm -rf "$venv"                       # an interrupted build is started again from scratch
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade "pip>=24"
-# torch 2.14.1 + torchvision 0.29.1 is the matched pair (see envs/README.md); everything is pinned.
+# torch 2.14.1 + torchvision 0.29.1 is the matched pair (torchvision is built against one torch); everything is
+# pinned, and the CUDA wheels (nvidia-*, cuda-*, triton) only on Linux, as torch itself declares them.
 "$venv/bin/pip" install --quiet -r "$here/requirements.lock"
 "$venv/bin/python" - <<'PY'
 import torch, torchvision, diffusers, accelerate, cleanfid, open_clip, lmdb, lpips, snakemake, dvc  # noqa: F401

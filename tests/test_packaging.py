@@ -33,3 +33,18 @@ def test_the_build_floor_admits_only_setuptools_that_read_the_spdx_licence():
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     floor = next(int(m.group(1)) for r in requires if (m := re.fullmatch(r"setuptools>=(\d+).*", r)))
     assert floor >= 77  # `license = "<SPDX>"` and `license-files` arrived in setuptools 77
+
+
+def test_the_lock_asks_a_macos_laptop_for_no_cuda_wheels():
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    lock = [Requirement(line) for line in (ROOT / "envs/requirements.lock").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    mac = {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64", "os_name": "posix"}
+    on_mac = {r.name.lower() for r in lock if r.marker is None or r.marker.evaluate(mac)}
+    assert "torch" in on_mac and not [n for n in on_mac if n.startswith(("nvidia-", "cuda-")) or n == "triton"]
+    # everything torch itself wants only on Linux is Linux-only in the lock too
+    linux_only = {Requirement(r).name.lower() for r in requires("torch") if 'platform_system == "Linux"' in r}
+    assert linux_only and linux_only.isdisjoint(on_mac)
