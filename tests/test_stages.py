@@ -83,11 +83,19 @@ def test_sigkill_mid_run_then_rerun_continues_identically(prepared, tmp_path):
 def test_seed_cli_surface_config_save_every_and_wandb_offline(prepared, tmp_path):
     root = fresh_copy(prepared, tmp_path / "seed")
     (root / "my.yaml").write_text("steps: 4\nwandb:\n  project: dmd2-test\n")
-    run(root, "distill", "--config", str(root / "my.yaml"), "--save_every", "2", "--wandb_mode", "offline",
-        "--wandb_dir", str(root / "wb"), "--wandb_run_name", "seed-surface", "--wandb_log_every", "1")
+    result = CliRunner().invoke(main, ["distill", "--config", str(root / "my.yaml"), "--save_every", "2",
+                                       "--wandb_mode", "offline", "--wandb_dir", str(root / "wb"), "--wandb_run_name",
+                                       "seed-surface", "--wandb_log_every", "1", "--params", str(root / "params.yaml"),
+                                       "--root", str(root)])
+    assert result.exit_code == 0, result.output
     ckpts = [p.name for p in list_checkpoints(run_dir(root, "distill") / "checkpoints")]
     assert ckpts == ["ckpt-0000002", "ckpt-0000004"]
-    assert list((root / "wb").rglob("offline-run-*")), "wandb wrote no offline run"
+    offline = list((root / "wb").rglob("offline-run-*"))
+    assert offline, "wandb wrote no offline run"
+    assert f"upload it with `wandb sync {offline[0]}`" in result.output  # where it went, and how to upload it
+    recorded = next(offline[0].glob("run-*.wandb")).read_bytes()  # its config: the whole experiment, run and code
+    for value in (run_dir(root, "distill").name, '{"commit":', "heldout_fraction", "p_mean", "dfake_gen_update_ratio"):
+        assert value.encode() in recorded, value
     # --resume_from_checkpoint: restart from step 2, dropping the later checkpoint, and finish again
     run(root, "distill", "--config", str(root / "my.yaml"), "--resume_from_checkpoint",
         str(run_dir(root, "distill") / "checkpoints/ckpt-0000002"))

@@ -410,13 +410,14 @@ def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed:
 def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: RandomBatches | None, run_dir: Path,
            step: int, elapsed: float, per_rank: int) -> dict[str, Any]:
     """The loop from `step` to `distill.steps`, with logging, sample grids and checkpoints; writes the student."""
-    from dmd2.tracking import MetricsLog, Wandb, progress
+    from dmd2.tracking import MetricsLog, Wandb, progress, tracking_config
 
     exp, paths, cfg, acc, family = ctx.exp, ctx.paths, ctx.exp.distill, trainer.acc, trainer.family
     ckpt_dir, main = run_dir / "checkpoints", acc.is_main_process
     acc.print(f"distillation run directory: {run_dir}")
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
-    tracker = Wandb(ctx.params.wandb, "distill", ctx.experiment, to_dict(cfg), enabled=main)
+    tracker = Wandb(ctx.params.wandb, "distill", ctx.experiment,
+                    tracking_config(ctx.params, ctx.experiment, "distill", run_dir), enabled=main)
     source = {"type": "dmd2", "teacher": str(paths.teacher), "run": run_dir.name}
     bar = progress(cfg.steps, step, "distill", disable=not main)
     writer = BackgroundWriter()

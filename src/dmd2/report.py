@@ -12,7 +12,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +22,7 @@ from dmd2.config import ExperimentConfig, Params, WandbConfig, to_dict
 from dmd2.errors import MissingInputError
 from dmd2.paths import ExperimentPaths
 from dmd2.stage import StageContext
-from dmd2.tracking import read_jsonl
+from dmd2.tracking import git_state, read_jsonl
 
 PACKAGES = ("torch", "accelerate", "diffusers", "clean-fid", "open-clip-torch", "lmdb", "snakemake", "dvc", "wandb")
 
@@ -102,27 +101,6 @@ def sha256_or_none(path: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- provenance
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_state(*candidates: Path) -> dict[str, str]:
-    """Commit and dirty flag of the first candidate folder inside a git work tree with a commit."""
-    for folder in candidates:
-        if not folder.is_dir():
-            continue
-        commit = _git(["rev-parse", "HEAD"], folder)
-        if commit:
-            status = _git(["status", "--porcelain", "--untracked-files=no"], folder)
-            dirty = "unknown" if status is None else ("yes (uncommitted changes)" if status else "no")
-            return {"commit": commit, "dirty": dirty, "where": str(folder.resolve())}
-    return {"commit": "unknown", "dirty": "unknown", "where": "no git repository with a commit found"}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

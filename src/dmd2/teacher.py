@@ -108,14 +108,15 @@ class TeacherRun:
 
 def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed: float,
            started: float) -> dict[str, Any]:
-    from dmd2.tracking import MetricsLog, Wandb, progress
+    from dmd2.tracking import MetricsLog, Wandb, progress, tracking_config
 
     cfg, paths, ckpt_dir = ctx.exp.teacher, ctx.paths, run_dir / "checkpoints"
     family, net, optimizer, scheduler = run.family, run.net, run.optimizer, run.scheduler
     dev = next(net.parameters()).device
     print(f"teacher run directory: {run_dir}")
     log = MetricsLog(run_dir / "metrics.jsonl")
-    tracker = Wandb(ctx.params.wandb, "teacher", ctx.experiment, to_dict(cfg))
+    tracker = Wandb(ctx.params.wandb, "teacher", ctx.experiment,
+                    tracking_config(ctx.params, ctx.experiment, "teacher", run_dir))
     net.train()
     bar = progress(cfg.steps, step, "teacher")
     with bar:  # closed on errors too, so an error line never lands on the bar's line

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,6 +128,37 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(*candidates: Path) -> dict[str, str]:
+    """Commit and dirty flag of the first candidate folder inside a git work tree with a commit."""
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        commit = _git(["rev-parse", "HEAD"], folder)
+        if commit:
+            status = _git(["status", "--porcelain", "--untracked-files=no"], folder)
+            dirty = "unknown" if status is None else ("yes (uncommitted changes)" if status else "no")
+            return {"commit": commit, "dirty": dirty, "where": str(folder.resolve())}
+    return {"commit": "unknown", "dirty": "unknown", "where": "no git repository with a commit found"}
+
+
+def tracking_config(params: Any, experiment: str, stage: str, run_dir: Path) -> dict[str, Any]:
+    """What a tracked run records beside its metrics: the whole experiment block (data, teacher, distill, ...), which
+    run directory (its fingerprint) and which commit of the code, so a run in the tracker says what made it."""
+    from dmd2.config import to_dict
+
+    here = Path(__file__).resolve().parent
+    return {"experiment": experiment, "stage": stage, "run": run_dir.name, "code": git_state(here),
+            **to_dict(params.current(experiment))}
+
+
 class Wandb:
     """A thin wrapper: a no-op when mode is 'disabled' or on non-main ranks."""
 
@@ -165,7 +197,10 @@ class Wandb:
 
     def finish(self) -> None:
         if self.run is not None:
+            where = Path(self.run.dir).parent  # the run's folder under wandb.dir
             self.run.finish()
+            if self.cfg.mode == "offline":
+                print(f"wandb: the offline run is in {where}; upload it with `wandb sync {where}`")
 
 
 def hardware_summary() -> dict[str, Any]:
