@@ -85,10 +85,32 @@ def test_results_hold_only_declared_outputs(root, metrics):
 
 
 def test_same_seed_gives_identical_metrics_rows_on_rerun(root, metrics):
-    run_cli(root, "evaluate")
+    import shutil
+
+    # a rerun with the same models and settings reuses every row (the teacher's are most of evaluate's time)
+    output = run_cli(root, "evaluate")
+    assert output.count("reusing") == len(metrics["rows"]) and "evaluate: teacher" in output
+    assert json.loads((root / "results/mnist/evaluation.json").read_text())["rows"] == metrics["rows"]
+    # recomputed from scratch, the same seed gives the same figures
+    shutil.rmtree(root / "work/mnist/evaluate/rows")
+    assert "reusing" not in run_cli(root, "evaluate")
     again = json.loads((root / "results/mnist/evaluation.json").read_text())
     for a, b in zip(metrics["rows"], again["rows"], strict=True):
         assert (a["fid"], a["class_accuracy"], a["diversity"]) == (b["fid"], b["class_accuracy"], b["diversity"])
+    # another student (its weights changed): its row is computed, the teacher's are reused
+    student = root / "models/mnist/student/model.safetensors"
+    original = student.read_bytes()
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(student)
+    save_file({k: v * 0.5 if i == 0 else v for i, (k, v) in enumerate(weights.items())}, student,
+              metadata={"format": "dmd2-denoiser/1"})
+    try:
+        output = run_cli(root, "evaluate")
+        assert output.count("reusing") == len(metrics["rows"]) - 1 and "evaluate: student 1 step(s) (NFE 1)" in output
+    finally:
+        student.write_bytes(original)
+        run_cli(root, "evaluate")
 
 
 def test_checkpoint_folder_scores_each_checkpoint_once(root):
@@ -173,8 +195,9 @@ def test_without_bootstrap_spread_the_comparison_gives_no_verdict(root):
     student = (teacher.int() // 2).to(torch.uint8)  # far worse: a verdict with a spread, none without one
     rows = [{"model": "teacher", "nfe": 3}, {"model": "student", "nfe": 1}]
     ref = FIDReference(exp, paths)
-    assert compare_student_with_teacher(ref, rows, [teacher, student], 0)["verdict"].startswith("no verdict")
-    assert compare_student_with_teacher(ref, rows, [teacher, student], 5)["verdict"] == "teacher better"
+    features = [ref.extractor(teacher.numpy()), ref.extractor(student.numpy())]
+    assert compare_student_with_teacher(ref, rows, features, 0)["verdict"].startswith("no verdict")
+    assert compare_student_with_teacher(ref, rows, features, 5)["verdict"] == "teacher better"
 
 
 def test_a_teacher_recorded_by_reference_shows_its_recorded_hashes():

@@ -11,6 +11,7 @@ results/<exp>/metrics.json (the same figures as numbers only, for `dvc metrics s
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import statistics
@@ -18,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from dmd2.config import ExperimentConfig
+from dmd2.atomic import fresh_staging_dir, replace_directory
+from dmd2.config import ExperimentConfig, to_dict
 from dmd2.families import Model, load_model
 from dmd2.fid import FIDReference, class_diversity, classifier_accuracy, device
 from dmd2.paths import ExperimentPaths
@@ -192,17 +195,17 @@ def real_data_row(ref: FIDReference, exp: ExperimentConfig, paths) -> dict[str, 
                     f"of this FID at {other.get('count')} samples (FID is biased upwards at small N)"}
 
 
-def compare_student_with_teacher(ref: FIDReference, rows: list[dict[str, Any]], samples: list[torch.Tensor],
+def compare_student_with_teacher(ref: FIDReference, rows: list[dict[str, Any]], features: list[np.ndarray],
                                  bootstrap: int) -> dict[str, Any] | None:
-    """Student FID − full-step teacher FID with its paired-bootstrap spread: both were sampled from the same noise
-    and labels, so resampling the same indices for both cancels most of the seed noise in the comparison."""
+    """Student FID − full-step teacher FID with its paired-bootstrap spread (`features`: each row's samples in the
+    FID's feature space): both were sampled from the same noise and labels, so resampling the same indices for both
+    cancels most of the seed noise in the comparison."""
     kinds = [r["model"] for r in rows]
     if "student" not in kinds or "teacher" not in kinds:
         return None
     full = max((i for i, k in enumerate(kinds) if k == "teacher"), key=lambda i: rows[i]["nfe"])
     student = kinds.index("student")
-    difference, std = ref.paired_difference(ref.extractor(samples[student].numpy()),
-                                            ref.extractor(samples[full].numpy()), bootstrap)
+    difference, std = ref.paired_difference(features[student], features[full], bootstrap)
     if std is None:  # eval.fid.bootstrap: 0, no spread to judge by
         verdict = "no verdict: no bootstrap spread (eval.fid.bootstrap is 0)"
     else:
@@ -314,21 +317,33 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
         from dmd2.data import read_meta
 
         clip, class_names = load_clip(exp.eval.clip, dev), read_meta(paths.data / "train.lmdb").get("class_names")
-    runs = [("teacher", teacher, s) for s in exp.eval.teacher_steps] + [("student", student, None)]
+    runs = [("teacher", teacher, paths.teacher, s) for s in exp.eval.teacher_steps] + \
+        [("student", student, paths.student, None)]
     coco = _coco_captions(exp, paths, ref)
-    rows, samples = [], []
-    for kind, model, steps in runs:
-        row, images = evaluate_model(kind, model, steps, exp, ref)
-        samples.append(images)
-        if clip is not None:  # on the same samples, not a second generation
-            row["clip_score"] = _clip_row_score(exp, clip, model, images, class_names)
-        if coco is not None:
-            row.update(coco_row(model, steps, exp, ref, coco, clip))
-        row["sample_grid"] = f"samples/{kind}_nfe{row['nfe']}.png"
-        save_sample_grid(model, steps, exp, out / row["sample_grid"])
+    rows, features = [], []
+    for kind, model, model_dir, steps in runs:
+        cache = row_cache(paths, model_dir, steps, exp, dev)
+        grid = f"samples/{kind}_nfe{model.nfe(steps)}.png"
+        if cache is not None and (cache / "row.json").exists():  # the same weights, settings and reference
+            row, feats = json.loads((cache / "row.json").read_text()), np.load(cache / "features.npy")
+            (out / grid).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache / "grid.png", out / grid)
+            print(f"evaluate: {kind} {row['steps']} step(s): reusing {cache} (FID {row['fid']:.3f})")
+        else:
+            row, images = evaluate_model(kind, model, steps, exp, ref)
+            feats = ref.extractor(images.numpy())
+            if clip is not None:  # on the same samples, not a second generation
+                row["clip_score"] = _clip_row_score(exp, clip, model, images, class_names)
+            if coco is not None:
+                row.update(coco_row(model, steps, exp, ref, coco, clip))
+            row["sample_grid"] = grid
+            save_sample_grid(model, steps, exp, out / grid)
+            if cache is not None:
+                save_row(cache, row, feats, out / grid)
+        features.append(feats)
         rows.append(row)
     write_plots(paths, rows)
-    comparison = compare_student_with_teacher(ref, rows, samples, exp.eval.fid.bootstrap)
+    comparison = compare_student_with_teacher(ref, rows, features, exp.eval.fid.bootstrap)
     real = real_data_row(ref, exp, paths)
     checkpoints = paths.student_run() / "checkpoints"
     if exp.eval.fid_curve and checkpoints.is_dir():  # the report's FID-versus-step curve, from the kept checkpoints
@@ -366,6 +381,37 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(numeric_metrics(rows, real, ref.is_proxy, comparison), indent=2))
     print(f"evaluate: wrote {out / 'evaluation.json'} and {out / 'metrics.json'}")
     return {"fid_is_proxy": ref.is_proxy, "rows": len(rows)}
+
+
+# ------------------------------------------------------------------------------------ reusing rows
+
+
+def row_cache(paths: ExperimentPaths, model_dir: Path, num_steps: int | None, exp: ExperimentConfig,
+              dev: torch.device) -> Path | None:
+    """Where a model's evaluation row is kept for reuse: keyed by its files (config and weights), the step count,
+    the evaluation and data settings, the FID reference's files and the device (the row's speed figures). The
+    teacher's rows, most of evaluate's time, are then computed once for all the students distilled from it. None
+    for a model whose weights live elsewhere (recorded by reference): its files are not here to hash."""
+    from dmd2.checkpoint import sha256_file
+
+    if not (model_dir / "model.safetensors").exists():
+        return None
+    settings = {"eval": to_dict(exp.eval), "data": to_dict(exp.data), "steps": num_steps, "device": str(dev)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for folder in (model_dir, paths.feature_net):
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.name != "metrics.jsonl":  # the training log does not change what is sampled
+                digest.update(f"{f.relative_to(folder)}:{sha256_file(f)}".encode())
+    return paths.work("evaluate") / "rows" / digest.hexdigest()[:16]
+
+
+def save_row(cache: Path, row: dict[str, Any], features: np.ndarray, grid: Path) -> None:
+    """Keep a row, its samples' features and its grid for `row_cache` (written whole, then renamed into place)."""
+    tmp = fresh_staging_dir(cache)
+    np.save(tmp / "features.npy", features)
+    shutil.copyfile(grid, tmp / "grid.png")
+    (tmp / "row.json").write_text(json.dumps(row, indent=2))
+    replace_directory(tmp, cache)
 
 
 # ------------------------------------------------------------------------------------ continuous evaluation
