@@ -200,3 +200,41 @@ def test_hostile_pickles_are_refused_without_running_anything(tmp_path, attack, 
     with pytest.raises(ModelError, match=refused):
         read_edm_pickle(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL opcodes, and STACK_GLOBAL built from two pushed strings
+def test_each_layer_of_the_reader_refuses_on_its_own(tmp_path, protocol):
+    import io
+
+    from dmd2.families.edm_pickle import _RestrictedUnpickler
+
+    marker = tmp_path / "pwned"
+    data = pickle.dumps({"ema": _System(f"touch {marker}")}, protocol=protocol)
+    assert ("posix", "system") in pickle_globals(data)  # the opcode scan sees the global, whatever the opcode
+    with pytest.raises(ModelError, match="refused global posix.system"):  # the unpickler refuses without the scan
+        _RestrictedUnpickler(io.BytesIO(data)).load()
+    assert not marker.exists()
+
+
+def test_wrong_kinds_of_file_are_named_and_a_benign_protocol_2_pickle_reads(tmp_path):
+    import gzip
+    import zipfile
+
+    wrong = {"empty.pkl": b"", "cut.pkl": pickle.dumps({"ema": [1, 2, 3]}, protocol=4)[:-9],
+             "net.pkl.gz": gzip.compress(pickle.dumps({"ema": 1})), "net.zip": b""}
+    with zipfile.ZipFile(tmp_path / "net.zip", "w") as z:
+        z.writestr("net.pkl", pickle.dumps({"ema": 1}))
+    for name, data in wrong.items():
+        if data or name == "empty.pkl":
+            (tmp_path / name).write_bytes(data)
+    for name, says in [("empty.pkl", "is empty"), ("cut.pkl", "not a readable pickle"), ("net.pkl.gz", "gunzip"),
+                       ("net.zip", "is a zip archive")]:
+        with pytest.raises(ModelError) as err:
+            read_edm_pickle(tmp_path / name)
+        assert str(err.value).startswith(str(tmp_path / name)) and says in str(err.value)
+        assert len(str(err.value).splitlines()) == 1
+    # protocol 2 spells bytes as _codecs.encode(text, "latin1"): harmless, and read
+    (tmp_path / "p2.pkl").write_bytes(pickle.dumps({"ema": torch.nn.Linear(1, 1).state_dict(), "raw": b"\x00\xff"},
+                                                   protocol=2))
+    with pytest.raises(ModelError, match="no `ema` network"):  # past both layers: refused only for what it holds
+        read_edm_pickle(tmp_path / "p2.pkl")

@@ -356,7 +356,7 @@ dist.destroy_process_group()
 # ----------------------------------------------------------------------------- properties a bug would break
 
 
-def _tiny_trainer():
+def _tiny_trainer(**settings):
     from accelerate import Accelerator
 
     from dmd2.config import DistillConfig, EDMTeacherConfig, UNetConfig
@@ -368,7 +368,8 @@ def _tiny_trainer():
     teacher = family.build_network()
     import copy
 
-    cfg = DistillConfig(batch_size=4, dfake_gen_update_ratio=1, generator_lr=1e-3, critic_lr=1e-3, warmup_steps=0)
+    cfg = DistillConfig(**{"batch_size": 4, "dfake_gen_update_ratio": 1, "generator_lr": 1e-3, "critic_lr": 1e-3,
+                           "warmup_steps": 0, **settings})
     trainer = DMD2Trainer(family, teacher, copy.deepcopy(teacher), copy.deepcopy(teacher), new_gan_head(family, 0), cfg,
                           Accelerator(cpu=True))
     return trainer, {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -387,6 +388,49 @@ def test_generator_and_critic_start_as_the_teacher_and_the_teacher_never_changes
     assert_identical(trainer.teacher.state_dict(), teacher_before)
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
     assert not all(torch.equal(a, teacher_before[k]) for k, a in trainer.generator.state_dict().items())
+
+
+def test_the_configured_adam_betas_reach_both_optimisers():
+    trainer, _ = _tiny_trainer(adam_betas=(0.0, 0.95))
+    for optimiser in (trainer.opt_g, trainer.opt_c):
+        assert [tuple(group["betas"]) for group in optimiser.param_groups] == [(0.0, 0.95)]
+
+
+def test_multi_step_training_without_backward_simulation_noises_real_samples_to_the_drawn_step():
+    trainer, _ = _tiny_trainer(denoising_timesteps=[999, 499], backward_simulation=False)
+    family, real = trainer.family, torch.rand(4, 1, 8, 8) * 2 - 1
+    torch.manual_seed(3)
+    x_in, t = trainer.generator_input(4, None, real)
+    torch.manual_seed(3)  # the same draws, in the same order: the noise, the steps, the forward noising
+    z = trainer.draw.randn(4, (1, 8, 8), "cpu")
+    steps = torch.tensor([999, 499])[trainer.draw.randint(0, 2, 4, "cpu")]
+    noised_real = family.add_noise(real, trainer.draw.randn_like(real), steps)
+    assert torch.equal(t, steps) and set(t.tolist()) == {999, 499}  # both kinds in this batch
+    for i, step in enumerate(t.tolist()):
+        expected = family.generator_input(z[i:i + 1], t[i:i + 1]) if step == 999 else noised_real[i:i + 1]
+        assert torch.equal(x_in[i:i + 1], expected)  # pure noise at the top step, the real sample noised below it
+
+
+def test_distillation_starts_the_generator_as_the_teacher_and_leaves_the_teacher_untouched(prepared, tmp_path,
+                                                                                            monkeypatch):
+    import dmd2.distill
+
+    root = fresh_copy(prepared, tmp_path / "start", distill={"steps": 2})
+    teacher_file = root / "models/mnist/teacher/model.safetensors"
+    before, seen = teacher_file.read_bytes(), {}
+    build = dmd2.distill.new_generator
+
+    def watched(family, teacher, cfg, start=None):
+        generator = build(family, teacher, cfg, start)
+        seen.update(generator={k: v.clone() for k, v in generator.state_dict().items()}, teacher=teacher)
+        return generator
+
+    monkeypatch.setattr(dmd2.distill, "new_generator", watched)
+    run(root, "distill")
+    weights = load_file(teacher_file)
+    assert_identical(seen["generator"], weights)  # the generator started as the teacher, single process
+    assert_identical(dict(seen["teacher"].state_dict()), weights)  # the teacher in memory, after training
+    assert teacher_file.read_bytes() == before
 
 
 def test_the_gan_head_sees_real_as_real_and_fake_as_fake():

@@ -18,6 +18,7 @@ the file — to re-create its class. A normal `pickle.load` therefore runs whate
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import io
 import pickle
 import pickletools
@@ -90,6 +91,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], tuple[Any, str]] = {
     ("numpy.core.multiarray", "scalar"): (_numpy_scalar, "numpy scalars kept as module attributes"),
     ("numpy._core.multiarray", "scalar"): (_numpy_scalar, "the same, as numpy 2 spells it"),
     ("builtins", "set"): (set, "nn.Module's set of non-persistent buffer names (pickle protocols 2 and 3)"),
+    ("_codecs", "encode"): (codecs.encode, "bytes objects in a protocol-2 pickle (text encoded back to bytes)"),
 }
 
 
@@ -139,11 +141,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise ModelError("the pickle uses persistent ids (a torch.save zip?), which EDM's pickles never do")
 
 
+def _check_plain_pickle(path: Path, data: bytes) -> None:
+    """Name the common wrong files before parsing: empty, zipped (a torch.save file or a zip), gzipped."""
+    if not data:
+        raise ModelError(f"{path} is empty: download it again")
+    if data[:2] == b"PK":
+        raise ModelError(f"{path} is a zip archive (a torch.save file, or a zipped pickle), not one of EDM's network "
+                         "pickles: unzip it, or point teacher.pickle at the .pkl EDM released")
+    if data[:2] == b"\x1f\x8b":
+        raise ModelError(f"{path} is gzip-compressed: decompress it (gunzip) and point teacher.pickle at the .pkl")
+
+
 def read_edm_pickle(path: str | Path) -> dict[str, Any]:
     """The top-level dict of an EDM checkpoint, with every object a `Record` (nothing executed)."""
     path = Path(path)
     data = path.read_bytes()
-    refused = [f"{m}.{n}" for m, n in pickle_globals(data) if (m, n) not in ALLOWED_GLOBALS]
+    _check_plain_pickle(path, data)
+    try:
+        refused = [f"{m}.{n}" for m, n in pickle_globals(data) if (m, n) not in ALLOWED_GLOBALS]
+    except ModelError as err:
+        raise ModelError(f"{path}: {err}; EDM's network pickles are whole, uncompressed pickle files") from None
     if refused:
         raise ModelError(f"{path} refers to {', '.join(refused)}, which an EDM checkpoint never needs; refusing to "
                          "unpickle it (nothing was executed). Is it really one of EDM's network pickles?")
