@@ -274,3 +274,13 @@ def test_the_short_slurm_profile_name_resolves_from_the_repository_root(tmp_path
     finally:
         os.chdir(cwd)
     assert config == (root / "workflow/profiles/slurm/config.yaml").resolve()
+
+
+def test_an_experiment_without_an_eval_block_parses_with_the_defaults(tmp_path):
+    for name in ("Snakefile", "workflow", "src"):
+        (tmp_path / name).symlink_to(REPO / name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["mnist"]["eval"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = snakemake_stages(tmp_path, "mnist")
+    assert "dmd2 fid-reference --experiment mnist" in stages["fid_reference"]["cmd"]

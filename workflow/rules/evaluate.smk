@@ -7,8 +7,8 @@ rule fid_reference:
     output:
         reference=directory(f"models/{EXP}/fid_reference"),
     params:
-        classifier=block("eval")["classifier"],
-        fid=block("eval")["fid"],
+        classifier=block("eval").get("classifier", {}),
+        fid=block("eval").get("fid", {}),
         coco=block("eval").get("coco", {}),
     threads: heavy_threads()
     log:
