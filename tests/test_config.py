@@ -143,6 +143,26 @@ def test_yaml_booleans_that_mean_no_are_accepted():
     assert params.current().distill.mixed_precision == "no" and params.current().launch.distributed == "no"
 
 
+def test_dvc_rewrites_params_yaml_by_changing_one_line_and_its_words_stay_words(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml through DVC's own YAML round trip (modify_yaml): the file is already in
+    the form it writes, so one value changes one line, and what it writes reads back the same."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    path.write_text(original)
+    with modify_yaml(path) as data:
+        data["mnist"]["distill"]["steps"] = 960
+        data["wandb"]["project"] = "no"
+    before, after = original.splitlines(), path.read_text().splitlines()
+    assert len(before) == len(after)
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert [b.split("#")[0].strip() for _, b in changed] == ["project: no", "steps: 960"]
+    params = load_params(path)
+    assert params.wandb.project == "no" and params.current().distill.steps == 960
+    assert params.current().distill.mixed_precision == "no"  # written bare, read as False: still "no"
+
+
 def test_the_teacher_block_is_a_union_picked_by_family():
     raw = raw_params()
     assert parse_params(raw).current("mnist-ddpm").teacher.family == "diffusers"

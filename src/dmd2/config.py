@@ -49,6 +49,14 @@ def _false_is_no(value: Any) -> Any:
     return "no" if value is False else value
 
 
+def _bool_is_word(value: Any) -> Any:
+    # the same for free text: `dvc exp run -S wandb.project=no` writes a bare `no`, which PyYAML reads as False
+    return ("yes" if value else "no") if isinstance(value, bool) else value
+
+
+Text = Annotated[str, BeforeValidator(_bool_is_word)]  # a name that may be the word "no" or "yes"
+
+
 def NoOr(*values: str) -> Any:  # noqa: N802 (a type factory, used like Literal)
     """`Literal["no", *values]` that also accepts the YAML boolean `no`."""
     return Annotated[Literal[("no", *values)], BeforeValidator(_false_is_no)]
@@ -509,10 +517,10 @@ STAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {"teacher": tuple(TEACHER
 
 class WandbConfig(Strict):
     mode: Literal["disabled", "offline", "online"] = "disabled"
-    project: str = "dmd2"
-    entity: str | None = None
-    run_name: str | None = None
-    dir: str = "logs/wandb"
+    project: Text = "dmd2"
+    entity: Text | None = None
+    run_name: Text | None = None
+    dir: Text = "logs/wandb"
     log_images: bool = True
     log_checkpoints: bool = False
 
