@@ -207,3 +207,20 @@ def test_a_teacher_recorded_by_reference_shows_its_recorded_hashes():
     assert _by_reference(pretrained) == "recorded by reference at models/ddpm: model.safetensors ab12"
     assert "not hashed" in _by_reference({"pipeline": {"path": "models/sd-tiny/pipeline"}})
     assert _by_reference({"family": "edm"}) is None
+
+
+def test_the_charts_keep_a_student_near_its_teacher_visible_and_show_each_point_s_spread():
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.container import ErrorbarContainer
+
+    from dmd2.report import fid_nfe_figure, fid_step_figure
+
+    rows = [{"model": "teacher", "nfe": 1, "fid": 22.9}, {"model": "teacher", "nfe": 35, "fid": 0.37},
+            {"model": "student", "nfe": 1, "fid": 0.79}]
+    wide, close = fid_nfe_figure(rows, True), fid_nfe_figure(rows[1:], True)
+    assert wide.axes[0].get_yscale() == "log" and close.axes[0].get_yscale() == "linear"
+    curve = fid_step_figure([{"step": 160, "fid": 1.8, "fid_std": 0.1}, {"step": 320, "fid": 1.5, "fid_std": 0.2}], True)
+    bars = [c for c in curve.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and [np.ptp(seg[:, 1]) for seg in bars[0].lines[2][0].get_segments()] == pytest.approx([0.2, 0.4])
+    plt.close("all")

@@ -229,22 +229,32 @@ def curve_chart(records: list[dict[str, Any]], panels: list[tuple[str, list[str]
 
 
 def fid_step_chart(curve: list[dict[str, Any]], proxy: bool) -> str | None:
-    pts = sorted((r["step"], r["fid"]) for r in curve if "step" in r and r.get("fid") is not None)
+    fig = fid_step_figure(curve, proxy)
+    return _figure_png(fig) if fig is not None else None
+
+
+def fid_step_figure(curve: list[dict[str, Any]], proxy: bool) -> Any:
+    pts = sorted((r["step"], r["fid"], r.get("fid_std") or 0.0) for r in curve if "step" in r and r.get("fid") is not None)
     if not pts:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    xs, ys = zip(*pts, strict=True)
-    ax.plot(xs, ys, marker="o", markersize=3)
+    xs, ys, spread = zip(*pts, strict=True)
+    ax.errorbar(xs, ys, yerr=spread, marker="o", markersize=3, capsize=2)  # ± the bootstrap standard deviation
     ax.set_xlabel("distillation iteration")
     ax.set_ylabel("proxy FID" if proxy else "FID")
     ax.set_title("Student FID versus step" + (" (proxy FID)" if proxy else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _figure_png(fig)
+    return fig
 
 
 def fid_nfe_chart(rows: list[dict[str, Any]], proxy: bool) -> str | None:
+    fig = fid_nfe_figure(rows, proxy)
+    return _figure_png(fig) if fig is not None else None
+
+
+def fid_nfe_figure(rows: list[dict[str, Any]], proxy: bool) -> Any:
     if not rows:
         return None
     plt = _pyplot()
@@ -257,12 +267,16 @@ def fid_nfe_chart(rows: list[dict[str, Any]], proxy: bool) -> str | None:
                     linestyle="-" if kind == "teacher" else "none")
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per sample (NFE, log scale)")
-    ax.set_ylabel("proxy FID" if proxy else "FID")
+    fids = [r["fid"] for r in rows if r.get("fid")]
+    wide = bool(fids) and min(fids) > 0 and max(fids) / min(fids) > 10  # a 1-step teacher far above the rest
+    if wide:
+        ax.set_yscale("log")  # otherwise the student and the full-step teacher merge into the baseline
+    ax.set_ylabel(("proxy FID" if proxy else "FID") + (" (log scale)" if wide else ""))
     ax.set_title("Quality versus sampling cost" + (" (proxy FID)" if proxy else ""), fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _figure_png(fig)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------- tables
