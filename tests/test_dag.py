@@ -72,7 +72,10 @@ def test_snakemake_and_dvc_describe_the_same_dag(experiment):
     smk, dvc = snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment)
     assert sorted(smk) == sorted(dvc)
     for name in smk:
-        assert smk[name] == dvc[name], name
+        # DVC's command reads the experiment from params.yaml (no params.yaml value reaches its shell); Snakemake's
+        # names it, as `--config experiment=…` may differ from params.yaml
+        assert smk[name]["cmd"] == dvc[name]["cmd"] + f" --experiment {experiment}", name
+        assert {**smk[name], "cmd": None} == {**dvc[name], "cmd": None}, name
 
 
 def test_every_stage_depends_on_the_package_code_it_runs():
@@ -232,6 +235,25 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
 
     out, seconds = sh(root, "dvc", "repro")
     assert "up to date" in out and not re.findall(r"Running stage", out) and seconds < 15, (seconds, out)
+
+    # a typo in params.yaml: the stage refuses the file, and DVC deletes none of its outputs first (persist)
+    good = (root / "params.yaml").read_text()
+    student = (root / "models/mnist/student/model.safetensors").read_bytes()
+    (root / "params.yaml").write_text(good.replace("dfake_gen_update_ratio:", "dfake_gen_update_ration:", 1))
+    failed = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "did you mean 'dfake_gen_update_ratio'" in failed.stdout + failed.stderr
+    assert (root / "models/mnist/student/model.safetensors").read_bytes() == student
+    assert (root / "data/mnist/train.lmdb/data.mdb").exists()
+    # a hostile experiment name never reaches a shell: DVC's commands read it from params.yaml, and dmd2 refuses it
+    hostile = yaml.safe_load(good)
+    hostile["experiment"] = "x$(touch PWNED)y"
+    hostile["x$(touch PWNED)y"] = hostile["mnist"]
+    (root / "params.yaml").write_text(yaml.safe_dump(hostile, sort_keys=False))
+    failed = subprocess.run(["dvc", "repro", "prepare_data"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "is not allowed" in failed.stdout + failed.stderr
+    assert not list(root.rglob("PWNED"))
+    (root / "params.yaml").write_text(good)
+    shutil.rmtree(root / "data/x$(touch PWNED)y", ignore_errors=True)
 
     out, _ = sh(root, "dvc", "exp", "run", "-S", "mnist.distill.steps=7")
     assert set(re.findall(r"Running stage '(\w+)'", out)) == DOWNSTREAM_OF_DISTILL

@@ -546,3 +546,27 @@ def test_a_stage_run_too_early_or_on_a_launch_it_cannot_start_is_one_line(tmp_pa
     assert cli(tmp_path, "launch-config", *two_processes, "--set", "launch.num_machines=2").exit_code == 0
     line = error_line(cli(tmp_path, "distill", *two_processes, "--set", "launch.num_machines=2"))
     assert "needs one launcher per machine" in line
+
+
+def test_a_stage_never_rewrites_what_a_running_stage_reads_or_writes(prepared, tmp_path):
+    """Whichever front-end started them (Snakemake, DVC, a shell): `dvc repro` rebuilding the data under a running
+    distillation stops at once, naming the holder; readers share."""
+    from dmd2.locks import stage_locks
+    from dmd2.paths import ExperimentPaths
+
+    root = fresh_copy(prepared, tmp_path / "locks")
+    paths = ExperimentPaths("mnist", root)
+    train = (root / "data/mnist/train.lmdb/data.mdb").read_bytes()
+    with stage_locks(paths, "distill"):  # a distillation running (reads data and teacher, writes the student)
+        line = error_line(cli(root, "prepare-data"))
+        assert f"{paths.data} is in use by another running stage" in line and "Let it finish" in line
+        line = error_line(cli(root, "teacher"))
+        assert f"{paths.teacher} is in use by another running stage" in line
+        with stage_locks(paths, "fid-reference"):  # another reader of the data: fine
+            pass
+    assert (root / "data/mnist/train.lmdb/data.mdb").read_bytes() == train
+    with stage_locks(paths, "teacher"):  # a writer names itself
+        line = error_line(cli(root, "distill"))
+        assert "(`dmd2 teacher`, pid" in line
+    assert cli(root, "prepare-data").exit_code == 0  # nothing held: runs
+    assert (root / "work/mnist/locks/data.lock").exists()

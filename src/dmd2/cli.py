@@ -8,6 +8,7 @@ function `run_<stage>(ctx, **options) -> dict`; `_run_stage` below times it and 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import functools
@@ -49,12 +50,15 @@ def _common(func):
 
 
 def _run_stage(stage: str, run: Callable[..., dict[str, Any]], ctx: StageContext, write_record: bool = True,
-               **options: Any) -> dict[str, Any]:
-    """Run one stage and write its stage.json (wall time, hardware, and the figures the stage returns)."""
+               lock: bool = True, **options: Any) -> dict[str, Any]:
+    """Run one stage under its locks (`dmd2.locks`; `lock=False`: the caller holds them) and write its stage.json
+    (wall time, hardware, and the figures the stage returns)."""
+    from dmd2.locks import stage_locks
     from dmd2.tracking import write_stage_record
 
     started = time.time()
-    summary = run(ctx, **options)
+    with stage_locks(ctx.paths, stage) if lock else contextlib.nullcontext():
+        summary = run(ctx, **options)
     record = ctx.paths.stage_record(stage)
     if write_record and record is not None:
         write_stage_record(record, stage, started, **summary)
@@ -225,21 +229,24 @@ def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
 
     from dmd2.distill import run_distill
     from dmd2.launch import relaunch_if_needed
+    from dmd2.locks import stage_locks
     from dmd2.tracking import write_stage_record
 
     started = time.time()
     launch = ctx.exp.launch
-    if relaunch_if_needed(launch, ctx.paths.launch_config, sys.argv[1:]):
-        write_stage_record(ctx.paths.stage_record("distill"), "distill", started, num_processes=launch.world_size,
-                           num_machines=launch.num_machines, distributed=launch.distributed)
-        return
-    acc = Accelerator(cpu=not _cuda())
+    with stage_locks(ctx.paths, "distill"):  # held by the launcher while its ranks run (they take none)
+        if relaunch_if_needed(launch, ctx.paths.launch_config, sys.argv[1:]):
+            write_stage_record(ctx.paths.stage_record("distill"), "distill", started,
+                               num_processes=launch.world_size, num_machines=launch.num_machines,
+                               distributed=launch.distributed)
+            return
+        acc = Accelerator(cpu=not _cuda())
 
-    def run(c: StageContext, **options: Any) -> dict[str, Any]:
-        return {"num_processes": acc.num_processes, **run_distill(c, **options)}
+        def run(c: StageContext, **options: Any) -> dict[str, Any]:
+            return {"num_processes": acc.num_processes, **run_distill(c, **options)}
 
-    _run_stage("distill", run, ctx, write_record=acc.is_main_process, accelerator=acc,
-               resume_from=_path(resume_from_checkpoint))
+        _run_stage("distill", run, ctx, write_record=acc.is_main_process, lock=False, accelerator=acc,
+                   resume_from=_path(resume_from_checkpoint))
 
 
 @main.command("launch-config")
