@@ -69,7 +69,10 @@ def dvc_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str,
                                         "sd-tiny", "sdxl-tiny", "sdxl-tiny-1step", "sdv15", "sdxl",
                                         "sdxl-1step"])
 def test_snakemake_and_dvc_describe_the_same_dag(experiment):
-    smk, dvc = snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment)
+    assert_same_dag(snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment), experiment)
+
+
+def assert_same_dag(smk: dict[str, dict], dvc: dict[str, dict], experiment: str) -> None:
     assert sorted(smk) == sorted(dvc)
     for name in smk:
         # DVC's command reads the experiment from params.yaml (no params.yaml value reaches its shell); Snakemake's
@@ -170,7 +173,7 @@ def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
     change_distill_steps(root)
     out, _ = sh(root, *SNAKEMAKE)
     assert snakemake_ran(out) == DOWNSTREAM_OF_DISTILL
-    assert snakemake_stages(root) == dvc_stages(root)
+    assert_same_dag(snakemake_stages(root), dvc_stages(root), "mnist")
 
 
 @pytest.mark.integration
