@@ -60,6 +60,7 @@ class LogLines:
     def _print(self) -> None:
         if not self.disable and self._printed_at != self.n:
             self._printed_at = self.n
+            sys.stdout.flush()  # in a log that holds both streams, what the stage printed before comes before
             print(self.line(), file=self.file or sys.stderr, flush=True)
 
     def close(self) -> None:
