@@ -81,7 +81,9 @@ def test_a_second_trainer_on_the_same_run_stops_at_once(prepared, tmp_path):
         start = time.time()
         second = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1 and time.time() - start < 60
-        assert f"is being written by another trainer: pid {first.pid}" in second.stderr, second.stderr[-2000:]
+        # the stage lock refuses it first (the run directory's own lock is tested above), naming the holder
+        assert f"student is in use by another running stage (`dmd2 distill`, pid {first.pid}" in second.stderr, \
+            second.stderr[-2000:]
         assert "Traceback" not in second.stderr
     finally:
         first.kill()
