@@ -398,10 +398,12 @@ def row_cache(paths: ExperimentPaths, model_dir: Path, num_steps: int | None, ex
         return None
     settings = {"eval": to_dict(exp.eval), "data": to_dict(exp.data), "steps": num_steps, "device": str(dev)}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for folder in (model_dir, paths.feature_net):
-        for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.name != "metrics.jsonl":  # the training log does not change what is sampled
-                digest.update(f"{f.relative_to(folder)}:{sha256_file(f)}".encode())
+    # the model's own files (config and weights; not its training log, nor a text-to-image student's exported
+    # pipeline copy beneath it) and the whole FID reference
+    files = [f for f in sorted(model_dir.glob("*")) if f.is_file() and f.name != "metrics.jsonl"]
+    files += [f for f in sorted(paths.feature_net.rglob("*")) if f.is_file()]
+    for f in files:
+        digest.update(f"{f.relative_to(paths.root)}:{sha256_file(f)}".encode())
     return paths.work("evaluate") / "rows" / digest.hexdigest()[:16]
 
 
