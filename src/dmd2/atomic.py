@@ -1,6 +1,6 @@
 """Writing a directory so that a crash never leaves nothing: build it beside its final name, then swap it in.
 
-Every stage output that is a directory (an LMDB, a model, an exported pipeline, a checkpoint) is written into
+The directories a stage writes whole (an LMDB, a model, an exported pipeline, a checkpoint) are written into
 `staging_path(final)` and handed to `replace_directory`. The old version is moved aside before the new one is
 renamed into place and deleted only after, so at every moment one complete version is on disk: `final`, or
 `final.old` (put back by the next `replace_directory` of that path, or by `recover_directory`).
