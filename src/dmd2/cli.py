@@ -235,7 +235,7 @@ def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
     started = time.time()
     launch = ctx.exp.launch
     with stage_locks(ctx.paths, "distill"):  # held by the launcher while its ranks run (they take none)
-        if relaunch_if_needed(launch, ctx.paths.launch_config, sys.argv[1:]):
+        if relaunch_if_needed(launch, ctx.exp.slurm.distill, ctx.paths.launch_config, sys.argv[1:]):
             write_stage_record(ctx.paths.stage_record("distill"), "distill", started,
                                num_processes=launch.world_size, num_machines=launch.num_machines,
                                distributed=launch.distributed)

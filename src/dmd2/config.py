@@ -29,7 +29,10 @@ from dmd2.errors import Dmd2Error
 # Keys older versions of params.yaml had: what became of them.
 RENAMED = {"guidance_lr": "renamed to critic_lr (the fake-score critic's learning rate)",
            "guidance_weight": "renamed to critic_weight (the weight of the critic's GAN loss)",
-           "num_train_timesteps": "moved to the teacher's family (EDM tables and diffusers schedules fix their length)"}
+           "num_train_timesteps": "moved to the teacher's family (EDM tables and diffusers schedules fix their length)",
+           "slurm": "moved out of launch: to the experiment's own `slurm:` block, one job per stage "
+                    "(launch.slurm.cpus_per_task, mem_mb, runtime_minutes and nodes are now slurm.distill.cpus, "
+                    "mem_mb, runtime_minutes and nodes; partition and account are slurm.partition and slurm.account)"}
 SHARED_KEYS = ("experiment", "wandb")  # top-level keys of params.yaml that are not experiment blocks
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -458,13 +461,43 @@ class FSDPConfig(Strict):
                                             "the full models on every rank before sharding")
 
 
-class SlurmConfig(Strict):
+class SlurmResources(Strict):
+    """What one stage's Slurm job asks for (`snakemake --profile slurm`; a local run ignores it)."""
+
+    cpus: int = Field(2, ge=1, description="CPUs per task (the stage's torch threads)")
+    mem_mb: int = Field(8000, ge=100, description="memory per node")
+    runtime_minutes: int = Field(60, ge=1, description="the job's time limit")
+    partition: str | None = Field(None, description="this stage's partition (default: slurm.partition)")
+
+
+class SlurmJob(SlurmResources):
+    gpus: int = Field(0, ge=0, description="GPUs of the job (one node)")
+
+
+class SlurmDistillJob(SlurmResources):
+    """The distill job: one launcher task per machine, each with `cpus` CPUs and launch.gpus_per_machine GPUs."""
+
     nodes: int | None = Field(None, ge=1, description="nodes to allocate (default: launch.num_machines)")
-    partition: str | None = None
+
+
+def _light_job() -> SlurmJob:
+    return SlurmJob(cpus=1, mem_mb=2000, runtime_minutes=10)
+
+
+class SlurmConfig(Strict):
+    """One Slurm job per stage. A sibling of `launch:`, not part of it: resources are not results, so changing
+    them reruns no stage (launch-config's output, and so everything after it, depends on `launch:`)."""
+
+    partition: str | None = Field(None, description="every job's partition, unless its stage names one")
     account: str | None = None
-    runtime_minutes: int = Field(60, ge=1)
-    mem_mb: int = Field(8000, ge=100)
-    cpus_per_task: int = Field(2, ge=1)
+    prepare_data: SlurmJob = Field(default_factory=SlurmJob)
+    fid_reference: SlurmJob = Field(default_factory=SlurmJob)
+    teacher: SlurmJob = Field(default_factory=SlurmJob)
+    regression: SlurmJob = Field(default_factory=SlurmJob)
+    launch_config: SlurmJob = Field(default_factory=_light_job)
+    distill: SlurmDistillJob = Field(default_factory=SlurmDistillJob)
+    evaluate: SlurmJob = Field(default_factory=SlurmJob)
+    report: SlurmJob = Field(default_factory=_light_job)
 
 
 class LaunchConfig(Strict):
@@ -478,7 +511,6 @@ class LaunchConfig(Strict):
                                                   "distill.mixed_precision (the loop autocasts every model call alike)")
     main_process_port: int = Field(29500, ge=1024, le=65535, description="base port; Slurm adds job id % 1000")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
-    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
     def _check(self) -> LaunchConfig:
@@ -507,6 +539,7 @@ class ExperimentConfig(Strict):
     regression: RegressionConfig = Field(default_factory=RegressionConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
 # The blocks a stage's `--config` file may give keys of without naming the block (the seed's `steps: 4`).

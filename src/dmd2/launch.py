@@ -2,8 +2,9 @@
 
 `dmd2 launch-config` writes one accelerate config (per-node values such as the machine rank are given on the
 command line, so one file serves every node). `dmd2 distill` uses `relaunch_if_needed` to start itself as
-the configured number of processes: locally through `accelerate launch`; inside a Slurm allocation through
-one `srun` task per launcher, each expanding its own rank, the head node's address and a job-specific port.
+the configured number of processes: on one machine through `accelerate launch` (inside a Slurm job too, where
+the job step already holds the machine's CPUs and GPUs); on several, inside a Slurm allocation, through one
+`srun` task per launcher, each expanding its own rank, the head node's address and a job-specific port.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from dmd2.config import LaunchConfig
+from dmd2.config import LaunchConfig, SlurmDistillJob
 from dmd2.errors import LaunchError, MissingInputError
 
 LAUNCHED_ENV = "DMD2_LAUNCHED"  # set in the children so they do not relaunch themselves
@@ -96,8 +97,10 @@ def write_launch_config(launch: LaunchConfig, path: Path) -> Path:
     return path
 
 
-def launcher_command(launch: LaunchConfig, config_file: Path, stage_args: list[str], in_slurm: bool) -> list[str]:
-    """The command that starts `launch.world_size` processes of `dmd2 <stage_args>`."""
+def launcher_command(launch: LaunchConfig, job: SlurmDistillJob, config_file: Path, stage_args: list[str],
+                     slurm_job_id: str | None) -> list[str]:
+    """The command that starts `launch.world_size` processes of `dmd2 <stage_args>` (`job`: the distill job's
+    Slurm resources; `slurm_job_id`: the job we run in, or None outside Slurm)."""
     inner = ["accelerate", "launch", "--config_file", str(config_file), "--num_machines", str(launch.num_machines),
              "--num_processes", str(launch.world_size), "--mixed_precision", launch.mixed_precision,
              "--dynamo_backend", "no"]
@@ -106,27 +109,36 @@ def launcher_command(launch: LaunchConfig, config_file: Path, stage_args: list[s
         # fsdp dmd2 shards the models itself with FSDP2 (dmd2.sharding), so the launcher never applies a plugin.
         inner.append("--multi_gpu")
     tail = ["-m", "dmd2.cli", *stage_args]
-    if not in_slurm:
-        if launch.num_machines > 1:
-            raise LaunchError(f"launch.num_machines={launch.num_machines} needs one launcher per machine: run "
-                               "inside a Slurm allocation (snakemake --profile workflow/profiles/slurm), or on each "
-                               f"machine i: accelerate launch --config_file {config_file} --machine_rank i ...")
-        return [*inner, "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
-                "--main_process_port", str(launch.main_process_port), *tail]
+    if launch.num_machines == 1:
+        # two single-machine jobs may share a node: each its own port
+        port = launch.main_process_port + (int(slurm_job_id) % 1000 if slurm_job_id else 0)
+        return [*inner, "--machine_rank", "0", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                *tail]
+    if slurm_job_id is None:
+        raise LaunchError(f"launch.num_machines={launch.num_machines} needs one launcher per machine: run "
+                          "inside a Slurm allocation (snakemake --profile workflow/profiles/slurm), or on each "
+                          f"machine i: accelerate launch --config_file {config_file} --machine_rank i ...")
     # One srun task (launcher) per machine; every task's own shell expands its rank, the first host's address
     # and the job's port. With one launcher per node the machine rank is the node id; where several launchers
-    # share a node (a 1-node test cluster with launch.slurm.nodes: 1), the task id tells them apart instead.
-    nodes = launch.slurm.nodes or launch.num_machines
+    # share a node (a 1-node test cluster with slurm.distill.nodes: 1), the task id tells them apart instead.
+    nodes = job.nodes or launch.num_machines
     one_per_node = nodes == launch.num_machines
     rank = "$SLURM_NODEID" if one_per_node else "$SLURM_PROCID"
-    script = (f"{shlex.join(inner)} --machine_rank {rank}"
-              " --main_process_ip $(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1)"
+    # the head's address as Slurm reaches it (NodeAddr: the node's name unless the cluster says otherwise)
+    head = ("$(scontrol show node \"$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1)\""
+            " | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)")
+    script = (f"{shlex.join(inner)} --machine_rank {rank} --main_process_ip {head}"
               f" --main_process_port $(({launch.main_process_port} + SLURM_JOB_ID % 1000)) {shlex.join(tail)}")
     placement = [f"--nodes={nodes}", "--ntasks-per-node=1"] if one_per_node else []
-    return ["srun", f"--ntasks={launch.num_machines}", *placement, "--kill-on-bad-exit=1", "bash", "-c", script]
+    # srun does not inherit the batch job's --cpus-per-task (Slurm 22.05 on): each task asks for its own
+    resources = [f"--cpus-per-task={job.cpus}"]
+    if launch.gpus_per_machine:
+        resources.append(f"--gres=gpu:{launch.gpus_per_machine}")
+    return ["srun", f"--ntasks={launch.num_machines}", *placement, *resources, "--kill-on-bad-exit=1",
+            "bash", "-c", script]
 
 
-def relaunch_if_needed(launch: LaunchConfig, config_file: Path, stage_args: list[str]) -> bool:
+def relaunch_if_needed(launch: LaunchConfig, job: SlurmDistillJob, config_file: Path, stage_args: list[str]) -> bool:
     """Start the configured processes and wait for them; False when this process should just do the work."""
     if launch.world_size == 1 or os.environ.get(LAUNCHED_ENV) or "LOCAL_RANK" in os.environ:
         return False
@@ -135,7 +147,7 @@ def relaunch_if_needed(launch: LaunchConfig, config_file: Path, stage_args: list
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if launch.gpus_per_machine == 0:
         env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-    command = launcher_command(launch, config_file, stage_args, in_slurm="SLURM_JOB_ID" in os.environ)
+    command = launcher_command(launch, job, config_file, stage_args, os.environ.get("SLURM_JOB_ID"))
     print("launching:", shlex.join(command), flush=True)
     result = subprocess.run(command, env=env)
     if result.returncode != 0:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A single-node Slurm cluster on localhost for tests: munged + slurmctld + slurmd with their state in BASE.
+# A two-node Slurm cluster on localhost for tests: munged + slurmctld + two slurmd (nodes n1 and n2, both this
+# host, each on its own port; Debian's Slurm supports several slurmd per host) with their state in BASE.
 #   tests/slurm/local-slurm.sh start BASE     (prints nothing on success; daemons daemonise themselves)
 #   tests/slurm/local-slurm.sh stop BASE      (stops only the daemons whose pid files are in BASE)
 # Needs root and Debian's slurmctld slurmd slurm-client munge (envs/system-packages.sh installs them).
@@ -8,7 +9,7 @@ action=${1:?start|stop}
 base=$(mkdir -p "${2:?BASE directory}" && cd "$2" && pwd)
 
 stop() {
-  for daemon in slurmd slurmctld munged; do
+  for daemon in slurmd-n1 slurmd-n2 slurmctld munged; do
     pidfile="$base/run/$daemon.pid"
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
@@ -20,31 +21,31 @@ stop() {
 }
 
 start() {
-  mkdir -p "$base"/{etc,run,log,state/ctld,state/d,munge}
+  mkdir -p "$base"/{etc,run,log,state/ctld,state/d-n1,state/d-n2,munge}
   chmod 0755 "$base" "$base/run"; chmod 0700 "$base/munge"
   [ -f "$base/munge/munge.key" ] || mungekey -c -k "$base/munge/munge.key"
   chmod 0400 "$base/munge/munge.key"
   munged --socket="$base/run/munge.socket" --key-file="$base/munge/munge.key" --pid-file="$base/run/munged.pid" \
          --log-file="$base/log/munged.log" --seed-file="$base/munge/munged.seed"
-  # 4 CPUs on a 2-core machine (config_overrides): room for a 2-task job next to snakemake's own jobs
-  cpus=${LOCAL_SLURM_CPUS:-4}
-  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
+  # 2 CPUs per node on a 2-core machine (config_overrides): room for a 2-node job next to snakemake's own jobs
+  cpus=${LOCAL_SLURM_CPUS:-2}
+  mem=$(( ($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048) / 2 ))
+  port=${LOCAL_SLURM_PORT:-6817}
   cat > "$base/etc/slurm.conf" <<CONF
 ClusterName=localci
 SlurmctldHost=localhost
-SlurmctldPort=${LOCAL_SLURM_PORT:-6817}
-SlurmdPort=$(( ${LOCAL_SLURM_PORT:-6817} + 1 ))
+SlurmctldPort=$port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$base/run/munge.socket
 StateSaveLocation=$base/state/ctld
-SlurmdSpoolDir=$base/state/d
+SlurmdSpoolDir=$base/state/d-%n
 SlurmctldPidFile=$base/run/slurmctld.pid
-SlurmdPidFile=$base/run/slurmd.pid
+SlurmdPidFile=$base/run/slurmd-%n.pid
 SlurmctldLogFile=$base/log/slurmctld.log
-SlurmdLogFile=$base/log/slurmd.log
+SlurmdLogFile=$base/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -61,16 +62,18 @@ InactiveLimit=0
 MinJobAge=300
 KillWait=5
 Waittime=0
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 1 )) CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 2 )) CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
   # Job steps started by the snakemake jobstep lose SLURM_CONF: Slurm 22.05 clients need the default path.
   mkdir -p /etc/slurm
   ln -sf "$base/etc/slurm.conf" /etc/slurm/slurm.conf
   slurmctld -f "$base/etc/slurm.conf"
-  slurmd -f "$base/etc/slurm.conf" -N localhost
+  slurmd -f "$base/etc/slurm.conf" -N n1
+  slurmd -f "$base/etc/slurm.conf" -N n2
   for _ in $(seq 100); do
-    if sinfo -h -o '%T' 2>/dev/null | grep -q idle; then return 0; fi
+    if [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" = 2 ]; then return 0; fi
     sleep 0.2
   done
   echo "local slurm did not become idle; see $base/log" >&2

@@ -2,6 +2,7 @@
 from snakemake.exceptions import WorkflowError
 
 from dmd2.config import ConfigError, check_experiment_name, parse_params
+from dmd2.slurm import snakemake_resources
 from dmd2.stage import stage_code
 
 # The same validation and messages as `dmd2 <stage>`, before any job runs or any output is touched: a typo in
@@ -25,32 +26,16 @@ def code(stage):
     return stage_code(stage, workflow.basedir)
 
 
-def distill_resources():
-    """Slurm resources of the distill job, from `launch:` in params.yaml (ignored by local runs)."""
-    launch = PARAMS.current(EXP).launch
-    slurm = launch.slurm
-    resources = {
-        "nodes": slurm.nodes or launch.num_machines,
-        "tasks": launch.num_machines,  # one launcher task per machine; each starts processes_per_machine ranks
-        "mpi": "srun",
-        "runtime": slurm.runtime_minutes,
-        "mem_mb": slurm.mem_mb,
-        "cpus_per_task": slurm.cpus_per_task,
-    }
-    if launch.gpus_per_machine:
-        resources.update(gres=f"gpu:{launch.gpus_per_machine}", tasks_per_gpu=0)
-    if slurm.partition:
-        resources["slurm_partition"] = slurm.partition
-    if slurm.account:
-        resources["slurm_account"] = slurm.account
-    return resources
+def slurm(stage):
+    """The stage's Slurm job, from `slurm:` in params.yaml (dmd2.slurm; local runs ignore it)."""
+    return snakemake_resources(PARAMS.current(EXP), stage)
 
 
-def heavy_threads():
+def heavy_threads(stage):
     """Torch stages take every core of a local run (two side by side oversubscribe the cores and thrash);
-    a cluster job gets launch.slurm.cpus_per_task, the same number on the submit host and inside the job."""
+    a cluster job gets its stage's slurm.<stage>.cpus, the same number on the submit host and inside the job."""
     if workflow.non_local_exec or workflow.remote_exec:
-        return PARAMS.current(EXP).launch.slurm.cpus_per_task
+        return getattr(PARAMS.current(EXP).slurm, stage).cpus
     try:
         return workflow.cores
     except WorkflowError:  # a dry run without --cores

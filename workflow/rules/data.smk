@@ -9,6 +9,9 @@ rule prepare_data:
         data=directory(f"data/{EXP}"),
     params:
         data=block("data"),
+    threads: heavy_threads("prepare_data")
+    resources:
+        **slurm("prepare_data"),
     log:
         f"logs/{EXP}/prepare_data.log",
     shell:

@@ -7,6 +7,8 @@ rule launch_config:
         config=f"configs/{EXP}/accelerate.yaml",
     params:
         launch=block("launch"),
+    resources:
+        **slurm("launch_config"),
     log:
         f"logs/{EXP}/launch_config.log",
     shell:
@@ -26,9 +28,9 @@ rule distill:
         student=directory(f"models/{EXP}/student"),
     params:
         distill=block("distill"),
-    threads: heavy_threads()
+    threads: heavy_threads("distill")
     resources:
-        **distill_resources(),
+        **slurm("distill"),
     log:
         f"logs/{EXP}/distill.log",
     shell:

@@ -10,7 +10,9 @@ rule fid_reference:
         classifier=block("eval").get("classifier", {}),
         fid=block("eval").get("fid", {}),
         coco=block("eval").get("coco", {}),
-    threads: heavy_threads()
+    threads: heavy_threads("fid_reference")
+    resources:
+        **slurm("fid_reference"),
     log:
         f"logs/{EXP}/fid_reference.log",
     shell:
@@ -34,7 +36,9 @@ rule evaluate:
         record=f"results/{EXP}/stage.json",
     params:
         eval=block("eval"),
-    threads: heavy_threads()
+    threads: heavy_threads("evaluate")
+    resources:
+        **slurm("evaluate"),
     log:
         f"logs/{EXP}/evaluate.log",
     shell:
@@ -59,6 +63,8 @@ rule report:
         html=report(f"results/{EXP}/report.html", category="Report"),
     params:
         experiment=config[EXP],
+    resources:
+        **slurm("report"),
     log:
         f"logs/{EXP}/report.log",
     shell:

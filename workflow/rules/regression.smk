@@ -14,9 +14,11 @@ rule regression:
         model=directory(f"models/{EXP}/regression"),
     params:
         regression=block("regression"),
-    threads: heavy_threads()
+    threads: heavy_threads("regression")
     # switched off, the stage only writes its stage.json: run it on the submit host, not as a cluster job
     localrule: not PARAMS.current(EXP).regression.enabled
+    resources:
+        **slurm("regression"),
     log:
         f"logs/{EXP}/regression.log",
     shell:

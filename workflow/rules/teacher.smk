@@ -8,7 +8,9 @@ rule teacher:
         model=directory(f"models/{EXP}/teacher"),
     params:
         teacher=block("teacher"),
-    threads: heavy_threads()
+    threads: heavy_threads("teacher")
+    resources:
+        **slurm("teacher"),
     log:
         f"logs/{EXP}/teacher.log",
     shell:
