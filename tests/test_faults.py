@@ -165,6 +165,18 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, 
         checkpoint.save_checkpoint(tmp_path, 2, {"net": {"w": torch.zeros(2)}}, {}, {}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000001"]
 
+    # safetensors' own error type (not an OSError), with the message it gives on a full disk
+    from safetensors import SafetensorError
+
+    def full_disk_safetensors(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk_safetensors)
+    with pytest.raises(CheckpointError, match=r"\.ckpt-0000003\.tmp failed \(the disk is full\)"):
+        checkpoint.save_checkpoint(tmp_path, 3, {"net": {"w": torch.zeros(2)}}, {}, {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-0000001"]
+
 
 # ------------------------------------------------------------------------------------ bad files, one line each
 

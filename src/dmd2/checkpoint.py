@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
@@ -95,7 +96,7 @@ def writing(path: Path):
     place and says that the previous checkpoint is intact (the write goes to a temporary directory)."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, SafetensorError) as err:  # safetensors' own error is neither of the others
         full = getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in str(err) or "No space" in str(err)
         why = "the disk is full" if full else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise CheckpointError(f"writing {path} failed ({why}); the previous checkpoint is intact. Free space "

@@ -18,6 +18,8 @@ stop() {
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$pidfile"
   done
+  # the default-path link start made, and only that: a cluster's own configuration is never touched
+  if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$base/etc/slurm.conf" ]; then rm -f /etc/slurm/slurm.conf; fi
 }
 
 start() {
@@ -66,9 +68,16 @@ NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 1 )) CPUs=
 NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 2 )) CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
-  # Job steps started by the snakemake jobstep lose SLURM_CONF: Slurm 22.05 clients need the default path.
+  # Job steps started by the snakemake jobstep lose SLURM_CONF: Slurm 22.05 clients need the default path. A real
+  # configuration there (a file, or a link that is not an earlier run's) is left alone: refuse instead (exit 3).
+  current=$(readlink /etc/slurm/slurm.conf 2>/dev/null || true)
+  if [ -e /etc/slurm/slurm.conf ] && [[ "$current" != */etc/slurm.conf || "$current" != /tmp/dmd2-slurm-* ]]; then
+    echo "/etc/slurm/slurm.conf is this machine's own Slurm configuration; the local test cluster will not replace it" >&2
+    stop
+    exit 3
+  fi
   mkdir -p /etc/slurm
-  ln -sf "$base/etc/slurm.conf" /etc/slurm/slurm.conf
+  ln -sfn "$base/etc/slurm.conf" /etc/slurm/slurm.conf
   slurmctld -f "$base/etc/slurm.conf"
   slurmd -f "$base/etc/slurm.conf" -N n1
   slurmd -f "$base/etc/slurm.conf" -N n2
