@@ -1,6 +1,6 @@
 rule prepare_data:
     message:
-        "Building the LMDB datasets of {EXP}"
+        "Building the LMDB datasets of {EXP} (progress: tail -f {log})"
     input:
         code=code("prepare_data"),
     output:

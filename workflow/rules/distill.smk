@@ -17,7 +17,7 @@ rule launch_config:
 
 rule distill:
     message:
-        "DMD2 distillation of {EXP} (rerun to resume from work/{EXP}/distill)"
+        "DMD2 distillation of {EXP} (progress: tail -f {log}; rerun to resume from work/{EXP}/distill)"
     input:
         teacher=rules.teacher.output.model,
         regression=rules.regression.output.model,

@@ -1,6 +1,6 @@
 rule fid_reference:
     message:
-        "Feature classifier and cached FID reference statistics for {EXP}"
+        "Feature classifier and cached FID reference statistics for {EXP} (progress: tail -f {log})"
     input:
         data=rules.prepare_data.output.data,
         code=code("fid_reference"),
@@ -21,7 +21,7 @@ rule fid_reference:
 
 rule evaluate:
     message:
-        "Scoring teacher and student of {EXP}"
+        "Scoring teacher and student of {EXP} (progress: tail -f {log})"
     input:
         teacher=rules.teacher.output.model,
         student=rules.distill.output.student,

@@ -1,7 +1,8 @@
 rule regression:
     message:
         (
-            "Regression pre-training of the {EXP} one-step generator (rerun to resume from work/{EXP}/regression)"
+            "Regression pre-training of the {EXP} one-step generator (progress: tail -f {log}; rerun to resume from "
+            "work/{EXP}/regression)"
             if PARAMS.current(EXP).regression.enabled
             else "Regression pre-training is off for {EXP} (regression.enabled: false)"
         )

@@ -1,6 +1,6 @@
 rule teacher:
     message:
-        "Training the {EXP} teacher (rerun to resume from work/{EXP}/teacher)"
+        "Training the {EXP} teacher (progress: tail -f {log}; rerun to resume from work/{EXP}/teacher)"
     input:
         data=rules.prepare_data.output.data,
         code=code("teacher"),
