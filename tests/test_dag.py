@@ -235,6 +235,11 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
     shown, _ = sh(root, "dvc", "metrics", "show", "--json")
     leaves = _leaves(json.loads(shown))
     assert leaves and all(isinstance(v, int | float | bool) for v in leaves), leaves  # figures, not paragraphs
+    # `dvc plots show` offline: the report's charts are images, drawn with no script from the network
+    sh(root, "dvc", "plots", "show", "-o", "dvc_plots")
+    page = (root / "dvc_plots/index.html").read_text()
+    images = re.findall(r"<img[^>]+src=\"([^\"]+)\"", page)
+    assert any("distillation" in src for src in images) and any("quality_versus_nfe" in src for src in images), images
 
     out, seconds = sh(root, "dvc", "repro")
     assert "up to date" in out and not re.findall(r"Running stage", out) and seconds < 15, (seconds, out)

@@ -72,7 +72,12 @@ def test_metrics_schema(metrics):
 
 def test_results_hold_only_declared_outputs(root, metrics):
     results = root / "results/mnist"
-    assert {p.name for p in results.iterdir()} == {"evaluation.json", "metrics.json", "samples", "plots", "stage.json", "report.html"}
+    assert {p.name for p in results.iterdir()} == {"evaluation.json", "metrics.json", "samples", "plots", "stage.json",
+                                                 "report.html", "figures"}
+    # the report's charts, as PNG files too (`dvc plots show` draws them offline)
+    figures = {p.name for p in (results / "figures").iterdir()}
+    assert {"quality_versus_nfe.png", "distillation.png", "teacher_training.png"} <= figures
+    assert all(Image.open(results / "figures" / name).format == "PNG" for name in figures)
     assert {p.name for p in (results / "samples").iterdir()} == {"teacher_nfe1.png", "teacher_nfe5.png", "student_nfe1.png"}
     grid = Image.open(results / "samples/student_nfe1.png")
     # class-major: 10 columns of 16 px tiles + 1 px padding, 2 rows (grid_per_class), scaled x3

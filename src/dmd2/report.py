@@ -12,6 +12,7 @@ import io
 import json
 import os
 import platform
+import re
 import time
 from importlib import metadata
 from pathlib import Path
@@ -419,12 +420,26 @@ def render(context: dict[str, Any]) -> str:
     return env.get_template("report.html.j2").render(**context)
 
 
+def write_figures(charts: list[dict[str, Any]], folder: Path) -> None:
+    """The report's charts as PNG files too (results/<exp>/figures/): `dvc plots show` draws them as images,
+    which need no script from the network (its own charts load vega from a CDN: blank on an offline node)."""
+    from dmd2.atomic import fresh_staging_dir, replace_directory
+
+    tmp = fresh_staging_dir(folder)
+    for chart in charts:
+        name = re.sub(r"[^a-z0-9]+", "_", chart["title"].lower()).strip("_")
+        (tmp / f"{name}.png").write_bytes(base64.b64decode(chart["src"].split(",", 1)[1]))
+    replace_directory(tmp, folder)
+
+
 def run_report(ctx: StageContext) -> dict[str, Any]:
-    """Write results/<exp>/report.html (atomically)."""
-    page = render(build_context(ctx.params, ctx.experiment, ctx.paths))
+    """Write results/<exp>/report.html and its charts as results/<exp>/figures/*.png (each atomically)."""
+    context = build_context(ctx.params, ctx.experiment, ctx.paths)
+    page = render(context)
     out = ctx.paths.results / "report.html"
+    write_figures(context["charts"], ctx.paths.results / "figures")
     tmp = out.with_name(".report.html.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
-    print(f"wrote {out}")
+    print(f"wrote {out} and its charts in {ctx.paths.results / 'figures'}")
     return {"report": str(out)}

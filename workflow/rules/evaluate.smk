@@ -61,6 +61,7 @@ rule report:
         code=code("report"),
     output:
         html=report(f"results/{EXP}/report.html", category="Report"),
+        figures=directory(f"results/{EXP}/figures"),  # the charts as PNGs: `dvc plots show` draws them offline
     params:
         experiment=config[EXP],
     resources:
