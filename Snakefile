@@ -15,6 +15,10 @@ include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
 
 
+onsuccess:
+    record_in_dvc_lock()
+
+
 rule all:
     default_target: True
     input:

@@ -167,6 +167,11 @@ def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
     assert snakemake_ran(out) == ALL_STAGES
     assert (root / "results/mnist/report.html").exists() and (root / "results/mnist/metrics.json").exists()
 
+    # one record for both front-ends: Snakemake's run is in dvc.lock, so DVC has nothing to rerun
+    assert "dvc.lock records this run" in out
+    status, _ = sh(root, "dvc", "status")
+    assert "up to date" in status, status
+
     out, seconds = sh(root, *SNAKEMAKE)
     assert "Nothing to be done" in out and seconds < 15, (seconds, out[-2000:])
 
@@ -174,6 +179,8 @@ def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
     out, _ = sh(root, *SNAKEMAKE)
     assert snakemake_ran(out) == DOWNSTREAM_OF_DISTILL
     assert_same_dag(snakemake_stages(root), dvc_stages(root), "mnist")
+    out, _ = sh(root, "dvc", "repro")
+    assert not re.findall(r"Running stage", out), out[-2000:]
 
 
 @pytest.mark.integration

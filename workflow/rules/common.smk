@@ -1,4 +1,9 @@
 # Shared helpers: params.yaml validated by dmd2's own code, the experiment it picks, and its per-stage blocks.
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
 from snakemake.exceptions import WorkflowError
 
 from dmd2.config import ConfigError, check_experiment_name, parse_params
@@ -40,3 +45,20 @@ def heavy_threads(stage):
         return workflow.cores
     except WorkflowError:  # a dry run without --cores
         return 1
+
+
+def record_in_dvc_lock():
+    """One record for both front-ends: after a successful run, `dvc commit` writes what Snakemake built (the
+    hashes of code, parameters and outputs) into dvc.lock, so that `dvc status` agrees and `dvc repro` reruns
+    nothing. Only when the run used params.yaml as it is (dvc.yaml reads the experiment and its blocks from the
+    file, so a `--config` override would be recorded as something it is not)."""
+    if not Path(".dvc").is_dir() or shutil.which("dvc") is None:
+        return
+    if dict(config) != yaml.safe_load(Path("params.yaml").read_text()):
+        print("dvc.lock not updated: this run's --config differs from params.yaml, which DVC reads")
+        return
+    done = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
+    if done.returncode == 0:
+        print("dvc.lock records this run: `dvc status` and `dvc repro` agree with Snakemake")
+    else:
+        print(f"note: `dvc commit` failed, so DVC does not know of this run: {(done.stderr or done.stdout).strip()}")
