@@ -182,6 +182,12 @@ def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
     out, _ = sh(root, "dvc", "repro")
     assert not re.findall(r"Running stage", out), out[-2000:]
 
+    # Slurm resources are not results: a changed time limit reruns only the report (it prints the whole block)
+    write_tiny_params(root, distill={"steps": 7}, slurm={"distill": {"runtime_minutes": 600}})
+    out, _ = sh(root, *SNAKEMAKE, "-n")
+    planned = set(re.findall(r"^(\w+)\s+\d+$", out.split("Job stats:")[1], re.M)) - {"all", "total"}
+    assert planned == {"report"}, out[-3000:]
+
 
 @pytest.mark.integration
 def test_snakemake_runs_the_diffusers_experiment_and_reruns_distillation_when_the_losses_change(tmp_path):

@@ -486,7 +486,8 @@ def _light_job() -> SlurmJob:
 
 class SlurmConfig(Strict):
     """One Slurm job per stage. A sibling of `launch:`, not part of it: resources are not results, so changing
-    them reruns no stage (launch-config's output, and so everything after it, depends on `launch:`)."""
+    them reruns only the report (which prints the whole experiment block), not launch-config and everything after
+    it, which depend on `launch:`."""
 
     partition: str | None = Field(None, description="every job's partition, unless its stage names one")
     account: str | None = None

@@ -130,7 +130,7 @@ def launcher_command(launch: LaunchConfig, job: SlurmDistillJob, config_file: Pa
     script = (f"{shlex.join(inner)} --machine_rank {rank} --main_process_ip {head}"
               f" --main_process_port $(({launch.main_process_port} + SLURM_JOB_ID % 1000)) {shlex.join(tail)}")
     placement = [f"--nodes={nodes}", "--ntasks-per-node=1"] if one_per_node else []
-    # srun does not inherit the batch job's --cpus-per-task (Slurm 22.05 on): each task asks for its own
+    # srun may not inherit the batch job's --cpus-per-task (Slurm 22.05 on): each task asks for its own
     resources = [f"--cpus-per-task={job.cpus}"]
     if launch.gpus_per_machine:
         resources.append(f"--gres=gpu:{launch.gpus_per_machine}")

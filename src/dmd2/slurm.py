@@ -10,9 +10,9 @@ this module.
 
 from __future__ import annotations
 
-from dmd2.config import ExperimentConfig
+from dmd2.config import ExperimentConfig, SlurmConfig
 
-STAGES = ("prepare_data", "fid_reference", "teacher", "regression", "launch_config", "distill", "evaluate", "report")
+STAGES = tuple(name for name in SlurmConfig.model_fields if name not in ("partition", "account"))
 
 
 def snakemake_resources(exp: ExperimentConfig, stage: str) -> dict[str, int | str]:
