@@ -95,6 +95,17 @@ def test_every_stage_depends_on_the_package_code_it_runs():
     assert "src/dmd2/families/edm.py" in stage_code("evaluate", REPO)
 
 
+def test_dvc_reruns_each_stage_on_the_blocks_it_reads():
+    """dvc.yaml's `params:` are dmd2.stage.STAGE_PARAMS (the Snakefile builds its rules' `params:` from the map, and
+    the DAG test above compares the two front-ends value by value)."""
+    from dmd2.stage import STAGE_PARAMS
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert sorted(dvc) == sorted(STAGE_PARAMS)
+    for stage, blocks in STAGE_PARAMS.items():
+        assert dvc[stage]["params"] == [f"${{experiment}}.{b}" if b else "${experiment}" for b in blocks], stage
+
+
 def test_a_params_typo_stops_snakemake_before_anything_runs(tmp_path):
     """The Snakefile validates params.yaml with dmd2's own code: `snakemake -n` names the key and the fix."""
     root = project_copy(tmp_path / "typo", distill={"stpes": 3})

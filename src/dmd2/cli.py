@@ -24,10 +24,18 @@ from typing import Any
 import click
 import yaml
 
-from dmd2.config import SHARED_KEYS, STAGE_MODELS, ConfigError, ExperimentConfig, load_params
+from dmd2.config import (
+    SHARED_KEYS,
+    STAGE_MODELS,
+    ConfigError,
+    ExperimentConfig,
+    block_models,
+    leaf_keys,
+    load_params,
+)
 from dmd2.errors import Dmd2Error
 from dmd2.paths import ExperimentPaths
-from dmd2.stage import StageContext
+from dmd2.stage import STAGE_PARAMS, StageContext
 
 
 def _common(func):
@@ -94,13 +102,24 @@ def _one_line(err: BaseException) -> str:
     return str(err)
 
 
+def _reads(stage: str) -> str:
+    """A pipeline stage's --help epilog: the params.yaml keys it reads (dmd2.stage.STAGE_PARAMS)."""
+    if STAGE_PARAMS[stage] == ("",):
+        return "Reads the whole experiment block of params.yaml: a change to any key rewrites the report."
+    lines = ["Reads these keys of the experiment's block in params.yaml (override one with --set BLOCK.KEY=VALUE; "
+             "under snakemake and dvc a change reruns this stage):"]
+    for path in STAGE_PARAMS[stage]:
+        lines += [f"{title}: {', '.join(leaf_keys(model))}" for title, model in block_models(path).items()]
+    return "\n\n".join(lines)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """DMD2 distillation pipeline: data → teacher → (regression) → distill → fid-reference → evaluate → report."""
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-@main.command("prepare-data")
+@main.command("prepare-data", epilog=_reads("prepare_data"))
 @_common
 def prepare_data(ctx: StageContext) -> None:
     """Build data/<exp>/train.lmdb and heldout.lmdb (records + a verified meta record)."""
@@ -193,7 +212,7 @@ def _check_config_file_key(path: str, stage: str, key: str, value: object, known
                       f"steps, and params.yaml blocks such as launch or wandb)")
 
 
-@main.command()
+@main.command(epilog=_reads("teacher"))
 @_seed_surface("teacher")
 @_common
 def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
@@ -203,7 +222,7 @@ def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
     _run_stage("teacher", run_teacher, ctx, resume_from=_path(resume_from_checkpoint))
 
 
-@main.command()
+@main.command(epilog=_reads("regression"))
 @_common
 def regression(ctx: StageContext) -> None:
     """Pre-train a one-step generator on teacher ODE pairs (regression.enabled; the SDXL one-step recipe); writes
@@ -220,7 +239,7 @@ def regression(ctx: StageContext) -> None:
     _run_stage("regression", run_regression, ctx)
 
 
-@main.command()
+@main.command(epilog=_reads("distill"))
 @_seed_surface("distill")
 @_common
 def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
@@ -249,7 +268,7 @@ def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
                    resume_from=_path(resume_from_checkpoint))
 
 
-@main.command("launch-config")
+@main.command("launch-config", epilog=_reads("launch_config"))
 @_common
 def launch_config(ctx: StageContext) -> None:
     """Write configs/<exp>/accelerate.yaml for the cluster shape in `launch:` (validated by accelerate)."""
@@ -307,7 +326,7 @@ def export(model_dir: str, output_dir: str) -> None:
     click.echo(f"wrote {path}; sample it with DiffusionPipeline.from_pretrained({str(path)!r})(prompt, {call})")
 
 
-@main.command("fid-reference")
+@main.command("fid-reference", epilog=_reads("fid_reference"))
 @_common
 def fid_reference(ctx: StageContext) -> None:
     """Train the proxy-FID feature classifier and cache FID reference statistics in models/<exp>/fid_reference/."""
@@ -316,7 +335,7 @@ def fid_reference(ctx: StageContext) -> None:
     _run_stage("fid-reference", run_fid_reference, ctx)
 
 
-@main.command()
+@main.command(epilog=_reads("evaluate"))
 @_common
 def evaluate(ctx: StageContext) -> None:
     """Score teacher and student on the same seeds; writes results/<exp>/evaluation.json, metrics.json and grids."""
@@ -340,7 +359,7 @@ def evaluate_folder(ctx: StageContext, folder: str, output_file: str | None, wat
                watch=watch, poll_seconds=poll_seconds)
 
 
-@main.command()
+@main.command(epilog=_reads("report"))
 @_common
 def report(ctx: StageContext) -> None:
     """Write the self-contained results/<exp>/report.html."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -547,6 +548,34 @@ class ExperimentConfig(Strict):
 STAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {"teacher": tuple(TEACHER_FAMILIES.values()),
                                                          "distill": (DistillConfig,),
                                                          "regression": (RegressionConfig,)}
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The block model inside a field's annotation (`LoRAConfig`, `LoRAConfig | None`), or None for a value."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every settable key of a block, dotted (`gan.enabled`), in the schema's order."""
+    keys = []
+    for name, field in model.model_fields.items():
+        nested = _nested_model(field.annotation)
+        keys += leaf_keys(nested, f"{prefix}{name}.") if nested else [prefix + name]
+    return keys
+
+
+def block_models(path: str) -> dict[str, type[BaseModel]]:
+    """The schema of one block of an experiment (`distill`, `eval.fid`): one model, or for `teacher` one per
+    family (keyed `teacher.family: <name>`)."""
+    if path == "teacher":
+        return {f"teacher.family: {name}": model for name, model in TEACHER_FAMILIES.items()}
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in path.split("."):
+        model = _nested_model(model.model_fields[part].annotation)
+    return {path: model}
 
 
 class WandbConfig(Strict):

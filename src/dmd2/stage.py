@@ -32,6 +32,12 @@ STAGE_MODULES = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_con
                  "regression": ("regression",),
                  "distill": ("distill", "launch"), "fid_reference": ("fid",), "evaluate": ("evaluate",),
                  "report": ("report",)}
+# The blocks of the experiment each stage reads ("" = the whole experiment): a change to one reruns the stage.
+# The Snakemake rules' `params:` and dvc.yaml's `params:` name the same blocks (tests/test_dag.py checks both), and
+# `dmd2 <stage> --help` lists their keys.
+STAGE_PARAMS = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_config": ("launch",),
+                "regression": ("regression",), "distill": ("distill",),
+                "fid_reference": ("eval.classifier", "eval.fid", "eval.coco"), "evaluate": ("eval",), "report": ("",)}
 DATA_FILES = {"report": ["templates/report.html.j2"]}
 
 

@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from dmd2.config import ConfigError, check_experiment_name, parse_params
 from dmd2.slurm import snakemake_resources
-from dmd2.stage import stage_code
+from dmd2.stage import STAGE_PARAMS, stage_code
 
 # The same validation and messages as `dmd2 <stage>`, before any job runs or any output is touched: a typo in
 # params.yaml (or in --config) stops `snakemake -n` with the key path and the closest valid key.
@@ -20,9 +20,17 @@ except ConfigError as err:
     raise WorkflowError(f"\n{err}") from None
 
 
-def block(stage):
-    """The params.yaml block of one stage of the current experiment (a rerun trigger via `params:`)."""
-    return config[EXP].get(stage, {})
+def stage_params(stage):
+    """The params.yaml blocks a stage reads (dmd2.stage.STAGE_PARAMS), as the rule's `params:`: a change reruns it.
+    A block left out of params.yaml is {} (its defaults)."""
+
+    def lookup(path):
+        node = config[EXP]
+        for part in filter(None, path.split(".")):
+            node = (node or {}).get(part, {})
+        return node
+
+    return {path.replace(".", "_") or "experiment": lookup(path) for path in STAGE_PARAMS[stage]}
 
 
 def code(stage):

@@ -8,7 +8,7 @@ rule prepare_data:
         # latents.lmdb, prompts.lmdb and eval_prompts.lmdb
         data=directory(f"data/{EXP}"),
     params:
-        data=block("data"),
+        **stage_params("prepare_data"),
     threads: heavy_threads("prepare_data")
     resources:
         **slurm("prepare_data"),

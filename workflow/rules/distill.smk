@@ -6,7 +6,7 @@ rule launch_config:
     output:
         config=f"configs/{EXP}/accelerate.yaml",
     params:
-        launch=block("launch"),
+        **stage_params("launch_config"),
     resources:
         **slurm("launch_config"),
     log:
@@ -27,7 +27,7 @@ rule distill:
     output:
         student=directory(f"models/{EXP}/student"),
     params:
-        distill=block("distill"),
+        **stage_params("distill"),
     threads: heavy_threads("distill")
     resources:
         **slurm("distill"),

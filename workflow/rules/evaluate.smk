@@ -7,9 +7,7 @@ rule fid_reference:
     output:
         reference=directory(f"models/{EXP}/fid_reference"),
     params:
-        classifier=block("eval").get("classifier", {}),
-        fid=block("eval").get("fid", {}),
-        coco=block("eval").get("coco", {}),
+        **stage_params("fid_reference"),
     threads: heavy_threads("fid_reference")
     resources:
         **slurm("fid_reference"),
@@ -35,7 +33,7 @@ rule evaluate:
         plots=directory(f"results/{EXP}/plots"),
         record=f"results/{EXP}/stage.json",
     params:
-        eval=block("eval"),
+        **stage_params("evaluate"),
     threads: heavy_threads("evaluate")
     resources:
         **slurm("evaluate"),
@@ -63,7 +61,7 @@ rule report:
         html=report(f"results/{EXP}/report.html", category="Report"),
         figures=directory(f"results/{EXP}/figures"),  # the charts as PNGs: `dvc plots show` draws them offline
     params:
-        experiment=config[EXP],
+        **stage_params("report"),
     resources:
         **slurm("report"),
     log:

@@ -14,7 +14,7 @@ rule regression:
         # the pre-trained generator; with regression.enabled: false only a stage.json that says so
         model=directory(f"models/{EXP}/regression"),
     params:
-        regression=block("regression"),
+        **stage_params("regression"),
     threads: heavy_threads("regression")
     # switched off, the stage only writes its stage.json: run it on the submit host, not as a cluster job
     localrule: not PARAMS.current(EXP).regression.enabled

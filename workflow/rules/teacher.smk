@@ -7,7 +7,7 @@ rule teacher:
     output:
         model=directory(f"models/{EXP}/teacher"),
     params:
-        teacher=block("teacher"),
+        **stage_params("teacher"),
     threads: heavy_threads("teacher")
     resources:
         **slurm("teacher"),
