@@ -7,6 +7,8 @@ stated tolerance: relative parameter difference below 1e-4 after the run, and eq
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,62 @@ def test_the_resume_tolerance_catches_lost_optimiser_state(one, prepared, tmp_pa
     difference = relative_difference(one, root)
     print(f"resumed without the optimiser state: relative parameter difference {difference:.3e}")
     assert difference > 3 * PARAM_RTOL
+
+
+# Loaded at interpreter start by every process that has this folder on PYTHONPATH; it acts in rank 1 only.
+POISON_RANK_1 = '''
+import os
+
+if os.environ.get("RANK") == "1":
+    import torch
+
+    calls = [0]
+
+    def poison(module, args, output):
+        # the denoiser's own calls with gradients on (generator and critic turns): NaN from the N-th one on
+        if type(module).__name__ == os.environ["POISON_CLASS"] and torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] > int(os.environ["POISON_AFTER"]):
+                return output * float("nan")
+
+    torch.nn.modules.module.register_module_forward_hook(poison)
+'''
+
+
+@pytest.mark.integration
+def test_a_non_finite_value_on_one_rank_stops_every_rank_at_the_same_iteration(prepared, tmp_path):
+    """A NaN on rank 1 only, inside the real training loop of a 2-process run (a forward hook that a sitecustomize
+    module installs in that process alone): both ranks stop at the same iteration with the divergence error, rank 0
+    saying the value was on another rank; neither waits in a collective (the run ends well within the timeout); no
+    student is written and the last checkpoint, from before the NaN, holds finite weights."""
+    from dmd2.checkpoint import checkpoint_step
+    from dmd2.families import load_model
+
+    root = fresh_copy(prepared, tmp_path / "nan", **TWO_PROCESSES)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(POISON_RANK_1)
+    net_class = type(load_model(prepared / "models/mnist/teacher").net).__name__
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "POISON_CLASS": net_class, "POISON_AFTER": "14",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
+    outputs = []
+    for stage in ("launch-config", "distill"):
+        proc = subprocess.Popen([sys.executable, "-m", "dmd2.cli", stage, "--params", str(root / "params.yaml"),
+                                 "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+        try:
+            outputs.append(proc.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks: one of them waits in a collective
+            pytest.fail(f"`dmd2 {stage}` still running after 240 s: a rank is waiting for the other")
+    assert proc.returncode != 0, outputs[-1][-3000:]
+    stops = re.findall(r"error: the (generator|critic) turn produced (.+?) at iteration (\d+)", outputs[-1])
+    assert len(stops) == 2, outputs[-1][-3000:]  # one line per rank
+    assert {what == "a value on another rank" for _, what, _ in stops} == {True, False}
+    assert any("= nan" in what for _, what, _ in stops)
+    assert len({(turn, step) for turn, _, step in stops}) == 1  # the same check of the same iteration
+    assert not (root / "models/mnist/student").exists()
+    checkpoint = latest_checkpoint(run_dir(root, "distill") / "checkpoints")
+    assert checkpoint is not None and checkpoint_step(checkpoint) <= int(stops[0][2])
+    weights = load_file(checkpoint / "student/model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -79,12 +79,17 @@ def test_dm_gradient_is_zero_when_critic_equals_teacher(name):
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-def test_dm_gradient_is_finite_when_degenerate():
-    # x̂_real == x exactly makes w = 0; the 0/0 is turned into a finite number instead of NaN
-    z = torch.zeros(1, 1, 2, 2, requires_grad=True)
-    loss, _ = distribution_matching_loss(MixtureEDM(), Linear(0.0, 0), Linear(0.0, 1.0), z, None, torch.tensor([500]),
-                                         torch.zeros_like(z))
-    assert torch.isfinite(loss)
+def test_a_sample_with_a_zero_normaliser_gets_no_gradient_and_leaves_the_others_alone():
+    # x̂_real == x exactly makes w = 0 for the first sample (x = 0, the teacher predicts 0): no usable direction, so
+    # its gradient is exactly zero, not the float-max that nan_to_num's defaults would give. The second sample
+    # (x = 1, w = 1, the critic predicts 1) keeps its own: (x̂_fake − x̂_real)/w = 1, over N = 8 elements.
+    x = torch.cat([torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)]).requires_grad_()
+    loss, _ = distribution_matching_loss(MixtureEDM(), Linear(0.0, 0.0), Linear(0.0, 1.0), x, None,
+                                         torch.tensor([500, 500]), torch.zeros_like(x))
+    loss.backward()
+    assert torch.equal(x.grad[0], torch.zeros(1, 2, 2))
+    torch.testing.assert_close(x.grad[1], torch.full((1, 2, 2), 1 / 8))
+    torch.testing.assert_close(loss, torch.tensor(0.25))  # ½·mean(grad²) = ½·(4·1 + 4·0)/8
 
 
 def test_guidance_scale_extrapolates_the_conditional_prediction_in_both_families():

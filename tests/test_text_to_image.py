@@ -2,7 +2,9 @@
 by their class as the real data. prepare-data writes the latents and prompts, the teacher stage records the
 pipeline, distillation draws prompts (not labels), evaluation samples from the held-out captions."""
 
+import contextlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,11 +112,27 @@ def assert_exported_pipeline_reproduces_generate(student_dir, out_dir, prompts: 
     assert difference.max() <= 1 and difference.float().mean() < 0.01  # rounding of float32 arithmetic only
 
 
+def assert_the_gan_head_trained(root: Path, student_dir: Path, family) -> None:
+    """The diffusion-GAN was on and learned: every generator turn logged a finite GAN loss, and the head's weights in
+    the last checkpoint moved away from their initialisation (gradients reached it through the mid-block features)."""
+    from dmd2.checkpoint import _read_single_file, latest_checkpoint, training_state_path
+    from dmd2.distill import new_gan_head
+
+    records = [json.loads(line) for line in (student_dir / "metrics.jsonl").read_text().splitlines()]
+    gan = [r["loss_gan_generator"] for r in records if "loss_dm" in r]
+    assert gan and all(math.isfinite(v) for v in gan)
+    run = root / "work" / "sd-tiny" / "distill"
+    checkpoint = latest_checkpoint(next(run.glob("run-*")) / "checkpoints")
+    critic = _read_single_file(training_state_path(checkpoint))["critic"]["model"]
+    initial = new_gan_head(family, seed=0).state_dict()
+    moved = [k for k, v in initial.items() if not torch.equal(critic[f"head.{k}"].float(), v.float())]
+    assert len(moved) == len(initial), f"GAN head tensors still at their initial values: {set(initial) - set(moved)}"
+
+
 def test_a_text_to_image_student_is_distilled_and_evaluated(sd_project, sd_student):
     student = load_model(sd_project / "models" / "sd-tiny" / "student", data_dir=sd_project / "data" / "sd-tiny")
     assert student.is_student and student.family.name == "stable_diffusion" and student.timesteps == [999]
-    log = (sd_project / "models" / "sd-tiny" / "student" / "metrics.jsonl").read_text()
-    assert "loss_gan_generator" in log  # the GAN head read the UNet's mid-block
+    assert_the_gan_head_trained(sd_project, sd_student, student.family)
     run(sd_project, "fid-reference")
     run(sd_project, "evaluate")
     record = yaml.safe_load((sd_project / "results" / "sd-tiny" / "evaluation.json").read_text())
@@ -373,6 +391,25 @@ def regression_settings(tmp_path, **extra):
             "decoder": tiny_taesd(tmp_path / "taesd"), **extra}
 
 
+@contextlib.contextmanager
+def unet_training_timesteps():
+    """The timesteps of every UNet call made with gradients on (training, not pair generation or sampling) while
+    the block runs, through a module hook on the real network."""
+    from diffusers import UNet2DConditionModel
+
+    seen: set[int] = set()
+
+    def record(module, args):
+        if isinstance(module, UNet2DConditionModel) and torch.is_grad_enabled():
+            seen.update(int(t) for t in torch.as_tensor(args[1]).flatten())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def test_the_sdxl_one_step_recipe_regresses_onto_teacher_pairs_distills_at_399_and_exports(sdxl_project, tmp_path):
     """SDXL's one-step recipe: teacher ODE pairs, an LPIPS regression (images decoded by a tiny VAE), then
     distillation from the regressed generator at t = 399. LCM's default for one step is 999, so the export says to
@@ -382,7 +419,9 @@ def test_the_sdxl_one_step_recipe_regresses_onto_teacher_pairs_distills_at_399_a
 
     sdxl_copy(sdxl_project, tmp_path, distill={"denoising_timesteps": [399], "steps": 2},
               regression=regression_settings(tmp_path))
-    run(tmp_path, "regression")
+    with unet_training_timesteps() as trained_at:
+        run(tmp_path, "regression")
+    assert trained_at == {399}  # every training forward of the generator, not only its config, is at t = 399
     models = tmp_path / "models/sdxl-tiny"
     # each pair is the teacher's own guided sampler from that pair's noise and prompt
     teacher = load_model(models / "teacher", data_dir=tmp_path / "data/sdxl-tiny")
