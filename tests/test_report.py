@@ -185,10 +185,25 @@ def test_report_is_self_contained(root):
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     # provenance and protocol labels
     for text in ("Proxy metrics", "Proxy FID", "not comparable with published FIDs", "Git commit",
-                 "Teacher weights (sha256)", "mnist.eval.num_samples", "Stage wall times", "open-clip-torch",
+                 "Teacher weights (sha256)", "Settings that differ from params.yaml", "Stage wall times", "open-clip-torch",
                  "Images / s", "FID versus step"):
         assert text in page, text
     assert "—" in page  # no paper number for mnist
+
+
+def test_the_report_names_outputs_made_with_other_settings(root):
+    """Each stage records the settings it ran with; the report lists those that differ from the parameters it reads
+    (here the report is given distill.steps=9 while the student was made with 6)."""
+    none = "None: every stage's outputs were made with params.yaml's settings."
+    assert none in (root / "results/mnist/report.html").read_text()
+    try:
+        run_cli(root, "report", "--set", "distill.steps=9")
+        page = (root / "results/mnist/report.html").read_text()
+        rows = re.findall(r"<tr><td><code>([\w.]+)</code></td><td><code>(.*?)</code></td><td><code>(.*?)</code></td>"
+                          r"<td>([\w-]+)</td></tr>", page)
+        assert rows == [("distill.steps", "9", "6", "distill")], rows
+    finally:
+        run_cli(root, "report")
 
 
 def test_paper_numbers_slot_in_for_other_experiments():

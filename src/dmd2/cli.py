@@ -35,7 +35,7 @@ from dmd2.config import (
 )
 from dmd2.errors import Dmd2Error
 from dmd2.paths import ExperimentPaths
-from dmd2.stage import STAGE_PARAMS, StageContext
+from dmd2.stage import STAGE_PARAMS, StageContext, stage_settings
 
 
 def _common(func):
@@ -69,7 +69,7 @@ def _run_stage(stage: str, run: Callable[..., dict[str, Any]], ctx: StageContext
         summary = run(ctx, **options)
     record = ctx.paths.stage_record(stage)
     if write_record and record is not None:
-        write_stage_record(record, stage, started, **summary)
+        write_stage_record(record, stage, started, settings=stage_settings(ctx.exp, stage), **summary)
     return summary
 
 
@@ -231,7 +231,8 @@ def regression(ctx: StageContext) -> None:
         folder = ctx.paths.regression
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        (folder / "stage.json").write_text(json.dumps({"stage": "regression", "enabled": False}, indent=2) + "\n")
+        record = {"stage": "regression", "enabled": False, "settings": stage_settings(ctx.exp, "regression")}
+        (folder / "stage.json").write_text(json.dumps(record, indent=2) + "\n")
         click.echo("regression pre-training is off for this experiment (regression.enabled: false): nothing to do")
         return
     from dmd2.regression import run_regression
@@ -256,8 +257,8 @@ def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
     with stage_locks(ctx.paths, "distill"):  # held by the launcher while its ranks run (they take none)
         if relaunch_if_needed(launch, ctx.exp.slurm.distill, ctx.paths.launch_config, sys.argv[1:]):
             write_stage_record(ctx.paths.stage_record("distill"), "distill", started,
-                               num_processes=launch.world_size, num_machines=launch.num_machines,
-                               distributed=launch.distributed)
+                               settings=stage_settings(ctx.exp, "distill"), num_processes=launch.world_size,
+                               num_machines=launch.num_machines, distributed=launch.distributed)
             return
         acc = Accelerator(cpu=not _cuda())
 

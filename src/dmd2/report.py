@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from dmd2.checkpoint import sha256_file
-from dmd2.config import ExperimentConfig, Params, WandbConfig, to_dict
+from dmd2.config import ExperimentConfig, Params
 from dmd2.errors import MissingInputError
 from dmd2.paths import ExperimentPaths
-from dmd2.stage import StageContext
+from dmd2.stage import STAGE_PARAMS, StageContext, stage_settings
 from dmd2.tracking import git_state, read_jsonl
 
 PACKAGES = ("torch", "accelerate", "diffusers", "clean-fid", "open-clip-torch", "lmdb", "snakemake", "dvc", "wandb")
@@ -113,16 +113,21 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def param_differences(params: Params, name: str) -> list[dict[str, str]]:
-    """Every dotted key whose value differs from a default-constructed config, with both values."""
-    pairs = [(name, to_dict(params.current(name)), to_dict(ExperimentConfig())),
-             ("wandb", to_dict(params.wandb), to_dict(WandbConfig()))]
+def settings_differences(exp: ExperimentConfig, paths: ExperimentPaths) -> list[dict[str, str]]:
+    """Every key whose value in a stage's record (the settings its outputs were made with) differs from the
+    parameters this report reads (params.yaml, with any --set given to `dmd2 report`): outputs left by
+    `dvc exp run -S …` or a hand-run `--set`. Empty when every output matches params.yaml."""
     rows = []
-    for prefix, ours, default in pairs:
-        ours_flat, default_flat = flatten(ours, prefix), flatten(default, prefix)
-        for key in sorted(set(ours_flat) | set(default_flat)):
-            if ours_flat.get(key) != default_flat.get(key):
-                rows.append({"key": key, "default": json.dumps(default_flat.get(key)), "value": json.dumps(ours_flat.get(key))})
+    for stage in STAGE_PARAMS:
+        record_file = paths.stage_record(stage.replace("_", "-"))
+        recorded = (read_json(record_file) or {}).get("settings") if record_file else None
+        if recorded is None:
+            continue
+        used, current = flatten(recorded), flatten(stage_settings(exp, stage))
+        for key in sorted(set(used) | set(current)):
+            if used.get(key) != current.get(key):
+                rows.append({"key": key, "params": json.dumps(current.get(key)), "used": json.dumps(used.get(key)),
+                             "stage": stage.replace("_", "-")})
     return rows
 
 
@@ -175,7 +180,7 @@ def provenance(params: Params, name: str, paths: ExperimentPaths) -> dict[str, A
             "teacher_source": json.dumps(source, sort_keys=True) if source is not None else "unknown",
             "teacher_sha256": sha256_or_none(paths.teacher / "model.safetensors") or _by_reference(config) or "missing",
             "student_sha256": sha256_or_none(paths.student / "model.safetensors") or "missing",
-            "param_diffs": param_differences(params, name), "versions": package_versions(),
+            "settings_diffs": settings_differences(params.current(name), paths), "versions": package_versions(),
             "stages": stage_rows(paths)}
 
 

@@ -7,10 +7,12 @@ into the stage's `stage.json` (wall time and hardware added), the one place stag
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from dmd2.config import ExperimentConfig, Params
+from dmd2.config import ExperimentConfig, Params, to_dict
 from dmd2.paths import ExperimentPaths
 
 
@@ -38,6 +40,24 @@ STAGE_MODULES = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_con
 STAGE_PARAMS = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_config": ("launch",),
                 "regression": ("regression",), "distill": ("distill",),
                 "fid_reference": ("eval.classifier", "eval.fid", "eval.coco"), "evaluate": ("eval",), "report": ("",)}
+
+
+def stage_settings(exp: ExperimentConfig, stage: str) -> dict[str, Any]:
+    """The values of the blocks `stage` reads, validated and with every default filled in, as plain JSON values.
+
+    Each stage records them in its stage.json; the Snakefile compares that record with params.yaml, so outputs
+    that another front-end (`dvc exp run -S …`) or a hand-run `--set` made with other settings are rerun rather
+    than taken as up to date, and the report lists where they differ."""
+    tree = to_dict(exp)
+    settings = {}
+    for path in STAGE_PARAMS[stage.replace("-", "_")]:
+        node = tree
+        for part in filter(None, path.split(".")):
+            node = node[part]
+        settings[path or "experiment"] = node
+    return json.loads(json.dumps(settings))
+
+
 DATA_FILES = {"report": ["templates/report.html.j2"]}
 
 

@@ -1,4 +1,6 @@
 # Shared helpers: params.yaml validated by dmd2's own code, the experiment it picks, and its per-stage blocks.
+import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -8,7 +10,8 @@ from snakemake.exceptions import WorkflowError
 
 from dmd2.config import ConfigError, check_experiment_name, parse_params
 from dmd2.slurm import snakemake_resources
-from dmd2.stage import STAGE_PARAMS, stage_code
+from dmd2.paths import ExperimentPaths
+from dmd2.stage import STAGE_PARAMS, stage_code, stage_settings
 
 # The same validation and messages as `dmd2 <stage>`, before any job runs or any output is touched: a typo in
 # params.yaml (or in --config) stops `snakemake -n` with the key path and the closest valid key.
@@ -31,6 +34,28 @@ def stage_params(stage):
         return node
 
     return {path.replace(".", "_") or "experiment": lookup(path) for path in STAGE_PARAMS[stage]}
+
+
+def settings_stamp(stage):
+    """An input file of the rule that is made newer than the stage's outputs when its stage.json says they were
+    made with other settings than params.yaml's (by `dvc exp run -S …`, or a hand-run `dmd2 <stage> --set …`):
+    Snakemake's own records know only its own runs, so without this it would call those outputs up to date.
+    Created old (mtime 0), it triggers nothing by itself; the stage's rerun writes a matching stage.json."""
+    stamp = Path(f"work/{EXP}/settings/{stage}.json")
+    current = stage_settings(PARAMS.current(EXP), stage)
+    record_file = ExperimentPaths(EXP).stage_record(stage.replace("_", "-"))
+    try:
+        recorded = json.loads(record_file.read_text()).get("settings")
+    except (OSError, ValueError):
+        recorded = None  # no outputs yet (or a record from before settings were recorded): nothing to compare
+    if recorded is not None and recorded != current:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"params.yaml": current, "outputs were made with": recorded}, indent=1))
+    elif not stamp.exists():
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"params.yaml": current}, indent=1))
+        os.utime(stamp, (0, 0))
+    return str(stamp)
 
 
 def code(stage):

@@ -3,6 +3,7 @@ rule prepare_data:
         "Building the LMDB datasets of {EXP} (progress: tail -f {log})"
     input:
         code=code("prepare_data"),
+        settings=settings_stamp("prepare_data"),
     output:
         # the whole folder: train.lmdb, heldout.lmdb and stage.json; for a text-to-image teacher also
         # latents.lmdb, prompts.lmdb and eval_prompts.lmdb

@@ -24,6 +24,7 @@ rule distill:
         data=rules.prepare_data.output.data,
         launch=rules.launch_config.output.config,
         code=code("distill"),
+        settings=settings_stamp("distill"),
     output:
         student=directory(f"models/{EXP}/student"),
     params:

@@ -4,6 +4,7 @@ rule fid_reference:
     input:
         data=rules.prepare_data.output.data,
         code=code("fid_reference"),
+        settings=settings_stamp("fid_reference"),
     output:
         reference=directory(f"models/{EXP}/fid_reference"),
     params:
@@ -26,6 +27,7 @@ rule evaluate:
         reference=rules.fid_reference.output.reference,
         data=rules.prepare_data.output.data,
         code=code("evaluate"),
+        settings=settings_stamp("evaluate"),
     output:
         evaluation=report(f"results/{EXP}/evaluation.json", category="Metrics"),
         metrics=f"results/{EXP}/metrics.json",

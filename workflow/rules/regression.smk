@@ -10,6 +10,7 @@ rule regression:
         teacher=rules.teacher.output.model,
         data=rules.prepare_data.output.data,
         code=code("regression"),
+        settings=settings_stamp("regression"),
     output:
         # the pre-trained generator; with regression.enabled: false only a stage.json that says so
         model=directory(f"models/{EXP}/regression"),

@@ -4,6 +4,7 @@ rule teacher:
     input:
         data=rules.prepare_data.output.data,
         code=code("teacher"),
+        settings=settings_stamp("teacher"),
     output:
         model=directory(f"models/{EXP}/teacher"),
     params:
