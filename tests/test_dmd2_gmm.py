@@ -153,3 +153,40 @@ def test_dmd2_learns_the_mixture(family, timesteps, gan, iters):
     critic_loss = trainer.family.fake_score_loss(trainer.critic_module.score, x, t, None, noise)
     teacher_loss = trainer.family.fake_score_loss(trainer.teacher, x, t, None, noise)
     assert critic_loss <= teacher_loss * 1.02, (critic_loss, teacher_loss)
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_dm_noise_below_input_caps_the_later_steps_only(monkeypatch, below):
+    """With distill.dm_noise_below_input, the DM loss of an output made from a noisy input at t_k (backward
+    simulation's steps after the first) draws its noise in [min step, t_k]; the first step (pure noise in) keeps
+    the full range. Off, every step draws from the full range (the original's)."""
+    import dmd2.distill
+
+    trainer = make_trainer("edm", [999, 749, 499, 249], gan=False, iters=100)
+    trainer.cfg.dm_noise_below_input = below
+    inputs, seen = [], []
+    generator_input, dm_loss = trainer.generator_input, dmd2.distill.distribution_matching_loss
+
+    def record_input(*args, **kwargs):
+        x_t, t = generator_input(*args, **kwargs)
+        inputs.append(int(t[0]))
+        return x_t, t
+
+    def record_dm(family, real_net, fake_net, x, cond, t, *args, **kwargs):
+        seen.append((inputs[-1], t.clone()))
+        return dm_loss(family, real_net, fake_net, x, cond, t, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "generator_input", record_input)
+    monkeypatch.setattr(dmd2.distill, "distribution_matching_loss", record_dm)
+    train(trainer, 100, gan=False)  # 20 generator turns
+    low, high = trainer.dm_range
+    later = [(t_in, t) for t_in, t in seen if t_in != 999]
+    first = [t for t_in, t in seen if t_in == 999]
+    assert len({t_in for t_in, _ in later}) >= 2 and first
+    assert all(t.min() >= low and t.max() <= high for _, t in seen)
+    assert all(t.max() > 900 for t in first)  # the first step: the full range either way
+    if below:
+        assert all(t.max() <= t_in for t_in, t in later)
+        assert all(t.max() > t_in - 60 for t_in, t in later)  # up to its input's level, not far below
+    else:
+        assert all(t.max() > t_in for t_in, t in later)

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from gmm import MixtureDiffusers, MixtureEDM
 
-from dmd2.losses import distribution_matching_loss, dm_step_range, gan_critic_loss, gan_generator_loss
+from dmd2.losses import (
+    distribution_matching_loss,
+    dm_step_range,
+    gan_critic_loss,
+    gan_generator_loss,
+    uniform_timesteps_up_to,
+)
 
 
 class Linear(torch.nn.Module):
@@ -246,3 +252,14 @@ def test_a_narrow_gan_head_keeps_at_least_four_channels_per_group():
     assert [m.num_groups for m in head.layers if isinstance(m, torch.nn.GroupNorm)] == [8]
     logits = head(torch.randn(8, 32, 4, 4))
     assert logits.std() > 1e-3
+
+
+def test_timesteps_up_to_a_per_sample_bound():
+    u = torch.tensor([0.0, 0.5, 0.999, 0.3, 0.7])
+    high = torch.tensor([20, 39, 249, 980, 10])
+    # low + ⌊u·(high − low + 1)⌋: 20, 20 + ⌊0.5·20⌋, 20 + ⌊0.999·230⌋, 20 + ⌊0.3·961⌋; a bound below low gives low
+    assert uniform_timesteps_up_to(u, 20, high).tolist() == [20, 30, 249, 308, 20]
+    draws = uniform_timesteps_up_to(torch.rand(20000, generator=torch.Generator().manual_seed(0)), 20,
+                                    torch.full((20000,), 29))
+    counts = torch.bincount(draws - 20, minlength=10)
+    assert len(counts) == 10 and counts.min() > 1800  # all ten values, each about 2000 times

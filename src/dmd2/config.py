@@ -310,6 +310,10 @@ class DistillConfig(Strict):
         default_factory=lambda: [999], description="generator timesteps; [999] = 1 step, [999,749,499,249] = 4 steps"
     )
     backward_simulation: bool = Field(True, description="multi-step: train on the student's own roll-outs")
+    dm_noise_below_input: bool = Field(False, description="multi-step: the DM loss of an output made from a noisy "
+                                       "input at t (every step after the first) draws its noise at or below t, so a "
+                                       "later step is matched only on what its input leaves open; off = the "
+                                       "original's full range for every step (docs/tuning.md section 7)")
     gan: GANConfig = Field(default_factory=GANConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast every network call, and keep the frozen "

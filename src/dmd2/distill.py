@@ -45,7 +45,7 @@ from dmd2.critic import Critic, GANHead
 from dmd2.data import DataError, RandomBatches, open_split, read_meta
 from dmd2.errors import RunLockedError, TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
-from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss
+from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss, uniform_timesteps_up_to
 from dmd2.paths import ExperimentPaths
 from dmd2.regression import start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
@@ -233,6 +233,16 @@ class DMD2Trainer:
         pure = (t == steps[0]).reshape(-1, *[1] * len(self.shape))
         return torch.where(pure, family.generator_input(z, t), x_t), t
 
+    def dm_timesteps(self, t_in: torch.Tensor) -> torch.Tensor:
+        """The DM loss's noise level per sample: U{min … max step}; with `dm_noise_below_input`, an output the
+        generator made from a noisy input at t (not the first step, whose input is pure noise) draws at most t."""
+        low, high = self.dm_range
+        if not self.cfg.dm_noise_below_input:
+            return self.draw.randint(low, high + 1, len(t_in), t_in.device)
+        from_noise = t_in == self.cfg.denoising_timesteps[0]
+        cap = torch.where(from_noise, torch.full_like(t_in, high), t_in.clamp(max=high))
+        return uniform_timesteps_up_to(self.draw.rand(len(t_in), t_in.device), low, cap)
+
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Few-step generation as at inference (fresh re-noising noise from torch's RNG)."""
@@ -257,7 +267,7 @@ class DMD2Trainer:
         if compute_generator:
             critic = self.critic_module
             self._critic_trainable(False)  # the generator turn updates the generator only
-            t_dm = self.draw.randint(self.dm_range[0], self.dm_range[1] + 1, n, x.device)
+            t_dm = self.dm_timesteps(t_in)
             with self._autocast():
                 loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x, cond,
                                                                t_dm, self.draw.randn_like(x), cfg.real_guidance_scale,
@@ -394,6 +404,11 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
         return _train(ctx, trainer, teacher, real, run_dir, step, elapsed, per_rank)
 
 
+# Settings added after runs existed, at the value that trains as before they existed: left out of the run's
+# fingerprint, so a run started before the key was added still resumes.
+KEYS_ADDED_LATER = {"dm_noise_below_input": False}
+
+
 def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool) -> Path:
     """The run directory for these settings and inputs: the teacher's files, the regressed generator (when
     distillation starts from one), the prompts the generator draws and the real data's source (the GAN's and
@@ -403,7 +418,8 @@ def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed:
         inputs.append(paths.regression / "model.safetensors")
     train = paths.data / "train.lmdb"
     data = read_meta(train) if (train / "data.mdb").exists() else None
-    return run_directory(paths.work("distill"), {**to_dict(cfg), "data": data},
+    settings = {k: v for k, v in to_dict(cfg).items() if KEYS_ADDED_LATER.get(k, object()) != v}
+    return run_directory(paths.work("distill"), {**settings, "data": data},
                          progress_keys(DISTILL_PROGRESS_KEYS, cfg.lr_scheduler), [f for f in inputs if f.exists()])
 
 

@@ -109,6 +109,9 @@ class GlobalBatchRandom:
     def randint(self, low: int, high: int, n: int, device) -> torch.Tensor:
         return self._mine(torch.randint(low, high, (n * self.world,)), n, device)
 
+    def rand(self, n: int, device) -> torch.Tensor:
+        return self._mine(torch.rand(n * self.world), n, device)
+
 
 def all_ranks_agree(ok: bool, device: torch.device | str = "cpu") -> bool:
     """True only if `ok` is True on every rank (one all-reduce when a process group is up): a decision such as
