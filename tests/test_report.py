@@ -206,6 +206,21 @@ def test_the_report_names_outputs_made_with_other_settings(root):
         run_cli(root, "report")
 
 
+def test_the_readme_python_snippet_samples_a_student(root, monkeypatch):
+    """README's "A student from Python", run as it stands from a project root that holds a student."""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"### A student from Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(root)
+    try:
+        exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+        grid = Image.open(root / "student.png")
+        assert grid.size == (4 * (10 * 17 + 1), 4 * (2 * 17 + 1))  # 10 classes × 2 rows of 16-px tiles, ×4
+    finally:
+        (root / "student.png").unlink(missing_ok=True)
+
+
 def test_paper_numbers_slot_in_for_other_experiments():
     from dmd2.report import paper_match
 
