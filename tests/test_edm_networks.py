@@ -202,6 +202,33 @@ def test_hostile_pickles_are_refused_without_running_anything(tmp_path, attack, 
     assert not marker.exists()
 
 
+def test_a_network_of_another_shape_is_refused_in_one_line(tmp_path):
+    from dmd2.families.edm_pickle import convert_edm_pickle
+
+    constructor = json.loads((DATA / "tiny-ddpmpp.json").read_text())["constructor"]
+    net = build(constructor)
+    net.register_parameter("stray", torch.nn.Parameter(torch.zeros(3)))  # a tensor our network does not have
+    edm_style_pickle(net, constructor, tmp_path / "net.pkl")
+    with pytest.raises(ModelError) as err:
+        convert_edm_pickle(tmp_path / "net.pkl")
+    message = str(err.value)
+    assert "0 tensors missing, 1 unexpected, 0 of another shape; first: unexpected" in message and "stray" in message
+    assert len(message.splitlines()) == 1 and len(message) < 200 + len(str(tmp_path))
+
+
+def test_a_refusal_naming_many_globals_stays_short(tmp_path):
+    import collections
+    import io as io_module
+
+    path = tmp_path / "many.pkl"
+    path.write_bytes(pickle.dumps({"ema": [os.system, os.popen, eval, exec, io_module.BytesIO, collections.Counter]}))
+    with pytest.raises(ModelError) as err:
+        read_edm_pickle(path)
+    message = str(err.value)
+    assert "_io.BytesIO, builtins.eval, builtins.exec and 3 more" in message and "nothing was executed" in message
+    assert len(message.splitlines()) == 1 and len(message) < 200 + len(str(path))  # two terminal lines, not six
+
+
 @pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL opcodes, and STACK_GLOBAL built from two pushed strings
 def test_each_layer_of_the_reader_refuses_on_its_own(tmp_path, protocol):
     import io

@@ -162,8 +162,9 @@ def read_edm_pickle(path: str | Path) -> dict[str, Any]:
     except ModelError as err:
         raise ModelError(f"{path}: {err}; EDM's network pickles are whole, uncompressed pickle files") from None
     if refused:
-        raise ModelError(f"{path} refers to {', '.join(refused)}, which an EDM checkpoint never needs; refusing to "
-                         "unpickle it (nothing was executed). Is it really one of EDM's network pickles?")
+        named = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+        raise ModelError(f"{path} refers to {named}, which an EDM checkpoint never needs: refused, nothing was "
+                         "executed. Is it one of EDM's network pickles?")
     try:
         top = _RestrictedUnpickler(io.BytesIO(data)).load()
     except ModelError as err:
@@ -239,9 +240,10 @@ def convert_edm_pickle(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
              if k in weights and weights[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise ModelError(f"{path}: the network does not match our {config['architecture']} "
-                         f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. "
-                         f"{unexpected[:3]}; {len(wrong)} with another shape, e.g. {wrong[:3]})")
+        first = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") \
+            or f"{wrong[0]}"
+        raise ModelError(f"{path}: the network does not match our {config['architecture']} ({len(missing)} tensors "
+                         f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape; first: {first})")
     return config, {k: weights[k].float().contiguous() for k in expected}
 
 
