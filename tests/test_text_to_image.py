@@ -210,6 +210,28 @@ def test_export_replaces_only_a_directory_it_wrote(sd_project, sd_student, tmp_p
     assert (empty / "dmd2_student.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+def test_export_refuses_an_empty_mount_point(sd_project, sd_student, tmp_path):
+    """An empty mount point would pass the non-empty check, and the final rename onto it fails ("Device or resource
+    busy") after all the work: it is refused first, in one line, and stays mounted and empty. The mount is a tmpfs
+    in a private mount namespace (`unshare -rm`: no root needed, nothing mounted outside the test)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare to make a mount point")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    script = (f"mount -t tmpfs none {mount} && {sys.executable} -m dmd2.cli export --model "
+              f"models/sd-tiny/student --output_dir {mount}; echo exit=$?; ls -A {mount} | wc -l")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=sd_project, capture_output=True, text=True,
+                          timeout=300)
+    if "mount" in proc.stderr and "exit=" not in proc.stdout:
+        pytest.skip(f"this machine does not allow a private mount namespace: {proc.stderr.strip()[:200]}")
+    assert "exit=1" in proc.stdout and proc.stdout.strip().endswith("0"), proc.stdout + proc.stderr
+    assert f"error: --output_dir {mount} is a mount point" in proc.stderr, proc.stderr
+
+
 def test_only_text_to_image_students_export(sd_project, tmp_path):
     from dmd2.export import export_pipeline
     from dmd2.families import ModelError
