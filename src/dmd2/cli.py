@@ -33,7 +33,7 @@ from dmd2.config import (
     leaf_keys,
     load_params,
 )
-from dmd2.errors import Dmd2Error
+from dmd2.errors import EXIT_RESUMABLE, Dmd2Error, StopRequested
 from dmd2.paths import ExperimentPaths
 from dmd2.stage import STAGE_PARAMS, StageContext, stage_settings
 
@@ -83,6 +83,9 @@ class _Group(click.Group):
         except (Dmd2Error, OSError) as err:
             if os.environ.get("DMD2_DEBUG", "") not in ("", "0") or not _expected(err):
                 raise
+            if isinstance(err, StopRequested):  # a requested stop, not a failure
+                click.echo(f"stopped: {err}", err=True)
+                sys.exit(EXIT_RESUMABLE)
             click.echo(f"error: {_one_line(err)}", err=True)
             sys.exit(2 if isinstance(err, ConfigError) else 1)
 

@@ -51,6 +51,7 @@ from dmd2.regression import start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard
 from dmd2.stage import StageContext
+from dmd2.stopping import StopOnSignal
 from dmd2.training import (
     GlobalBatchRandom,
     adamw,
@@ -440,8 +441,19 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
     # the bar is closed on errors too, so an error line never lands on its line; the writer finishes the
     # checkpoint in flight whatever happens, so a diverged run keeps its last good one, and it writes the last
     # checkpoint while the student is written
-    with bar, contextlib.closing(writer):
+    with bar, contextlib.closing(writer), StopOnSignal() as stop:
         t0, last_generator = time.time(), {}
+
+        def checkpoint(step: int) -> Path:
+            ckpt = _save(trainer, acc, ckpt_dir, step, real, elapsed + time.time() - t0, cfg.keep_last,
+                         student_config(teacher.config, cfg.denoising_timesteps, {**source, "iterations": step},
+                                        _lora(cfg)),
+                         writer)
+            if tracker.logs_checkpoints:
+                writer.wait()  # the artifact is the committed directory
+                tracker.log_checkpoint(ckpt, f"{ctx.experiment}-distill-{run_dir.name}")
+            return ckpt
+
         while step < cfg.steps:
             batch = Batch(per_rank, family.encode_conditions(family.random_conditions(per_rank, trainer.draw), acc.device))
             if real is not None:
@@ -462,14 +474,13 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
                 grid = _sample_grid(trainer, run_dir / "samples" / f"step-{step:07d}.png", exp.eval.grid_per_class,
                                     exp.eval.seed, main)
                 tracker.log_image("samples", grid, step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                ckpt = _save(trainer, acc, ckpt_dir, step, real, elapsed + time.time() - t0, cfg.keep_last,
-                             student_config(teacher.config, cfg.denoising_timesteps, {**source, "iterations": step},
-                                            _lora(cfg)),
-                             writer)
-                if tracker.logs_checkpoints:
-                    writer.wait()  # the artifact is the committed directory
-                    tracker.log_checkpoint(ckpt, f"{ctx.experiment}-distill-{run_dir.name}")
+            on_schedule = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if on_schedule:
+                ckpt = checkpoint(step)
+            if step < cfg.steps and stop.requested(acc.device):  # a time limit or preemption is coming
+                ckpt = ckpt if on_schedule else checkpoint(step)
+                writer.wait()
+                raise stop.stop(step, ckpt)
         bar.close()
         tracker.finish()
         summary = {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}

@@ -27,3 +27,11 @@ class MissingInputError(Dmd2Error, FileNotFoundError):
 
 class LaunchError(Dmd2Error, RuntimeError):
     """The launch settings cannot run here (e.g. several machines outside Slurm)."""
+
+
+EXIT_RESUMABLE = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the same command will carry on
+
+
+class StopRequested(Dmd2Error):
+    """A training run stopped by a signal after writing its checkpoint (dmd2.stopping); the CLI prints one
+    `stopped:` line and exits with EXIT_RESUMABLE, and rerunning the command resumes it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -149,7 +150,13 @@ def relaunch_if_needed(launch: LaunchConfig, job: SlurmDistillJob, config_file: 
         env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     command = launcher_command(launch, job, config_file, stage_args, os.environ.get("SLURM_JOB_ID"))
     print("launching:", shlex.join(command), flush=True)
-    result = subprocess.run(command, env=env)
+    # A stop signal is for the ranks (dmd2.stopping): ignored here, and so by the launcher processes, which inherit
+    # the setting (SIGUSR1's default action would end them under the ranks); the ranks install their own handler.
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        result = subprocess.run(command, env=env)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     if result.returncode != 0:
         sys.exit(result.returncode)
     return True

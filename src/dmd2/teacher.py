@@ -27,6 +27,7 @@ from dmd2.data import RandomBatches, open_split
 from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, family_for, import_teacher, save_model, teacher_config
 from dmd2.stage import StageContext
+from dmd2.stopping import StopOnSignal
 from dmd2.training import EMA, adamw, clip_gradients, device, progress_keys, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
@@ -119,7 +120,7 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
                     tracking_config(ctx.params, ctx.experiment, "teacher", run_dir))
     net.train()
     bar = progress(cfg.steps, step, "teacher")
-    with bar:  # closed on errors too, so an error line never lands on the bar's line
+    with bar, StopOnSignal() as stop:  # the bar is closed on errors too, so an error line never lands on its line
         t0 = time.time()
         while step < cfg.steps:
             x, y = run.batches.next()
@@ -143,8 +144,11 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
                 log.write(record)
                 tracker.log(record, step)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            stopping = step < cfg.steps and stop.requested()  # a time limit or preemption is coming
+            if stopping or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 run.save(ckpt_dir, step, elapsed + time.time() - t0, cfg.keep_last)
+            if stopping:
+                raise stop.stop(step, latest_checkpoint(ckpt_dir))
     tracker.finish()
 
     net.load_state_dict(run.ema.shadow)
