@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from tiny import fresh_copy, run, run_dir, write_tiny_params
 from torch.distributed.checkpoint import FileSystemReader
 
-from dmd2.checkpoint import latest_checkpoint
+from dmd2.checkpoint import checkpoint_step, latest_checkpoint
 
 PARAM_RTOL, LOSS_RTOL = 1e-4, 1e-3
 TWO_PROCESSES = {"launch": {"distributed": "ddp", "processes_per_machine": 2}}
@@ -31,9 +32,9 @@ def fsdp(strategy: str = "FULL_SHARD") -> dict:
                        "fsdp": {"sharding_strategy": strategy, "min_num_params": 2000}}}
 
 
-def distill_subprocess(root: Path) -> None:
+def distill_subprocess(root: Path, stages: tuple[str, ...] = ("launch-config", "distill")) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for stage in ("launch-config", "distill"):
+    for stage in stages:
         proc = subprocess.run([sys.executable, "-m", "dmd2.cli", stage, "--params", str(root / "params.yaml"),
                                "--root", str(root)], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -185,7 +186,6 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_the_same_iteration(p
     module installs in that process alone): both ranks stop at the same iteration with the divergence error, rank 0
     saying the value was on another rank; neither waits in a collective (the run ends well within the timeout); no
     student is written and the last checkpoint, from before the NaN, holds finite weights."""
-    from dmd2.checkpoint import checkpoint_step
     from dmd2.families import load_model
 
     root = fresh_copy(prepared, tmp_path / "nan", **TWO_PROCESSES)
@@ -216,3 +216,53 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_the_same_iteration(p
     assert checkpoint is not None and checkpoint_step(checkpoint) <= int(stops[0][2])
     weights = load_file(checkpoint / "student/model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _descendant_with(pid: int, variable: str) -> int | None:
+    """The process under `pid` whose environment holds `variable` (e.g. "RANK=1"), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            if variable.encode() in (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0"):
+                return child
+        except OSError:
+            pass
+        todo += children.get(child, [])
+    return None
+
+
+@pytest.mark.integration
+def test_a_stop_signal_to_one_rank_stops_both_at_the_same_iteration_and_the_run_resumes(prepared, tmp_path):
+    """SIGUSR1 to rank 1 alone of a 2-process run: both ranks checkpoint the same iteration and stop (rank 0 because
+    the decision is all-reduced), and the same command again finishes the run as the uninterrupted one."""
+    root = fresh_copy(prepared, tmp_path / "stop", distill={"steps": 16, "checkpoint_every": 100}, **TWO_PROCESSES)
+    distill_subprocess(root, stages=("launch-config",))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dmd2.cli", "distill", "--params", str(root / "params.yaml"),
+                             "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline, rank1 = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        logs = list((root / "work/mnist/distill").glob("run-*/metrics.jsonl"))
+        rank1 = rank1 or _descendant_with(proc.pid, "RANK=1")
+        if rank1 and logs and len(logs[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert rank1, "rank 1 not found"
+    os.kill(rank1, signal.SIGUSR1)
+    output = proc.communicate(timeout=240)[0]
+    stops = re.findall(r"stopped: (SIGUSR1|a signal on another rank) at iteration (\d+)", output)
+    assert sorted(s for s, _ in stops) == ["SIGUSR1", "a signal on another rank"], output[-3000:]
+    assert len({step for _, step in stops}) == 1
+    assert checkpoint_step(latest_checkpoint(run_dir(root, "distill") / "checkpoints")) == int(stops[0][1])
+    distill_subprocess(root, stages=("distill",))  # the same command again
+    straight = fresh_copy(prepared, tmp_path / "straight", distill={"steps": 16, "checkpoint_every": 100})
+    run(straight, "distill")
+    assert_matches(straight, root, "2 processes stopped by a signal and resumed")
