@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny import fresh_copy, run, run_dir, write_tiny_params
+from tiny import fresh_copy, run, run_dir, start_stage, stop_mid_run, write_tiny_params
 
 from dmd2.checkpoint import list_checkpoints, load_training_state, run_lock
 from dmd2.cli import main
@@ -595,29 +595,13 @@ def test_a_stop_signal_checkpoints_where_it_is_and_the_rerun_ends_as_if_uninterr
     from that checkpoint, and the model is bit for bit the one an uninterrupted run writes."""
     from dmd2.checkpoint import checkpoint_step, latest_checkpoint
 
-    def start(root: Path) -> subprocess.Popen:  # one thread in every part: the same arithmetic, bit for bit
-        return subprocess.Popen([sys.executable, "-m", "dmd2.cli", stage, "--params", str(root / "params.yaml"),
-                                 "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-
     settings = {stage: {"steps": 30, "checkpoint_every": 100, "log_every": 1}}
     straight = fresh_copy(prepared, tmp_path / "straight", **settings)
-    assert start(straight).wait(timeout=240) == 0
+    assert start_stage(straight, stage).wait(timeout=240) == 0
     stopped = fresh_copy(prepared, tmp_path / "stopped", **settings)
-    proc = start(stopped)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:  # a few iterations logged: the loop is running
-        logs = list((stopped / "work/mnist" / stage).glob("run-*/metrics.jsonl"))
-        if logs and len(logs[0].read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 75, err[-3000:]
-    found = re.search(r"stopped: SIGUSR1 at iteration (\d+): checkpoint (\S+) written", err)
-    assert found and 3 <= int(found.group(1)) < 30, err[-3000:]
-    assert checkpoint_step(latest_checkpoint(run_dir(stopped, stage) / "checkpoints")) == int(found.group(1))
-    assert start(stopped).wait(timeout=240) == 0  # the same command again
+    step = stop_mid_run(stopped, stage, f"work/mnist/{stage}/run-*/metrics.jsonl")
+    assert 3 <= step < 30 and checkpoint_step(latest_checkpoint(run_dir(stopped, stage) / "checkpoints")) == step
+    assert start_stage(stopped, stage).wait(timeout=240) == 0  # the same command again
     a = load_file(straight / "models/mnist" / model / "model.safetensors")
     b = load_file(stopped / "models/mnist" / model / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

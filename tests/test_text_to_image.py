@@ -471,6 +471,26 @@ def test_the_sdxl_one_step_recipe_regresses_onto_teacher_pairs_distills_at_399_a
                                                              "timesteps": [399]}
 
 
+def test_a_stop_signal_stops_the_regression_at_a_checkpoint_and_the_rerun_finishes_it(sdxl_project, tmp_path):
+    from tiny import start_stage, stop_mid_run
+
+    from dmd2.checkpoint import checkpoint_step, latest_checkpoint
+
+    settings = regression_settings(tmp_path, loss="mse", decoder=None, steps=20, checkpoint_every=100)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for root in (straight, stopped):
+        root.mkdir()
+        sdxl_copy(sdxl_project, root, distill={"denoising_timesteps": [399]}, regression=settings)
+    assert start_stage(straight, "regression").wait(timeout=300) == 0
+    step = stop_mid_run(stopped, "regression", "work/sdxl-tiny/regression/train/run-*/metrics.jsonl")
+    checkpoints = next((stopped / "work/sdxl-tiny/regression/train").glob("run-*")) / "checkpoints"
+    assert 3 <= step < 20 and checkpoint_step(latest_checkpoint(checkpoints)) == step
+    assert start_stage(stopped, "regression").wait(timeout=300) == 0  # the same command again
+    a = load_file(straight / "models/sdxl-tiny/regression/model.safetensors")
+    b = load_file(stopped / "models/sdxl-tiny/regression/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_distillation_starts_from_the_regressed_generator_and_a_regression_run_resumes(sdxl_project, tmp_path):
     """Stopped at step 2 and run again, the regression reaches the same generator as a run straight to step 4; the
     distillation's generator starts from it (the critic from the teacher)."""

@@ -1,6 +1,12 @@
 """Tiny versions of the embedded experiments, for integration tests (seconds per stage on 2 cores)."""
 
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -54,6 +60,31 @@ def run(root: Path, *args: str) -> None:
     result = CliRunner().invoke(main, [*args, "--params", str(root / "params.yaml"), "--root", str(root)],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
+
+
+def start_stage(root: Path, stage: str) -> subprocess.Popen:
+    """`dmd2 <stage>` on the project in `root` as its own process, on one thread (runs compared bit for bit must
+    do the same arithmetic)."""
+    return subprocess.Popen([sys.executable, "-m", "dmd2.cli", stage, "--params", str(root / "params.yaml"),
+                             "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def stop_mid_run(root: Path, stage: str, log_glob: str, after_lines: int = 3) -> int:
+    """Start `dmd2 <stage>`, send it SIGUSR1 once its training log (`log_glob` under root) has `after_lines`
+    records, check that it stops as promised (exit status 75, one `stopped:` line) and return the iteration."""
+    proc, deadline = start_stage(root, stage), time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(root.glob(log_glob))
+        if logs and len(logs[0].read_text().splitlines()) >= after_lines:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    found = re.search(r"stopped: SIGUSR1 at iteration (\d+): checkpoint (\S+) written", err)
+    assert found, err[-3000:]
+    return int(found.group(1))
 
 
 def fresh_copy(prepared: Path, dest: Path, **overrides: dict) -> Path:

@@ -46,6 +46,7 @@ from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
 from dmd2.latents import LatentDataset, write_latents_lmdb
 from dmd2.stage import StageContext
+from dmd2.stopping import StopOnSignal
 from dmd2.tracking import progress
 from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, progress_keys, warmup_schedule
 
@@ -319,7 +320,7 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
         t = torch.full((cfg.batch_size,), timestep, dtype=torch.long, device=dev)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
         t0 = time.time()
-        with progress(cfg.steps, step, "regression") as bar:
+        with progress(cfg.steps, step, "regression") as bar, StopOnSignal() as stop:
             while step < cfg.steps:
                 target, noise, raw = batches.next()
                 target, noise = target.to(dev), noise.to(dev)
@@ -341,11 +342,14 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
                     log.write({"step": step, "loss": loss.item(), "grad_norm": grad_norm,
                                "time_s": round(elapsed + time.time() - t0, 2)})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                stopping = step < cfg.steps and stop.requested()  # a time limit or preemption is coming
+                if stopping or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "data": batches.state_dict(), "rng": rng_state()}
                     save_checkpoint(ckpt_dir, step, {"generator": generator.state_dict()}, state,
                                     {"train_seconds": elapsed + time.time() - t0}, cfg.keep_last)
+                if stopping:
+                    raise stop.stop(step, latest_checkpoint(ckpt_dir))
     source = {"type": "regression", "teacher": str(paths.teacher), "pairs": len(pairs), "steps": cfg.steps,
               "loss": cfg.loss, "run": run_dir.name}
     save_model(paths.regression, generator, student_config(teacher.config, [timestep], source),
