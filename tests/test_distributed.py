@@ -242,8 +242,8 @@ def _descendant_with(pid: int, variable: str) -> int | None:
 @pytest.mark.integration
 def test_a_stop_signal_to_one_rank_stops_both_at_the_same_iteration_and_the_run_resumes(prepared, tmp_path):
     """SIGUSR1 to rank 1 alone of a 2-process run: both ranks checkpoint the same iteration and stop (rank 0 because
-    the decision is all-reduced), and the same command again finishes the run as the uninterrupted one."""
-    root = fresh_copy(prepared, tmp_path / "stop", distill={"steps": 16, "checkpoint_every": 100}, **TWO_PROCESSES)
+    the decision is all-reduced), and the same command again finishes the run as an uninterrupted 2-process run."""
+    root = fresh_copy(prepared, tmp_path / "stop", distill={"steps": 60, "checkpoint_every": 1000}, **TWO_PROCESSES)
     distill_subprocess(root, stages=("launch-config",))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dmd2.cli", "distill", "--params", str(root / "params.yaml"),
@@ -254,7 +254,7 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_iteration_and_the_run_
         rank1 = rank1 or _descendant_with(proc.pid, "RANK=1")
         if rank1 and logs and len(logs[0].read_text().splitlines()) >= 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert rank1, "rank 1 not found"
     os.kill(rank1, signal.SIGUSR1)
     output = proc.communicate(timeout=240)[0]
@@ -263,6 +263,9 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_iteration_and_the_run_
     assert len({step for _, step in stops}) == 1
     assert checkpoint_step(latest_checkpoint(run_dir(root, "distill") / "checkpoints")) == int(stops[0][1])
     distill_subprocess(root, stages=("distill",))  # the same command again
-    straight = fresh_copy(prepared, tmp_path / "straight", distill={"steps": 16, "checkpoint_every": 100})
-    run(straight, "distill")
-    assert_matches(straight, root, "2 processes stopped by a signal and resumed")
+    # the reference has the same launch shape: over 60 iterations 1 and 2 processes part by more than the
+    # 6-iteration tolerance (1.5e-4 measured), which is reduction order, not the stop
+    straight = fresh_copy(prepared, tmp_path / "straight", distill={"steps": 60, "checkpoint_every": 1000},
+                          **TWO_PROCESSES)
+    distill_subprocess(straight)
+    assert_matches(straight, root, "2 processes stopped by a signal and resumed, against 2 uninterrupted")

@@ -253,6 +253,19 @@ def test_the_distillation_run_covers_the_prompts_and_the_real_data(prepared, tmp
     paths, cfg = ExperimentPaths("mnist", root), DistillConfig()
     first = distill_run_directory(paths, cfg, regressed=False)
     assert distill_run_directory(paths, cfg, regressed=False) == first  # the same inputs: the same run
+    # a setting added later, at its default, leaves the fingerprint as it was before the key existed (old runs
+    # resume); set, it is a new run
+    from dmd2.checkpoint import run_directory
+    from dmd2.config import to_dict
+    from dmd2.data import read_meta
+    from dmd2.distill import DISTILL_PROGRESS_KEYS, KEYS_ADDED_LATER
+    from dmd2.training import progress_keys
+
+    before = {k: v for k, v in to_dict(cfg).items() if k not in KEYS_ADDED_LATER}
+    inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors") if f.exists()]
+    assert first == run_directory(paths.work("distill"), {**before, "data": read_meta(paths.data / "train.lmdb")},
+                                  progress_keys(DISTILL_PROGRESS_KEYS, cfg.lr_scheduler), inputs)
+    assert distill_run_directory(paths, DistillConfig(dm_noise_below_input=True), regressed=False) != first
     write_prompts_lmdb(paths.data / "prompts.lmdb", ["a handwritten digit 1"], {})
     with_prompts = distill_run_directory(paths, cfg, regressed=False)
     write_prompts_lmdb(paths.data / "prompts.lmdb", ["a handwritten digit 2"], {})

@@ -78,7 +78,7 @@ def stop_mid_run(root: Path, stage: str, log_glob: str, after_lines: int = 3) ->
         logs = list(root.glob(log_glob))
         if logs and len(logs[0].read_text().splitlines()) >= after_lines:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 75, err[-3000:]
