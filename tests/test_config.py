@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from conftest import REPO
 
 from dmd2.cli import main
-from dmd2.config import ConfigError, DistillConfig, apply_override, load_params, parse_params
+from dmd2.config import ConfigError, DistillConfig, SlurmConfig, apply_override, load_params, parse_params
 
 
 def test_repository_params_are_valid():
@@ -62,6 +62,8 @@ def test_invalid_values_are_rejected():
         DistillConfig(denoising_timesteps=[249, 999])
     with pytest.raises(ValueError, match="min_step_percent"):
         DistillConfig(min_step_percent=0.9, max_step_percent=0.1)
+    with pytest.raises(ValueError, match=r"slurm.distill.runtime_minutes \(5\) must exceed slurm.stop_before_limit"):
+        SlurmConfig(distill={"runtime_minutes": 5})  # every run of the job would stop after one iteration
 
 
 @pytest.mark.parametrize("key", ["teacher.lr", "distill.generator_lr", "distill.critic_lr", "eval.classifier.lr"])

@@ -119,6 +119,11 @@ def test_a_params_typo_stops_snakemake_before_anything_runs(tmp_path):
     proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--config", "experiment=nope"], cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "experiment: 'nope' has no block" in proc.stdout + proc.stderr
+    # a setting given to Snakemake alone would not reach the stages, which read params.yaml: refused, with the fix
+    proc = subprocess.run(["snakemake", "-n", "--cores", "1", "--config", "mnist={distill: {steps: 7}}"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "snakemake --config changed mnist of params.yaml" in proc.stdout + proc.stderr
+    assert "Edit params.yaml (or run `dvc exp run -S KEY=VALUE`)" in proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ real runs

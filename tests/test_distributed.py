@@ -32,12 +32,16 @@ def fsdp(strategy: str = "FULL_SHARD") -> dict:
                        "fsdp": {"sharding_strategy": strategy, "min_num_params": 2000}}}
 
 
-def distill_subprocess(root: Path, stages: tuple[str, ...] = ("launch-config", "distill")) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def distill_subprocess(root: Path, stages: tuple[str, ...] = ("launch-config", "distill"),
+                       env: dict[str, str] | None = None) -> str:
+    """The stages as their own processes, on one thread each (`env`: more variables); their output."""
+    env, output = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, ""
     for stage in stages:
         proc = subprocess.run([sys.executable, "-m", "dmd2.cli", stage, "--params", str(root / "params.yaml"),
                                "--root", str(root)], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        output += proc.stdout + proc.stderr
+    return output
 
 
 def relative_difference(a: Path, b: Path) -> float:
@@ -130,11 +134,60 @@ def test_the_generator_average_is_kept_per_shard(prepared, tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["SHARD_GRAD_OP", "HYBRID_SHARD"])
 def test_other_fsdp_strategies_match_one_process(one, prepared, tmp_path, strategy):
+    """SHARD_GRAD_OP also recomputes activations and accumulates 2 micro-batches of 2 per process (global batch 8,
+    as the 1-process run's), its gradients synchronised only in the second's backward."""
     settings = fsdp(strategy)
-    settings["launch"]["fsdp"]["activation_checkpointing"] = strategy == "SHARD_GRAD_OP"  # recomputes, same numbers
+    if strategy == "SHARD_GRAD_OP":
+        settings["launch"].update(micro_batch=2)
+        settings["launch"]["fsdp"]["activation_checkpointing"] = True  # recomputes, same numbers
     root = fresh_copy(prepared, tmp_path / strategy, **settings)
-    distill_subprocess(root)
+    output = distill_subprocess(root)
     assert_matches(one, root, f"2 processes (FSDP2 {strategy})")
+    assert ("× 2 micro-batch(es) of 2" in output) == (strategy == "SHARD_GRAD_OP")
+
+
+# A sitecustomize for each rank: every DDP model gets a gradient communication hook (the default all-reduce) that
+# counts, at exit, the backward passes whose gradients were averaged across ranks (each ends with its last bucket).
+COUNT_SYNCED_BACKWARDS = """
+import atexit, os
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+synced = [0]
+original_init = DistributedDataParallel.__init__
+
+def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+
+    def counting(state, bucket):
+        synced[0] += bucket.is_last()
+        return allreduce_hook(state, bucket)
+
+    self.register_comm_hook(None, counting)
+
+DistributedDataParallel.__init__ = init
+if "RANK" in os.environ:
+    atexit.register(lambda: open(os.path.join(os.environ["COUNT_DIR"], os.environ["RANK"]), "w").write(str(synced[0])))
+"""
+
+
+@pytest.mark.integration
+def test_two_processes_accumulating_micro_batches_match_one_process(one, prepared, tmp_path):
+    """launch.micro_batch: 2 processes × 2 micro-batches of 2 (DDP) train as 1 process on the whole batch of 8, the
+    DM loss, the critic and the GAN head all on; gradients are averaged across ranks once per optimiser step (the
+    first micro-batch's backward runs under no_sync), counted by a communication hook in each rank."""
+    root = fresh_copy(prepared, tmp_path / "micro", launch={**TWO_PROCESSES["launch"], "micro_batch": 2})
+    inject, counts = tmp_path / "inject", tmp_path / "counts"
+    inject.mkdir()
+    counts.mkdir()
+    (inject / "sitecustomize.py").write_text(COUNT_SYNCED_BACKWARDS)
+    output = distill_subprocess(root, env={"COUNT_DIR": str(counts), "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(inject), os.environ.get("PYTHONPATH")]))})
+    assert "global batch 8: 2 process(es) × 2 micro-batch(es) of 2" in output
+    assert_matches(one, root, "2 processes × 2 micro-batches (DDP)")
+    steps, ratio = 6, 2  # tests/tiny.py: generator turns at iterations 0, 2, 4; a critic turn every iteration
+    synced = {rank.name: int(rank.read_text()) for rank in counts.iterdir()}
+    assert synced == {"0": steps + steps // ratio, "1": steps + steps // ratio}, synced
 
 
 @pytest.mark.integration
@@ -258,8 +311,8 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_iteration_and_the_run_
     assert rank1, "rank 1 not found"
     os.kill(rank1, signal.SIGUSR1)
     output = proc.communicate(timeout=240)[0]
-    stops = re.findall(r"stopped: (SIGUSR1|a signal on another rank) at iteration (\d+)", output)
-    assert sorted(s for s, _ in stops) == ["SIGUSR1", "a signal on another rank"], output[-3000:]
+    stops = re.findall(r"stopped: (SIGUSR1|a signal or time limit on another rank) at iteration (\d+)", output)
+    assert sorted(s for s, _ in stops) == ["SIGUSR1", "a signal or time limit on another rank"], output[-3000:]
     assert len({step for _, step in stops}) == 1
     assert checkpoint_step(latest_checkpoint(run_dir(root, "distill") / "checkpoints")) == int(stops[0][1])
     distill_subprocess(root, stages=("distill",))  # the same command again

@@ -83,7 +83,7 @@ def assert_matches_mixture(x: torch.Tensor) -> None:
     assert (weights - MIXTURE.weights).abs().max() < WEIGHT_TOL, weights
 
 
-def make_trainer(family: str, timesteps: list[int], gan: bool, iters: int) -> DMD2Trainer:
+def make_trainer(family: str, timesteps: list[int], gan: bool, iters: int, accumulation: int = 1) -> DMD2Trainer:
     torch.manual_seed(0)
     cfg = DistillConfig(steps=iters, batch_size=256, generator_lr=2e-3, critic_lr=2e-3, warmup_steps=20,
                         dfake_gen_update_ratio=5, denoising_timesteps=timesteps,
@@ -96,7 +96,7 @@ def make_trainer(family: str, timesteps: list[int], gan: bool, iters: int) -> DM
         network = DirectEpsilon if family == "diffusers-direct" else ResidualEpsilon
         teacher, student, critic = AnalyticEpsilon(MIXTURE, fam), network(MIXTURE, fam), network(MIXTURE, fam)
     head = nn.Sequential(nn.Linear(128, 64), nn.SiLU(), nn.Linear(64, 1), nn.Flatten(0)) if gan else None
-    return DMD2Trainer(fam, teacher, student, critic, head, cfg, Accelerator(cpu=True))
+    return DMD2Trainer(fam, teacher, student, critic, head, cfg, Accelerator(cpu=True), accumulation=accumulation)
 
 
 def train(trainer: DMD2Trainer, iters: int, gan: bool) -> dict[str, float]:
@@ -190,3 +190,27 @@ def test_dm_noise_below_input_caps_the_later_steps_only(monkeypatch, below):
         assert all(t.max() > t_in - 60 for t_in, t in later)  # up to its input's level, not far below
     else:
         assert all(t.max() > t_in for t_in, t in later)
+
+
+def test_micro_batches_train_as_the_whole_batch():
+    """launch.micro_batch: each batch of 256 cut into 4 micro-batches of 64, whose gradients add up before each
+    optimiser step, trains as the whole batch at once (the DM loss, the critic, the GAN head and 2-step backward
+    simulation all on): the same parameters and figures up to float summation order after 31 iterations (the last a
+    generator turn)."""
+    runs = {}
+    for accumulation in (1, 4):
+        trainer = make_trainer("edm", [999, 499], gan=True, iters=31, accumulation=accumulation)
+        sizes = []
+        trainer.generator.register_forward_pre_hook(lambda module, args, sizes=sizes: sizes.append(len(args[0])))
+        metrics = train(trainer, 31, gan=True)
+        assert set(sizes) == {256 // accumulation}  # every generator pass saw one micro-batch
+        runs[accumulation] = (trainer, metrics)
+    (whole, m1), (cut, m4) = runs[1], runs[4]
+    for a, b in [(whole.generator, cut.generator), (whole.critic_module, cut.critic_module)]:
+        pa, pb = torch.cat([p.flatten() for p in a.parameters()]), torch.cat([p.flatten() for p in b.parameters()])
+        difference = ((pa - pb).norm() / pa.norm()).item()
+        print(f"relative parameter difference {difference:.2e}")
+        assert 0 <= difference < 1e-5
+    for key in ("grad_norm_generator", "grad_norm_critic", "loss_dm", "loss_fake", "loss_gan_critic"):
+        assert m4[key] == pytest.approx(m1[key], rel=1e-4), key
+

@@ -590,7 +590,7 @@ def test_a_stage_never_rewrites_what_a_running_stage_reads_or_writes(prepared, t
 @pytest.mark.parametrize("stage, model", [("distill", "student"), ("teacher", "teacher")])
 def test_a_stop_signal_checkpoints_where_it_is_and_the_rerun_ends_as_if_uninterrupted(prepared, tmp_path, stage,
                                                                                          model):
-    """SIGUSR1 mid-run (what Slurm sends before a time limit or preemption): the run finishes the iteration it is in,
+    """SIGUSR1 mid-run (`kill -USR1`; preemption sends SIGTERM, which does the same): the run finishes the iteration it is in,
     writes a checkpoint there, and ends with one `stopped:` line and exit status 75; the same command again resumes
     from that checkpoint, and the model is bit for bit the one an uninterrupted run writes."""
     from dmd2.checkpoint import checkpoint_step, latest_checkpoint
@@ -605,3 +605,13 @@ def test_a_stop_signal_checkpoints_where_it_is_and_the_rerun_ends_as_if_uninterr
     a = load_file(straight / "models/mnist" / model / "model.safetensors")
     b = load_file(stopped / "models/mnist" / model / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("text, seconds", [("59:58", 3598), ("1:02:03", 3723), ("2-00:00:10", 172810), ("0:05", 5),
+                                            ("UNLIMITED", None), ("NOT_SET", None), ("INVALID", None), ("", None)])
+def test_a_slurm_jobs_time_left_is_read_in_seconds(text, seconds):
+    """`squeue -o %L` as Slurm prints it ([days-][hours:]minutes:seconds); no limit or nonsense is None."""
+    from dmd2.stopping import parse_time_left
+
+    assert parse_time_left(text + "\n") == seconds
+

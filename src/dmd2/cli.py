@@ -27,6 +27,7 @@ import yaml
 from dmd2.config import (
     SHARED_KEYS,
     STAGE_MODELS,
+    TRAINING_STAGES,
     ConfigError,
     ExperimentConfig,
     block_models,
@@ -113,6 +114,9 @@ def _reads(stage: str) -> str:
              "under snakemake and dvc a change reruns this stage):"]
     for path in STAGE_PARAMS[stage]:
         lines += [f"{title}: {', '.join(leaf_keys(model))}" for title, model in block_models(path).items()]
+    if stage in TRAINING_STAGES:
+        lines.append("Inside a Slurm job also slurm.stop_before_limit_minutes and slurm.requeue (when to checkpoint and "
+                     "stop before the time limit, and whether to requeue: not results, so a change does not rerun this stage).")
     return "\n\n".join(lines)
 
 

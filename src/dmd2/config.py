@@ -485,6 +485,10 @@ class SlurmDistillJob(SlurmResources):
     nodes: int | None = Field(None, ge=1, description="nodes to allocate (default: launch.num_machines)")
 
 
+# The stages that checkpoint, stop and requeue their job before a Slurm time limit (dmd2.stopping)
+TRAINING_STAGES = ("teacher", "regression", "distill")
+
+
 def _light_job() -> SlurmJob:
     return SlurmJob(cpus=1, mem_mb=2000, runtime_minutes=10)
 
@@ -504,6 +508,20 @@ class SlurmConfig(Strict):
     distill: SlurmDistillJob = Field(default_factory=SlurmDistillJob)
     evaluate: SlurmJob = Field(default_factory=SlurmJob)
     report: SlurmJob = Field(default_factory=_light_job)
+    stop_before_limit_minutes: int = Field(5, ge=1, description="teacher, regression and distill jobs checkpoint "
+                                           "and stop this long before their time limit (dmd2.stopping)")
+    requeue: bool = Field(True, description="a job stopped before its time limit puts itself back in the queue "
+                          "(scontrol requeue) and resumes from its checkpoint")
+
+    @model_validator(mode="after")
+    def _limits_leave_time_to_train(self) -> SlurmConfig:
+        for stage in TRAINING_STAGES:
+            job = getattr(self, stage)
+            if job.runtime_minutes <= self.stop_before_limit_minutes:
+                raise ValueError(f"slurm.{stage}.runtime_minutes ({job.runtime_minutes}) must exceed "
+                                 f"slurm.stop_before_limit_minutes ({self.stop_before_limit_minutes}), or every run of "
+                                 "the job stops after one iteration; raise the first or lower the second")
+        return self
 
 
 class LaunchConfig(Strict):
@@ -516,6 +534,9 @@ class LaunchConfig(Strict):
     mixed_precision: NoOr("bf16", "fp16") = Field("no", description="must stay 'no': precision is "
                                                   "distill.mixed_precision (the loop autocasts every model call alike)")
     main_process_port: int = Field(29500, ge=1024, le=65535, description="base port; Slurm adds job id % 1000")
+    micro_batch: int | None = Field(None, ge=1, description="most samples per process per forward pass: each "
+                                    "process's share of distill.batch_size is cut into micro-batches of this size whose "
+                                    "gradients add up before one optimiser step (None: the whole share at once)")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
 
     @model_validator(mode="after")

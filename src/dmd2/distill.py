@@ -51,13 +51,14 @@ from dmd2.regression import start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard
 from dmd2.stage import StageContext
-from dmd2.stopping import StopOnSignal
+from dmd2.stopping import stop_requests
 from dmd2.training import (
     GlobalBatchRandom,
     adamw,
     all_ranks_agree,
     clip_gradients,
     ema_update_,
+    over_micro_batches,
     progress_keys,
     warmed_up_decay,
     warmup_schedule,
@@ -76,6 +77,24 @@ class Batch:
     cond: Any = None
     real: torch.Tensor | None = None
     real_cond: Any = None
+
+    def split(self, count: int) -> list[Batch]:
+        """`count` micro-batches of equal size, in order (every tensor with the batch's rows is cut alike)."""
+        if count == 1:
+            return [self]
+        n = self.size // count
+
+        def rows(value: Any, start: int) -> Any:
+            if torch.is_tensor(value) and value.dim() and value.shape[0] == self.size:
+                return value[start : start + n]
+            if isinstance(value, dict):
+                return {k: rows(v, start) for k, v in value.items()}
+            if isinstance(value, (list, tuple)) and len(value) == self.size:
+                return type(value)(value[start : start + n])
+            return value
+
+        return [Batch(n, rows(self.cond, i * n), rows(self.real, i * n), rows(self.real_cond, i * n))
+                for i in range(count)]
 
 
 def new_generator(family: Family, teacher: nn.Module, cfg: DistillConfig,
@@ -111,12 +130,13 @@ class DMD2Trainer:
     def __init__(self, family: Family, teacher: nn.Module, generator: nn.Module, critic_score: nn.Module,
                  gan_head: nn.Module | None, cfg: DistillConfig, accelerator: Accelerator,
                  launch: LaunchConfig | None = None, teacher_weights: dict[str, torch.Tensor] | None = None,
-                 generator_weights: dict[str, torch.Tensor] | None = None):
+                 generator_weights: dict[str, torch.Tensor] | None = None, accumulation: int = 1):
         """Sharded runs may pass the networks as meta-device skeletons (see `run_distill`): each is sharded, then
         filled from `teacher_weights` (rank 0: `full_weights` of the teacher; None elsewhere), which rank 0
         broadcasts shard by shard; the generator from `generator_weights` where it does not start as the teacher (a
-        LoRA generator: the teacher with its adapters; a regression-pretrained one)."""
-        self.family, self.cfg, self.acc = family, cfg, accelerator
+        LoRA generator: the teacher with its adapters; a regression-pretrained one). `accumulation`: the
+        micro-batches each rank's share of the batch is cut into (`launch.micro_batch`)."""
+        self.family, self.cfg, self.acc, self.accumulation = family, cfg, accelerator, accumulation
         self.shape = family.sample_shape
         self.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
         critic = Critic(family, critic_score, gan_head, cfg.gan.diffusion_max_timestep, self.draw)
@@ -155,8 +175,8 @@ class DMD2Trainer:
             self.generator, self.critic = generator, critic
         else:
             # accelerate prepares the models (DDP across processes) but not the optimisers: its optimiser wrapper
-            # serves gradient accumulation and fp16 loss scaling, neither used here, and inspects a signature at
-            # every zero_grad (benchmarks/distill_overhead.py). DDP keeps the parameters the optimisers hold.
+            # serves its own gradient accumulation (ours is in train_step) and fp16 loss scaling, and inspects a
+            # signature at every zero_grad (benchmarks/distill_overhead.py). DDP keeps the parameters the optimisers hold.
             self.generator, self.critic = accelerator.prepare(generator, critic)
         # the bare modules under accelerate's wrappers (DDP), looked up once: unwrap_model costs a millisecond
         self.generator_module = accelerator.unwrap_model(self.generator)
@@ -255,53 +275,97 @@ class DMD2Trainer:
     # ---------------------------------------------------------------------------------------------- the step
 
     def train_step(self, step: int, batch: Batch) -> dict[str, float]:
-        cfg, metrics = self.cfg, {}
-        n = batch.size
-        # forward-noised real samples keep their own conditions; otherwise the batch's generated conditions
-        cond = batch.real_cond if self.forward_noises_real else batch.cond
+        """One iteration on this rank's share of the global batch, cut into `accumulation` micro-batches. On a
+        generator turn (every dfake_gen_update_ratio-th iteration) each micro-batch's generator loss, divided by
+        their number, is backpropagated (gradients add up), then the generator steps once; the critic turn does the
+        same on the generated samples, detached, then the critic steps once. Both schedulers step once. With one
+        micro-batch this is the whole batch at once; with several, the same up to float summation order."""
+        cfg, parts = self.cfg, batch.split(self.accumulation)
         compute_generator = step % cfg.dfake_gen_update_ratio == 0
-        x_in, t_in = self.generator_input(n, cond, batch.real)
-
-        with torch.set_grad_enabled(compute_generator), self._autocast():
-            x = self.family.predict_x0(self.generator, x_in, t_in, cond).float()
-
         if compute_generator:
-            critic = self.critic_module
             self._critic_trainable(False)  # the generator turn updates the generator only
-            t_dm = self.dm_timesteps(t_in)
-            with self._autocast():
-                loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x, cond,
-                                                               t_dm, self.draw.randn_like(x), cfg.real_guidance_scale,
-                                                               cfg.fake_score_fp32)
-                loss_g = cfg.dm_loss_weight * loss_dm
-                if critic.head is not None:
-                    loss_gan_g = gan_generator_loss(critic.logits(x, cond))
-                    loss_g = loss_g + cfg.gan.gen_weight * loss_gan_g
-                    metrics["loss_gan_generator"] = loss_gan_g.item()
-            self._check_finite({"loss_generator": loss_g, **dm_stats}, "generator", step)
-            self.acc.backward(loss_g)
+        passes = over_micro_batches(self.draw, parts, lambda part: self._generator_pass(step, part, compute_generator))
+        metrics = _mean_of([m for _, _, m in passes])
+        if compute_generator:
             metrics["grad_norm_generator"] = clip_gradients(self.opt_g, cfg.max_grad_norm)
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
             if self.generator_ema is not None:
                 self._update_average(step // cfg.dfake_gen_update_ratio)  # generator steps before this one
             self._critic_trainable(True)  # it had no gradients to clear: none were computed for it
-            metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
         self.sched_g.step()  # every iteration, generator turn or not: warm-up counts iterations
 
         # Critic turn, on the same (detached) generator samples.
-        with self._autocast():
-            out = self.critic(x.detach(), cond, batch.real, batch.real_cond)
-            loss_c = out["loss_fake"] + (cfg.gan.critic_weight * out["loss_gan_critic"] if "loss_gan_critic" in out else 0)
-        self._check_finite({"loss_critic": loss_c}, "critic", step)
-        self.acc.backward(loss_c)
+        samples = [(part, x, cond) for part, (x, cond, _) in zip(parts, passes, strict=True)]
+        metrics.update(_mean_of(over_micro_batches(self.draw, samples, lambda s: self._critic_pass(step, *s))))
         metrics["grad_norm_critic"] = clip_gradients(self.opt_c, cfg.max_grad_norm)
         self.opt_c.step()
         self.opt_c.zero_grad(set_to_none=True)
         self.sched_c.step()
-        metrics.update({k: v.item() for k, v in out.items()}, loss_critic=loss_c.item(),
-                       lr_generator=self.sched_g.get_last_lr()[0], lr_critic=self.sched_c.get_last_lr()[0])
+        metrics.update(lr_generator=self.sched_g.get_last_lr()[0], lr_critic=self.sched_c.get_last_lr()[0])
         return metrics
+
+    def _generator_pass(self, step: int, part: Batch, compute_generator: bool) -> tuple[torch.Tensor, Any, dict]:
+        """The generator's output on one micro-batch, and on a generator turn the backward of its loss."""
+        cfg, metrics = self.cfg, {}
+        # forward-noised real samples keep their own conditions; otherwise the batch's generated conditions
+        cond = part.real_cond if self.forward_noises_real else part.cond
+        x_in, t_in = self.generator_input(part.size, cond, part.real)
+        with self._gradient_sync(self.generator):  # DDP decides in the forward pass whether its backward syncs
+            with torch.set_grad_enabled(compute_generator), self._autocast():
+                x = self.family.predict_x0(self.generator, x_in, t_in, cond).float()
+            if compute_generator:
+                critic = self.critic_module
+                t_dm = self.dm_timesteps(t_in)
+                with self._autocast():
+                    loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x, cond,
+                                                                   t_dm, self.draw.randn_like(x),
+                                                                   cfg.real_guidance_scale, cfg.fake_score_fp32)
+                    loss_g = cfg.dm_loss_weight * loss_dm
+                    if critic.head is not None:
+                        loss_gan_g = gan_generator_loss(critic.logits(x, cond))
+                        loss_g = loss_g + cfg.gan.gen_weight * loss_gan_g
+                        metrics["loss_gan_generator"] = loss_gan_g.item()
+                self._check_finite({"loss_generator": loss_g, **dm_stats}, "generator", step)
+                self.acc.backward(self._share(loss_g))
+                metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
+        return x.detach(), cond, metrics
+
+    def _critic_pass(self, step: int, part: Batch, x: torch.Tensor, cond: Any) -> dict[str, float]:
+        """The critic's losses on one micro-batch of generated (and real) samples, and their backward."""
+        with self._gradient_sync(self.critic):
+            with self._autocast():
+                out = self.critic(x, cond, part.real, part.real_cond)
+                loss_c = out["loss_fake"] + (self.cfg.gan.critic_weight * out["loss_gan_critic"]
+                                             if "loss_gan_critic" in out else 0)
+            self._check_finite({"loss_critic": loss_c}, "critic", step)
+            self.acc.backward(self._share(loss_c))
+        return {**{k: v.item() for k, v in out.items()}, "loss_critic": loss_c.item()}
+
+    def _share(self, loss: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's part of the batch's mean loss."""
+        return loss if self.accumulation == 1 else loss / self.accumulation
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, net: nn.Module):
+        """Around a micro-batch's forward and backward: across ranks, gradients are averaged once, in the last
+        micro-batch's backward (DDP's no_sync, FSDP2's requires_gradient_sync); earlier micro-batches' gradients
+        only add up locally. The result is the same either way, with fewer all-reduces."""
+        last = self.draw.micro == self.accumulation - 1
+        if last or self.acc.num_processes == 1:
+            yield
+        elif self.sharded:
+            modules = [m for m in net.modules() if hasattr(m, "set_requires_gradient_sync")]
+            for m in modules:
+                m.set_requires_gradient_sync(False, recurse=False)
+            try:
+                yield
+            finally:
+                for m in modules:
+                    m.set_requires_gradient_sync(True, recurse=False)
+        else:
+            with self.acc.no_sync(net):
+                yield
 
     def _check_finite(self, values: dict[str, Any], which: str, step: int) -> None:
         """Stop on a non-finite loss or intermediate (e.g. the DM normaliser), on every rank at once: a rank that
@@ -365,9 +429,9 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     from the run's directory under work/<exp>/distill (see `run_directory`), or from `resume_from`."""
     exp, paths, cfg = ctx.exp, ctx.paths, ctx.exp.distill
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    if cfg.batch_size % acc.num_processes:
-        raise ConfigError(f"distill.batch_size={cfg.batch_size} must be divisible by the {acc.num_processes} processes")
-    per_rank = cfg.batch_size // acc.num_processes
+    per_rank, accumulation = batch_shares(cfg.batch_size, acc.num_processes, exp.launch.micro_batch)
+    acc.print(f"global batch {cfg.batch_size}: {acc.num_processes} process(es) × {accumulation} micro-batch(es) of "
+              f"{per_rank // accumulation}")
     # Sharded, no rank builds full copies of the networks: every rank builds meta-device skeletons and only rank 0
     # reads the teacher's weights (one full copy), which fill each network's shards after sharding.
     sharded = shards(exp.launch, acc.num_processes)
@@ -393,7 +457,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     critic_score = copy.deepcopy(teacher.net).train().requires_grad_(True)
     head = new_gan_head(family, cfg.seed) if cfg.gan.enabled else None
     trainer = DMD2Trainer(family, teacher.net, generator, critic_score, head, cfg, acc, exp.launch, teacher_weights,
-                          generator_weights)
+                          generator_weights, accumulation)
     del teacher_weights, generator_weights  # rank 0's full copies: the shards hold the weights now
 
     run_dir = None
@@ -403,6 +467,20 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     with _one_writer(run_dir, acc):
         step, elapsed = _resume(trainer, real, run_dir / "checkpoints", resume_from, cfg.steps, acc)
         return _train(ctx, trainer, teacher, real, run_dir, step, elapsed, per_rank)
+
+
+def batch_shares(batch_size: int, processes: int, micro_batch: int | None) -> tuple[int, int]:
+    """Each process's share of the global batch and the micro-batches it is cut into (`launch.micro_batch`: at
+    most that many samples per forward pass; None: the whole share at once)."""
+    if batch_size % processes:
+        raise ConfigError(f"distill.batch_size={batch_size} must be divisible by the {processes} processes")
+    share = batch_size // processes
+    micro = min(micro_batch or share, share)
+    if share % micro:
+        raise ConfigError(f"launch.micro_batch={micro_batch} must divide each process's share of distill.batch_size "
+                          f"({batch_size} / {processes} processes = {share}); e.g. "
+                          f"{max(d for d in range(1, micro + 1) if share % d == 0)}")
+    return share, share // micro
 
 
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
@@ -441,7 +519,7 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
     # the bar is closed on errors too, so an error line never lands on its line; the writer finishes the
     # checkpoint in flight whatever happens, so a diverged run keeps its last good one, and it writes the last
     # checkpoint while the student is written
-    with bar, contextlib.closing(writer), StopOnSignal() as stop:
+    with bar, contextlib.closing(writer), stop_requests(exp.slurm) as stop:
         t0, last_generator = time.time(), {}
 
         def checkpoint(step: int) -> Path:
@@ -592,6 +670,13 @@ def _sample_grid(trainer: DMD2Trainer, path: Path, per_class: int, seed: int, ma
         cond = family.encode_conditions(raw_cond, trainer.acc.device)
         images = to_uint8(family.decode(trainer.sample(len(noise), cond, noise)).clamp(-1, 1)).cpu()
     return save_grid(images, per_class, path, scale=3) if main else path
+
+
+def _mean_of(records: list[dict[str, float]]) -> dict[str, float]:
+    """The micro-batches' figures averaged, key by key (one micro-batch: its own)."""
+    if len(records) == 1:
+        return dict(records[0])
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
 
 
 def _mean_over_ranks(metrics: dict[str, float], acc: Accelerator) -> dict[str, float]:

@@ -46,7 +46,7 @@ from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
 from dmd2.latents import LatentDataset, write_latents_lmdb
 from dmd2.stage import StageContext
-from dmd2.stopping import StopOnSignal
+from dmd2.stopping import stop_requests
 from dmd2.tracking import progress
 from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, progress_keys, warmup_schedule
 
@@ -320,7 +320,7 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
         t = torch.full((cfg.batch_size,), timestep, dtype=torch.long, device=dev)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
         t0 = time.time()
-        with progress(cfg.steps, step, "regression") as bar, StopOnSignal() as stop:
+        with progress(cfg.steps, step, "regression") as bar, stop_requests(ctx.exp.slurm) as stop:
             while step < cfg.steps:
                 target, noise, raw = batches.next()
                 target, noise = target.to(dev), noise.to(dev)

@@ -10,9 +10,10 @@ this module.
 
 from __future__ import annotations
 
-from dmd2.config import ExperimentConfig, SlurmConfig
+from dmd2.config import ExperimentConfig, SlurmConfig, SlurmResources
 
-STAGES = tuple(name for name in SlurmConfig.model_fields if name not in ("partition", "account"))
+STAGES = tuple(name for name, field in SlurmConfig.model_fields.items()
+               if isinstance(field.annotation, type) and issubclass(field.annotation, SlurmResources))
 
 
 def snakemake_resources(exp: ExperimentConfig, stage: str) -> dict[str, int | str]:

@@ -27,7 +27,7 @@ from dmd2.data import RandomBatches, open_split
 from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, family_for, import_teacher, save_model, teacher_config
 from dmd2.stage import StageContext
-from dmd2.stopping import StopOnSignal
+from dmd2.stopping import stop_requests
 from dmd2.training import EMA, adamw, clip_gradients, device, progress_keys, warmup_schedule
 
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
@@ -120,7 +120,7 @@ def _train(ctx: StageContext, run: TeacherRun, run_dir: Path, step: int, elapsed
                     tracking_config(ctx.params, ctx.experiment, "teacher", run_dir))
     net.train()
     bar = progress(cfg.steps, step, "teacher")
-    with bar, StopOnSignal() as stop:  # the bar is closed on errors too, so an error line never lands on its line
+    with bar, stop_requests(ctx.exp.slurm) as stop:  # the bar is closed on errors too, so an error line never lands on its line
         t0 = time.time()
         while step < cfg.steps:
             x, y = run.batches.next()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, decay: str = "constant",
@@ -90,27 +95,54 @@ class GlobalBatchRandom:
     """Random draws made for the *global* batch on every rank, then sliced to this rank's part.
 
     Every rank seeds the same generator, so a run's randomness, and therefore its result up to floating-point
-    reduction order, does not depend on how many processes share the batch; resuming on a different number of
-    ranks continues the same stream.
+    reduction order, does not depend on how many processes share the batch, nor on how many micro-batches each
+    accumulates (`over_micro_batches`); resuming on a different number of ranks continues the same stream.
     """
 
     def __init__(self, rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
+        self.micro, self.micro_count = 0, 1
+
+    @contextlib.contextmanager
+    def micro_batch(self, index: int, count: int) -> Iterator[None]:
+        """Inside, draws are for this rank's `index`-th of `count` accumulated micro-batches: the global batch is
+        world × count micro-batches, rank r's a-th at position r·count + a (its share of the batch, cut in order)."""
+        self.micro, self.micro_count = index, count
+        try:
+            yield
+        finally:
+            self.micro, self.micro_count = 0, 1
+
+    def _full(self, n: int) -> int:
+        return n * self.world * self.micro_count
 
     def _mine(self, full: torch.Tensor, n: int, device) -> torch.Tensor:
-        return full[self.rank * n : (self.rank + 1) * n].to(device)
+        start = (self.rank * self.micro_count + self.micro) * n
+        return full[start : start + n].to(device)
 
     def randn(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
-        return self._mine(torch.randn((n * self.world, *shape)), n, device)
+        return self._mine(torch.randn((self._full(n), *shape)), n, device)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape[0], tuple(x.shape[1:]), x.device).to(x.dtype)
 
     def randint(self, low: int, high: int, n: int, device) -> torch.Tensor:
-        return self._mine(torch.randint(low, high, (n * self.world,)), n, device)
+        return self._mine(torch.randint(low, high, (self._full(n),)), n, device)
 
     def rand(self, n: int, device) -> torch.Tensor:
-        return self._mine(torch.rand(n * self.world), n, device)
+        return self._mine(torch.rand(self._full(n)), n, device)
+
+
+def over_micro_batches(draw: GlobalBatchRandom, items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
+    """`fn` on each of this rank's micro-batches. Each starts from the same state of torch's generator and keeps its
+    slice of the global draws, so the draws, and the state after the last, are those of one pass over the batch."""
+    state = torch.get_rng_state()
+    results = []
+    for index, item in enumerate(items):
+        torch.set_rng_state(state)
+        with draw.micro_batch(index, len(items)):
+            results.append(fn(item))
+    return results
 
 
 def all_ranks_agree(ok: bool, device: torch.device | str = "cpu") -> bool:

@@ -13,8 +13,22 @@ from dmd2.slurm import snakemake_resources
 from dmd2.paths import ExperimentPaths
 from dmd2.stage import STAGE_PARAMS, stage_code, stage_settings
 
+
+def _changed_beyond_experiment():
+    """The top-level keys of params.yaml that --config/--configfile changed, other than `experiment`."""
+    on_disk = yaml.safe_load(Path("params.yaml").read_text()) or {}
+    return sorted(k for k in set(config) | set(on_disk) if k != "experiment" and config.get(k) != on_disk.get(k))
+
+
+# Every stage reads params.yaml itself (as `dmd2 <stage>` and `dvc repro` do): a setting changed only in Snakemake's
+# config would not reach it, and the settings records would call every run out of date.
+if _changed_beyond_experiment():
+    raise WorkflowError(f"\nsnakemake --config changed {', '.join(_changed_beyond_experiment())} of params.yaml, but "
+                        "every stage reads params.yaml itself, so the change would not reach them. Edit params.yaml "
+                        "(or run `dvc exp run -S KEY=VALUE`); --config is for experiment=NAME only.")
+
 # The same validation and messages as `dmd2 <stage>`, before any job runs or any output is touched: a typo in
-# params.yaml (or in --config) stops `snakemake -n` with the key path and the closest valid key.
+# params.yaml (or in --config experiment=…) stops `snakemake -n` with the key path and the closest valid key.
 try:
     PARAMS = parse_params(dict(config), "params.yaml (with snakemake --config)")
     EXP = check_experiment_name(config["experiment"], "--config experiment")
