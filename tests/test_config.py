@@ -6,7 +6,15 @@ from click.testing import CliRunner
 from conftest import REPO
 
 from dmd2.cli import main
-from dmd2.config import ConfigError, DistillConfig, SlurmConfig, apply_override, load_params, parse_params
+from dmd2.config import (
+    ConfigError,
+    DistillConfig,
+    RegressionConfig,
+    SlurmConfig,
+    apply_override,
+    load_params,
+    parse_params,
+)
 
 
 def test_repository_params_are_valid():
@@ -64,6 +72,8 @@ def test_invalid_values_are_rejected():
         DistillConfig(min_step_percent=0.9, max_step_percent=0.1)
     with pytest.raises(ValueError, match=r"slurm.distill.runtime_minutes \(5\) must exceed slurm.stop_before_limit"):
         SlurmConfig(distill={"runtime_minutes": 5})  # every run of the job would stop after one iteration
+    with pytest.raises(ValueError, match=r"regression.micro_batch \(100\) must divide regression.batch_size \(256\)"):
+        RegressionConfig(micro_batch=100)
 
 
 @pytest.mark.parametrize("key", ["teacher.lr", "distill.generator_lr", "distill.critic_lr", "eval.classifier.lr"])

@@ -432,6 +432,24 @@ def unet_training_timesteps():
         handle.remove()
 
 
+@contextlib.contextmanager
+def unet_training_batch_sizes():
+    """The batch sizes of every UNet call made with gradients on while the block runs."""
+    from diffusers import UNet2DConditionModel
+
+    seen: set[int] = set()
+
+    def record(module, args):
+        if isinstance(module, UNet2DConditionModel) and torch.is_grad_enabled():
+            seen.add(len(args[0]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def test_the_sdxl_one_step_recipe_regresses_onto_teacher_pairs_distills_at_399_and_exports(sdxl_project, tmp_path):
     """SDXL's one-step recipe: teacher ODE pairs, an LPIPS regression (images decoded by a tiny VAE), then
     distillation from the regressed generator at t = 399. LCM's default for one step is 999, so the export says to
@@ -492,8 +510,8 @@ def test_a_stop_signal_stops_the_regression_at_a_checkpoint_and_the_rerun_finish
 
 
 def test_distillation_starts_from_the_regressed_generator_and_a_regression_run_resumes(sdxl_project, tmp_path):
-    """Stopped at step 2 and run again, the regression reaches the same generator as a run straight to step 4; the
-    distillation's generator starts from it (the critic from the teacher)."""
+    """Stopped at step 2 and run again in micro-batches, the regression reaches the same generator as a run straight
+    to step 4 in whole batches; the distillation's generator starts from it (the critic from the teacher)."""
     import copy
 
     from dmd2.config import load_params
@@ -509,11 +527,20 @@ def test_distillation_starts_from_the_regressed_generator_and_a_regression_run_r
                   regression=regression_settings(tmp_path, loss="mse", decoder=None))
     run(straight, "regression")
     run(resumed, "regression", "--set", "regression.steps=2")
-    run(resumed, "regression")  # the same command again, with the step count back at 4: resumes at step 2
+    # the same command again, with the step count back at 4 and each batch of 3 cut into micro-batches of 1
+    # (regression.micro_batch: the gradients add up before each step): it resumes the same run at step 2
+    with unet_training_batch_sizes() as sizes:
+        run(resumed, "regression", "--set", "regression.micro_batch=1")
+    assert sizes == {1} and len(list((resumed / "work/sdxl-tiny/regression/train").glob("run-*"))) == 1
     a = load_file(straight / "models/sdxl-tiny/regression/model.safetensors")
     b = load_file(resumed / "models/sdxl-tiny/regression/model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    logs = [[json.loads(line) for line in (root / "models/sdxl-tiny/regression/metrics.jsonl").read_text().splitlines()]
+            for root in (straight, resumed)]
+    for whole, cut in zip(*logs, strict=True):  # the batch's loss and gradient, as whole batches give them
+        assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        assert cut["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
 
     params = load_params(straight / "params.yaml")
     ctx = StageContext(params, "sdxl-tiny", ExperimentPaths("sdxl-tiny", straight))

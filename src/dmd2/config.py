@@ -434,6 +434,9 @@ class RegressionConfig(Strict):
                                 "madebyollin/taesdxl) that decodes both sides for the loss; default: the pipeline's VAE")
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)
+    micro_batch: int | None = Field(None, ge=1, description="most samples per forward pass: each batch is cut into "
+                                    "micro-batches whose gradients add up before one optimiser step, so the recipe's "
+                                    "batch fits one GPU (None: the whole batch at once)")
     lr: float = Field(1e-5, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0, description="AdamW's (the original's 0.01)")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, in iterations (the recipe: 8, what the "
@@ -445,6 +448,13 @@ class RegressionConfig(Strict):
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(25, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _micro_batch_divides_the_batch(self) -> RegressionConfig:
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            raise ValueError(f"regression.micro_batch ({self.micro_batch}) must divide regression.batch_size "
+                             f"({self.batch_size})")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------- launch

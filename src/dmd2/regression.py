@@ -52,7 +52,8 @@ from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, prog
 
 PAIRS_FILE = "pairs.lmdb"
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
-REGRESSION_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every"}
+# (and micro_batch, which cuts a batch into passes that train the same: a different memory cap resumes the run)
+REGRESSION_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every", "micro_batch"}
 PAIR_KEYS = ("num_pairs", "teacher_steps", "guidance_scale", "seed")  # what the pairs depend on (with the teacher)
 
 
@@ -323,25 +324,31 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
         with progress(cfg.steps, step, "regression") as bar, stop_requests(ctx.exp.slurm) as stop:
             while step < cfg.steps:
                 target, noise, raw = batches.next()
-                target, noise = target.to(dev), noise.to(dev)
-                cond = family.encode_conditions(raw, dev)
-                with autocast:
-                    x = family.predict_x0(generator, family.generator_input(noise, t), t, cond)
-                loss = loss_fn(x.float(), target)  # in float32: the SDXL VAE overflows in half precision
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"regression loss is {loss.item()} at step {step}; the last good checkpoint "
-                                           f"({latest_checkpoint(ckpt_dir)}) is intact. Lower regression.lr and rerun.")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                parts = _micro_batches(cfg, target, noise, raw)
+                losses = []
+                for target_i, noise_i, raw_i in parts:  # each micro-batch's gradients add up: one step per batch
+                    target_i, noise_i, t_i = target_i.to(dev), noise_i.to(dev), t[: len(noise_i)]
+                    cond = family.encode_conditions(raw_i, dev)
+                    with autocast:
+                        x = family.predict_x0(generator, family.generator_input(noise_i, t_i), t_i, cond)
+                    loss = loss_fn(x.float(), target_i)  # in float32: the SDXL VAE overflows in half precision
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"regression loss is {loss.item()} at step {step}; the last good "
+                                               f"checkpoint ({latest_checkpoint(ckpt_dir)}) is intact. Lower "
+                                               "regression.lr and rerun.")
+                    (loss if len(parts) == 1 else loss / len(parts)).backward()
+                    losses.append(loss.item())
+                batch_loss = sum(losses) / len(losses)  # the batch's mean (micro-batches are equal in size)
                 grad_norm = clip_gradients(optimizer, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    log.write({"step": step, "loss": loss.item(), "grad_norm": grad_norm,
+                    log.write({"step": step, "loss": batch_loss, "grad_norm": grad_norm,
                                "time_s": round(elapsed + time.time() - t0, 2)})
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    bar.set_postfix(loss=f"{batch_loss:.4f}")
                 stopping = step < cfg.steps and stop.requested()  # a time limit or preemption is coming
                 if stopping or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -355,6 +362,15 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
     save_model(paths.regression, generator, student_config(teacher.config, [timestep], source),
                extra_files={"metrics.jsonl": log.text_through(cfg.steps)})
     return {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
+
+
+def _micro_batches(cfg: RegressionConfig, target: torch.Tensor, noise: torch.Tensor, raw: Any) -> list[tuple]:
+    """The batch cut into `regression.micro_batch`-sized passes, in order (one pass: the batch itself)."""
+    size = cfg.micro_batch or len(target)
+    if size >= len(target):
+        return [(target, noise, raw)]
+    return [(target[i : i + size], noise[i : i + size], raw if raw is None else raw[i : i + size])
+            for i in range(0, len(target), size)]
 
 
 def start_weights(ctx: StageContext) -> dict[str, torch.Tensor] | None:
