@@ -237,3 +237,18 @@ def test_teacher_lr_schedules_warm_up_then_hold_or_decay_to_zero():
     assert lrs("linear") == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
     cosine = lrs("cosine")
     assert cosine[:3] == [0.5, 1.0, 1.0] and math.isclose(cosine[4], 0.5) and math.isclose(cosine[6], 0.0, abs_tol=1e-12)
+
+
+def test_a_process_share_of_the_global_batch_is_cut_into_whole_micro_batches():
+    """distill.batch_size is global: each process's share, in passes of at most launch.micro_batch samples."""
+    from dmd2.distill import batch_shares
+
+    assert batch_shares(8, 2, None) == (4, 1)  # the whole share at once
+    assert batch_shares(8, 2, 2) == (4, 2)
+    assert batch_shares(280, 2, 35) == (140, 4)  # the ImageNet recipe's batch on 2 GPUs
+    assert batch_shares(8, 2, 16) == (4, 1)  # a cap above the share: one pass
+    with pytest.raises(ConfigError, match=r"launch.micro_batch=3 must divide .* = 4\); e.g. 2"):
+        batch_shares(8, 2, 3)
+    with pytest.raises(ConfigError, match="must be divisible by the 3 processes"):
+        batch_shares(8, 3, None)
+
