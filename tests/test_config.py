@@ -240,8 +240,9 @@ def test_teacher_lr_schedules_warm_up_then_hold_or_decay_to_zero():
 
 
 def test_a_process_share_of_the_global_batch_is_cut_into_whole_micro_batches():
-    """distill.batch_size is global: each process's share, in passes of at most launch.micro_batch samples."""
-    from dmd2.distill import batch_shares
+    """distill.batch_size is global: each process's share, in passes of at most launch.micro_batch samples; a
+    shape that does not cut it evenly stops at validation, before any stage runs."""
+    from dmd2.config import batch_shares
 
     assert batch_shares(8, 2, None) == (4, 1)  # the whole share at once
     assert batch_shares(8, 2, 2) == (4, 2)
@@ -251,4 +252,8 @@ def test_a_process_share_of_the_global_batch_is_cut_into_whole_micro_batches():
         batch_shares(8, 2, 3)
     with pytest.raises(ConfigError, match="must be divisible by the 3 processes"):
         batch_shares(8, 3, None)
+    raw = raw_params()
+    raw["mnist"]["launch"] = {"distributed": "ddp", "processes_per_machine": 2, "micro_batch": 3}
+    with pytest.raises(ConfigError, match=r"mnist: Value error, launch.micro_batch=3 must divide .*\(64 / 2 processes"):
+        parse_params(raw)
 

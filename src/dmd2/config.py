@@ -569,6 +569,20 @@ class LaunchConfig(Strict):
         return self.num_machines * self.processes_per_machine
 
 
+def batch_shares(batch_size: int, processes: int, micro_batch: int | None) -> tuple[int, int]:
+    """Each process's share of the global batch and the micro-batches it is cut into (`launch.micro_batch`: at
+    most that many samples per forward pass; None: the whole share at once)."""
+    if batch_size % processes:
+        raise ConfigError(f"distill.batch_size={batch_size} must be divisible by the {processes} processes")
+    share = batch_size // processes
+    micro = min(micro_batch or share, share)
+    if share % micro:
+        raise ConfigError(f"launch.micro_batch={micro_batch} must divide each process's share of distill.batch_size "
+                          f"({batch_size} / {processes} processes = {share}); e.g. "
+                          f"{max(d for d in range(1, micro + 1) if share % d == 0)}")
+    return share, share // micro
+
+
 class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=EDMTeacherConfig)
@@ -577,6 +591,11 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _batch_fits_the_launch_shape(self) -> ExperimentConfig:
+        batch_shares(self.distill.batch_size, self.launch.world_size, self.launch.micro_batch)  # before any stage runs
+        return self
 
 
 # The blocks a stage's `--config` file may give keys of without naming the block (the seed's `steps: 4`).

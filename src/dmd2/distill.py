@@ -40,7 +40,7 @@ from dmd2.checkpoint import (
     write_training_state,
     writing,
 )
-from dmd2.config import ConfigError, DistillConfig, LaunchConfig, to_dict
+from dmd2.config import ConfigError, DistillConfig, LaunchConfig, batch_shares, to_dict
 from dmd2.critic import Critic, GANHead
 from dmd2.data import DataError, RandomBatches, open_split, read_meta
 from dmd2.errors import RunLockedError, TrainingDiverged
@@ -467,20 +467,6 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     with _one_writer(run_dir, acc):
         step, elapsed = _resume(trainer, real, run_dir / "checkpoints", resume_from, cfg.steps, acc)
         return _train(ctx, trainer, teacher, real, run_dir, step, elapsed, per_rank)
-
-
-def batch_shares(batch_size: int, processes: int, micro_batch: int | None) -> tuple[int, int]:
-    """Each process's share of the global batch and the micro-batches it is cut into (`launch.micro_batch`: at
-    most that many samples per forward pass; None: the whole share at once)."""
-    if batch_size % processes:
-        raise ConfigError(f"distill.batch_size={batch_size} must be divisible by the {processes} processes")
-    share = batch_size // processes
-    micro = min(micro_batch or share, share)
-    if share % micro:
-        raise ConfigError(f"launch.micro_batch={micro_batch} must divide each process's share of distill.batch_size "
-                          f"({batch_size} / {processes} processes = {share}); e.g. "
-                          f"{max(d for d in range(1, micro + 1) if share % d == 0)}")
-    return share, share // micro
 
 
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
