@@ -82,6 +82,7 @@ def test_mnist_jobs_are_one_cpu_task_each_with_the_recipe_resources(project):
         assert option(args, "--ntasks") == "1" and option(args, "--cpus-per-task") == str(job.cpus)
         assert option(args, "--mem") == str(job.mem_mb) and option(args, "-t") == str(job.runtime_minutes)
         assert option(args, "--nodes") is None and option(args, "--gpus") is None and option(args, "--gres") is None
+        assert "--requeue" in args  # a training stage requeues its own job before the time limit
 
 
 def test_imagenet64_distills_on_one_node_with_all_seven_gpus_in_one_task(project):
