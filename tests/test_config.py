@@ -9,7 +9,6 @@ from dmd2.cli import main
 from dmd2.config import (
     ConfigError,
     DistillConfig,
-    RegressionConfig,
     SlurmConfig,
     apply_override,
     load_params,
@@ -72,8 +71,8 @@ def test_invalid_values_are_rejected():
         DistillConfig(min_step_percent=0.9, max_step_percent=0.1)
     with pytest.raises(ValueError, match=r"slurm.distill.runtime_minutes \(5\) must exceed slurm.stop_before_limit"):
         SlurmConfig(distill={"runtime_minutes": 5})  # every run of the job would stop after one iteration
-    with pytest.raises(ValueError, match=r"regression.micro_batch \(100\) must divide regression.batch_size \(256\)"):
-        RegressionConfig(micro_batch=100)
+    with pytest.raises(ValueError, match=r"gpus: 1 is not a setting of this job.*launch.gpus_per_machine GPUs"):
+        SlurmConfig(regression={"gpus": 1})  # its GPUs follow launch:, as distill's
 
 
 @pytest.mark.parametrize("key", ["teacher.lr", "distill.generator_lr", "distill.critic_lr", "eval.classifier.lr"])
@@ -255,5 +254,17 @@ def test_a_process_share_of_the_global_batch_is_cut_into_whole_micro_batches():
     raw = raw_params()
     raw["mnist"]["launch"] = {"distributed": "ddp", "processes_per_machine": 2, "micro_batch": 3}
     with pytest.raises(ConfigError, match=r"mnist: Value error, launch.micro_batch=3 must divide .*\(64 / 2 processes"):
+        parse_params(raw)
+
+    # the regression stage runs in the same launch shape, with its own batch and micro-batch (checked when enabled)
+    raw["mnist"]["launch"] = {"distributed": "ddp", "processes_per_machine": 2}
+    raw["mnist"]["regression"] = {"batch_size": 256, "micro_batch": 100}
+    parse_params(raw)
+    raw["mnist"]["regression"]["enabled"] = True
+    with pytest.raises(ConfigError, match=r"regression.micro_batch=100 must divide each process's share of "
+                                          r"regression.batch_size \(256 / 2 processes = 128\); e.g. 64"):
+        parse_params(raw)
+    raw["mnist"]["regression"]["batch_size"] = 255
+    with pytest.raises(ConfigError, match=r"regression.batch_size=255 must be divisible by the 2 processes"):
         parse_params(raw)
 

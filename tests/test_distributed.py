@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import fresh_copy, run, run_dir, write_tiny_params
+from tiny import TINY_REGRESSION, fresh_copy, run, run_dir, write_tiny_params
 from torch.distributed.checkpoint import FileSystemReader
 
 from dmd2.checkpoint import checkpoint_step, latest_checkpoint
@@ -171,18 +171,24 @@ if "RANK" in os.environ:
 """
 
 
+def counting_synced_backwards(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment that installs COUNT_SYNCED_BACKWARDS in every process, and the folder the counts land in."""
+    inject, counts = tmp_path / "inject", tmp_path / "counts"
+    inject.mkdir()
+    counts.mkdir()
+    (inject / "sitecustomize.py").write_text(COUNT_SYNCED_BACKWARDS)
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    return {"COUNT_DIR": str(counts), "PYTHONPATH": path}, counts
+
+
 @pytest.mark.integration
 def test_two_processes_accumulating_micro_batches_match_one_process(one, prepared, tmp_path):
     """launch.micro_batch: 2 processes × 2 micro-batches of 2 (DDP) train as 1 process on the whole batch of 8, the
     DM loss, the critic and the GAN head all on; gradients are averaged across ranks once per optimiser step (the
     first micro-batch's backward runs under no_sync), counted by a communication hook in each rank."""
     root = fresh_copy(prepared, tmp_path / "micro", launch={**TWO_PROCESSES["launch"], "micro_batch": 2})
-    inject, counts = tmp_path / "inject", tmp_path / "counts"
-    inject.mkdir()
-    counts.mkdir()
-    (inject / "sitecustomize.py").write_text(COUNT_SYNCED_BACKWARDS)
-    output = distill_subprocess(root, env={"COUNT_DIR": str(counts), "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(inject), os.environ.get("PYTHONPATH")]))})
+    env, counts = counting_synced_backwards(tmp_path)
+    output = distill_subprocess(root, env=env)
     assert "global batch 8: 2 process(es) × 2 micro-batch(es) of 2" in output
     assert_matches(one, root, "2 processes × 2 micro-batches (DDP)")
     steps, ratio = 6, 2  # tests/tiny.py: generator turns at iterations 0, 2, 4; a critic turn every iteration
@@ -322,3 +328,93 @@ def test_a_stop_signal_to_one_rank_stops_both_at_the_same_iteration_and_the_run_
                           **TWO_PROCESSES)
     distill_subprocess(straight)
     assert_matches(straight, root, "2 processes stopped by a signal and resumed, against 2 uninterrupted")
+
+
+# ------------------------------------------------------------------------------------ the regression stage
+
+def regression_subprocess(root: Path, env: dict[str, str] | None = None) -> str:
+    return distill_subprocess(root, ("launch-config", "regression"), env)
+
+
+def pairs(root: Path) -> torch.Tensor:
+    from dmd2.latents import LatentDataset
+
+    (lmdb,) = (root / "work/mnist/regression/pairs").glob("run-*/pairs.lmdb")
+    dataset = LatentDataset(lmdb)
+    return dataset.batch(range(len(dataset)))[0]
+
+
+# Tolerance on the update: Adam divides by the gradients' running RMS, so in 4 steps the reduction-order noise of tiny
+# gradients shows in the update at ~2e-3 (1 process with micro-batches of 2 against whole batches: 2.2e-3); 2 processes
+# whose gradients are never averaged differ by 0.50.
+UPDATE_RTOL = 2e-2
+
+
+def update_difference(one: Path, other: Path, teacher: Path) -> float:
+    """|Δ_other − Δ_one| / |Δ_one|, Δ the regressed generator's change from the teacher: the training itself compared
+    (the weights barely move in 4 steps, so comparing the weights would hide it)."""
+    start = load_file(teacher / "models/mnist/teacher/model.safetensors")
+    a = load_file(one / "models/mnist/regression/model.safetensors")
+    b = load_file(other / "models/mnist/regression/model.safetensors")
+    diff = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+    moved = torch.sqrt(sum(((a[k] - start[k]) ** 2).sum() for k in a))
+    assert moved > 1e-3 * torch.sqrt(sum((start[k] ** 2).sum() for k in a))  # the generator did learn
+    return (diff / moved).item()
+
+
+def regression_losses(root: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (root / "models/mnist/regression/metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def regressed_once(prepared, tmp_path_factory) -> Path:
+    """The reference: the tiny regression stage in one process."""
+    root = fresh_copy(prepared, tmp_path_factory.mktemp("regression") / "one", regression=TINY_REGRESSION)
+    regression_subprocess(root)
+    return root
+
+
+@pytest.mark.integration
+def test_regression_on_two_processes_shares_the_pairs_and_the_batch_and_matches_one_process(regressed_once, prepared,
+                                                                                            tmp_path):
+    """2 processes (DDP) × 2 micro-batches of 2: the pair batches are dealt out to the ranks (a batch an interrupted
+    run finished is kept), rank 0 writes one LMDB identical to the 1-process run's, and the generator trains as in
+    one process on the whole batch of 8, gradients averaged across ranks once per step (counted by a hook)."""
+    root = fresh_copy(prepared, tmp_path / "two", regression={**TINY_REGRESSION, "micro_batch": 2}, **TWO_PROCESSES)
+    # an interrupted run had finished rank 1's batch (pairs 4–7): its file is where that run left it
+    (pairs_run,) = (regressed_once / "work/mnist/regression/pairs").glob("run-*")
+    finished = root / "work/mnist/regression/pairs" / pairs_run.name / "batches" / "00000004.pt"
+    finished.parent.mkdir(parents=True)
+    torch.save(pairs(regressed_once)[4:8].half(), finished)
+    env, counts = counting_synced_backwards(tmp_path)
+    output = regression_subprocess(root, env=env)
+    assert "regression pairs: rank 1 kept 1 of its 1 batch(es)" in output and "rank 0 kept" not in output
+    assert "regression batch 8: 2 process(es) × 2 micro-batch(es) of 2" in output
+    assert torch.equal(pairs(root), pairs(regressed_once))
+    difference = update_difference(regressed_once, root, prepared)
+    print(f"regression, 1 process vs 2 × 2 micro-batches (DDP): relative difference of the updates {difference:.2e}; "
+          f"losses {regression_losses(regressed_once)} vs {regression_losses(root)}")
+    assert difference < UPDATE_RTOL
+    torch.testing.assert_close(regression_losses(root), regression_losses(regressed_once), rtol=LOSS_RTOL, atol=0)
+    assert {rank.name: int(rank.read_text()) for rank in counts.iterdir()} == {"0": 4, "1": 4}  # one sync per step
+    stage = json.loads((root / "models/mnist/regression/stage.json").read_text())
+    assert stage["num_processes"] == 2 and stage["steps"] == 4  # the launcher kept rank 0's figures
+
+
+@pytest.mark.integration
+def test_a_sharded_regression_run_resumes_in_one_process_and_matches_it(regressed_once, prepared, tmp_path):
+    """FSDP2 over 2 processes: each rank checkpoints its shards of the generator and of the Adam moments; stopped
+    after 2 of 4 steps and finished in 1 process, the result is the uninterrupted 1-process run's."""
+    root = fresh_copy(prepared, tmp_path / "fsdp", regression={**TINY_REGRESSION, "steps": 2}, **fsdp())
+    regression_subprocess(root)
+    (checkpoint,) = (root / "work/mnist/regression/train").glob("run-*/checkpoints/ckpt-0000002")
+    stored = FileSystemReader(str(checkpoint / "training")).read_metadata().state_dict_metadata
+    conv = stored["generator.model.model.conv_in.weight"]
+    assert [tuple(c.sizes) for c in conv.chunks] == [(4, 1, 3, 3), (4, 1, 3, 3)]  # each rank wrote its half
+    assert sum(k.startswith("generator.optim.state.") and k.endswith(".exp_avg_sq") for k in stored) > 10
+    write_tiny_params(root, regression=TINY_REGRESSION)  # 1 process, 4 steps
+    run(root, "regression")
+    assert torch.equal(pairs(root), pairs(regressed_once))
+    difference = update_difference(regressed_once, root, prepared)
+    print(f"regression, 1 process vs FSDP2 ×2 → 1 process: relative difference of the updates {difference:.2e}")
+    assert difference < UPDATE_RTOL

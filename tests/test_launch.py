@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from dmd2.config import LaunchConfig, SlurmDistillJob
+from dmd2.config import LaunchConfig, SlurmLaunchJob
 from dmd2.launch import launcher_command, write_launch_config
 
 STRATEGIES = ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"]
@@ -50,7 +50,7 @@ def test_invalid_shapes_are_rejected_with_the_fix():
 def test_slurm_launcher_expands_rank_address_and_port_inside_each_task(tmp_path):
     launch = LaunchConfig(distributed="fsdp", num_machines=8, processes_per_machine=8, gpus_per_machine=8,
                           fsdp={"version": 1, "sharding_strategy": "HYBRID_SHARD"})
-    cmd = launcher_command(launch, SlurmDistillJob(cpus=96), tmp_path / "a.yaml", ["distill"], slurm_job_id="4242")
+    cmd = launcher_command(launch, SlurmLaunchJob(cpus=96), tmp_path / "a.yaml", ["distill"], slurm_job_id="4242")
     # each task asks for its CPUs and GPUs itself: srun does not inherit the batch job's --cpus-per-task
     assert cmd[:7] == ["srun", "--ntasks=8", "--nodes=8", "--ntasks-per-node=1", "--cpus-per-task=96", "--gres=gpu:8",
                        "--kill-on-bad-exit=1"]
@@ -61,21 +61,21 @@ def test_slurm_launcher_expands_rank_address_and_port_inside_each_task(tmp_path)
     assert "scontrol show hostnames" in script and "$((29500 + SLURM_JOB_ID % 1000))" in script
     # two launchers on one node (the CI cluster): told apart by their task id
     shared = LaunchConfig(distributed="ddp", num_machines=2)
-    cmd = launcher_command(shared, SlurmDistillJob(nodes=1, cpus=1), tmp_path / "a.yaml", ["distill"], "7")
+    cmd = launcher_command(shared, SlurmLaunchJob(nodes=1, cpus=1), tmp_path / "a.yaml", ["distill"], "7")
     assert cmd[:4] == ["srun", "--ntasks=2", "--cpus-per-task=1", "--kill-on-bad-exit=1"]
     assert "--machine_rank $SLURM_PROCID" in cmd[6]
     with pytest.raises(RuntimeError, match="one launcher per machine"):
-        launcher_command(shared, SlurmDistillJob(), tmp_path / "a.yaml", ["distill"], slurm_job_id=None)
+        launcher_command(shared, SlurmLaunchJob(), tmp_path / "a.yaml", ["distill"], slurm_job_id=None)
 
 
 def test_one_machine_launches_accelerate_directly_inside_slurm_too(tmp_path):
     """A single-machine job's step already holds the node's CPUs and GPUs: a nested srun would wait for them
     forever. Its port moves with the job id, so two such jobs on one node do not collide."""
     seven = LaunchConfig(distributed="ddp", processes_per_machine=7, gpus_per_machine=7)
-    local = launcher_command(seven, SlurmDistillJob(), tmp_path / "a.yaml", ["distill"], slurm_job_id=None)
+    local = launcher_command(seven, SlurmLaunchJob(), tmp_path / "a.yaml", ["distill"], slurm_job_id=None)
     assert local[:2] == ["accelerate", "launch"] and "--multi_gpu" in local
     assert local[local.index("--main_process_port") + 1] == "29500"
-    in_job = launcher_command(seven, SlurmDistillJob(), tmp_path / "a.yaml", ["distill"], slurm_job_id="123457")
+    in_job = launcher_command(seven, SlurmLaunchJob(), tmp_path / "a.yaml", ["distill"], slurm_job_id="123457")
     assert in_job[:2] == ["accelerate", "launch"] and in_job[in_job.index("--num_processes") + 1] == "7"
     assert in_job[in_job.index("--main_process_port") + 1] == str(29500 + 457)
 

@@ -114,5 +114,12 @@ def test_sdxl_distills_across_eight_nodes_one_launcher_task_each(project):
         args = submitted(project, "sdxl", stage)
         assert option(args, "--gpus") == str(getattr(params.slurm, stage).gpus) == "1"
         assert option(args, "-t") == str(getattr(params.slurm, stage).runtime_minutes)
+    # the one-step recipe's regression runs in distillation's launch shape: one launcher per node, 8 × 8 GPUs
+    one_step = load_params(project / "params.yaml").current("sdxl-1step")
     regression = submitted(project, "sdxl-1step", "regression")
-    assert option(regression, "--gpus") == "1"
+    assert option(regression, "--nodes") == "8" and option(regression, "--ntasks") == "8"
+    assert option(regression, "--gres") == "gpu:8" and option(regression, "--gpus") is None
+    assert option(regression, "--cpus-per-task") == str(one_step.slurm.regression.cpus)
+    assert option(regression, "-t") == str(one_step.slurm.regression.runtime_minutes)
+    srun = launcher_command(one_step.launch, one_step.slurm.regression, Path("a.yaml"), ["regression"], "1")
+    assert srun[:2] == ["srun", "--ntasks=8"] and srun[-1].endswith("-m dmd2.cli regression")

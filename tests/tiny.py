@@ -22,6 +22,13 @@ TINY = {
              "classifier": {"width": 8, "feature_dim": 16, "steps": 10, "batch_size": 32}},
 }
 
+# Regression pre-training at tiny size (an override: `regression=TINY_REGRESSION`): 12 teacher pairs in 3 batches of 4
+# (dealt to 2 ranks: 2 and 1), then 4 LPIPS steps (the recipe's VGG with average pooling, on a random backbone) at a
+# learning rate that moves the weights.
+TINY_REGRESSION = {"enabled": True, "num_pairs": 12, "pair_batch_size": 4, "teacher_steps": 2, "steps": 4,
+                   "batch_size": 8, "lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "keep_last": 5,
+                   "lpips": {"net": "vgg", "replace_pooling": True, "pretrained_backbone": False}}
+
 
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)

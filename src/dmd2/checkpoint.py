@@ -546,6 +546,26 @@ def run_lock(run_dir: Path, say: Callable[[str], None] = print):
         handle.close()
 
 
+def one_writer(run_dir: Path, accelerator) -> contextlib.ExitStack:
+    """`run_lock` for a run of several processes (an accelerate `Accelerator`'s): rank 0 holds the run directory's
+    lock for the whole run, and every rank stops if it cannot (a second trainer on the same run directory, e.g.
+    one left running by a killed snakemake). Use as a context manager."""
+    from accelerate.utils import broadcast_object_list
+
+    stack = contextlib.ExitStack()
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            stack.enter_context(run_lock(run_dir, accelerator.print))
+        except RunLockedError as err:
+            problem = str(err)
+    problem = broadcast_object_list([problem])[0] if accelerator.num_processes > 1 else problem
+    if problem:
+        stack.close()
+        raise RunLockedError(problem)
+    return stack
+
+
 def _lock_holder(path: Path, default: str = "unknown process") -> str:
     try:
         info = json.loads(path.read_text() or "{}")

@@ -244,7 +244,7 @@ def regression(ctx: StageContext) -> None:
         return
     from dmd2.regression import run_regression
 
-    _run_stage("regression", run_regression, ctx)
+    _run_launched("regression", run_regression, ctx)
 
 
 @main.command(epilog=_reads("distill"))
@@ -252,28 +252,37 @@ def regression(ctx: StageContext) -> None:
 @_common
 def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
     """Run DMD2; writes models/<exp>/student/. Checkpoints roll in work/<exp>/distill/; rerun to resume."""
+    from dmd2.distill import run_distill
+
+    _run_launched("distill", run_distill, ctx, resume_from=_path(resume_from_checkpoint))
+
+
+def _run_launched(stage: str, run: Callable[..., dict[str, Any]], ctx: StageContext, **options: Any) -> None:
+    """A stage that runs as `launch:`'s processes (regression, distill): this process starts them (`accelerate
+    launch`, or srun across machines) and waits, or, started as one of them or with one process, does the work."""
     from accelerate import Accelerator
 
-    from dmd2.distill import run_distill
     from dmd2.launch import relaunch_if_needed
     from dmd2.locks import stage_locks
     from dmd2.tracking import write_stage_record
 
     started = time.time()
-    launch = ctx.exp.launch
-    with stage_locks(ctx.paths, "distill"):  # held by the launcher while its ranks run (they take none)
-        if relaunch_if_needed(launch, ctx.exp.slurm.distill, ctx.paths.launch_config, sys.argv[1:]):
-            write_stage_record(ctx.paths.stage_record("distill"), "distill", started,
-                               settings=stage_settings(ctx.exp, "distill"), num_processes=launch.world_size,
-                               num_machines=launch.num_machines, distributed=launch.distributed)
+    launch, record = ctx.exp.launch, ctx.paths.stage_record(stage)
+    with stage_locks(ctx.paths, stage):  # held by the launcher while its ranks run (they take none)
+        if relaunch_if_needed(launch, getattr(ctx.exp.slurm, stage), ctx.paths.launch_config, sys.argv[1:]):
+            # rank 0's record (the stage's figures), with the launcher's wall time and the launch shape
+            figures = {k: v for k, v in json.loads(record.read_text()).items()
+                       if k not in ("stage", "wall_s", "finished_unix", "hardware")} if record.exists() else {}
+            write_stage_record(record, stage, started, **{**figures, "settings": stage_settings(ctx.exp, stage),
+                               "num_processes": launch.world_size, "num_machines": launch.num_machines,
+                               "distributed": launch.distributed})
             return
         acc = Accelerator(cpu=not _cuda())
 
-        def run(c: StageContext, **options: Any) -> dict[str, Any]:
-            return {"num_processes": acc.num_processes, **run_distill(c, **options)}
+        def run_rank(c: StageContext, **kwargs: Any) -> dict[str, Any]:
+            return {"num_processes": acc.num_processes, **run(c, accelerator=acc, **kwargs)}
 
-        _run_stage("distill", run, ctx, write_record=acc.is_main_process, lock=False, accelerator=acc,
-                   resume_from=_path(resume_from_checkpoint))
+        _run_stage(stage, run_rank, ctx, write_record=acc.is_main_process, lock=False, **options)
 
 
 @main.command("launch-config", epilog=_reads("launch_config"))

@@ -422,7 +422,7 @@ class RegressionConfig(Strict):
 
     enabled: bool = Field(False, description="pre-train the generator before distillation (one-step students)")
     num_pairs: int = Field(10000, ge=1, description="teacher noise-sample pairs to generate")
-    pair_batch_size: int = Field(16, ge=1, description="teacher samples generated at once")
+    pair_batch_size: int = Field(16, ge=1, description="teacher samples a process generates at once")
     teacher_steps: int | None = Field(None, ge=1, description="the teacher sampler's steps for the pairs "
                                       "(default: teacher.sampler.num_steps)")
     guidance_scale: float | None = Field(None, ge=0, le=100, description="the teacher's guidance for the pairs "
@@ -433,10 +433,10 @@ class RegressionConfig(Strict):
     decoder: str | None = Field(None, description="latent models: a local AutoencoderTiny directory (the recipe: "
                                 "madebyollin/taesdxl) that decodes both sides for the loss; default: the pipeline's VAE")
     steps: int = Field(2000, ge=1)
-    batch_size: int = Field(256, ge=1)
-    micro_batch: int | None = Field(None, ge=1, description="most samples per forward pass: each batch is cut into "
-                                    "micro-batches whose gradients add up before one optimiser step, so the recipe's "
-                                    "batch fits one GPU (None: the whole batch at once)")
+    batch_size: int = Field(256, ge=1, description="global: shared by the processes of `launch:`")
+    micro_batch: int | None = Field(None, ge=1, description="most samples per process per forward pass: each "
+                                    "process's share of the batch is cut into micro-batches whose gradients add up "
+                                    "before one optimiser step, so the recipe's batch fits (None: the whole share)")
     lr: float = Field(1e-5, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0, description="AdamW's (the original's 0.01)")
     warmup_steps: int = Field(0, ge=0, description="linear LR warm-up, in iterations (the recipe: 8, what the "
@@ -449,12 +449,6 @@ class RegressionConfig(Strict):
     log_every: int = Field(25, ge=1)
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _micro_batch_divides_the_batch(self) -> RegressionConfig:
-        if self.micro_batch and self.batch_size % self.micro_batch:
-            raise ValueError(f"regression.micro_batch ({self.micro_batch}) must divide regression.batch_size "
-                             f"({self.batch_size})")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------------- launch
@@ -489,10 +483,20 @@ class SlurmJob(SlurmResources):
     gpus: int = Field(0, ge=0, description="GPUs of the job (one node)")
 
 
-class SlurmDistillJob(SlurmResources):
-    """The distill job: one launcher task per machine, each with `cpus` CPUs and launch.gpus_per_machine GPUs."""
+class SlurmLaunchJob(SlurmResources):
+    """The job of a stage that starts `launch:`'s processes (regression, distill): one launcher task per machine,
+    each with `cpus` CPUs and launch.gpus_per_machine GPUs."""
 
     nodes: int | None = Field(None, ge=1, description="nodes to allocate (default: launch.num_machines)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_follow_launch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "gpus" in data:
+            raise ValueError(f"gpus: {data['gpus']} is not a setting of this job: it runs launch.num_machines × "
+                             "launch.processes_per_machine processes with launch.gpus_per_machine GPUs per machine; "
+                             "remove the key and set launch:")
+        return data
 
 
 # The stages that checkpoint, stop and requeue their job before a Slurm time limit (dmd2.stopping)
@@ -513,9 +517,9 @@ class SlurmConfig(Strict):
     prepare_data: SlurmJob = Field(default_factory=SlurmJob)
     fid_reference: SlurmJob = Field(default_factory=SlurmJob)
     teacher: SlurmJob = Field(default_factory=SlurmJob)
-    regression: SlurmJob = Field(default_factory=SlurmJob)
+    regression: SlurmLaunchJob = Field(default_factory=SlurmLaunchJob)
     launch_config: SlurmJob = Field(default_factory=_light_job)
-    distill: SlurmDistillJob = Field(default_factory=SlurmDistillJob)
+    distill: SlurmLaunchJob = Field(default_factory=SlurmLaunchJob)
     evaluate: SlurmJob = Field(default_factory=SlurmJob)
     report: SlurmJob = Field(default_factory=_light_job)
     stop_before_limit_minutes: int = Field(5, ge=1, description="teacher, regression and distill jobs checkpoint "
@@ -569,18 +573,23 @@ class LaunchConfig(Strict):
         return self.num_machines * self.processes_per_machine
 
 
-def batch_shares(batch_size: int, processes: int, micro_batch: int | None) -> tuple[int, int]:
-    """Each process's share of the global batch and the micro-batches it is cut into (`launch.micro_batch`: at
-    most that many samples per forward pass; None: the whole share at once)."""
+def batch_shares(batch_size: int, processes: int, micro_batch: int | None,
+                 keys: tuple[str, str] = ("distill.batch_size", "launch.micro_batch")) -> tuple[int, int]:
+    """Each process's share of the global batch and the micro-batches it is cut into (`micro_batch`: at most that
+    many samples per forward pass; None: the whole share at once). `keys`: the settings the errors name."""
+    batch_key, micro_key = keys
     if batch_size % processes:
-        raise ConfigError(f"distill.batch_size={batch_size} must be divisible by the {processes} processes")
+        raise ConfigError(f"{batch_key}={batch_size} must be divisible by the {processes} processes")
     share = batch_size // processes
     micro = min(micro_batch or share, share)
     if share % micro:
-        raise ConfigError(f"launch.micro_batch={micro_batch} must divide each process's share of distill.batch_size "
+        raise ConfigError(f"{micro_key}={micro_batch} must divide each process's share of {batch_key} "
                           f"({batch_size} / {processes} processes = {share}); e.g. "
                           f"{max(d for d in range(1, micro + 1) if share % d == 0)}")
     return share, share // micro
+
+
+REGRESSION_BATCH_KEYS = ("regression.batch_size", "regression.micro_batch")
 
 
 class ExperimentConfig(Strict):
@@ -594,7 +603,11 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _batch_fits_the_launch_shape(self) -> ExperimentConfig:
-        batch_shares(self.distill.batch_size, self.launch.world_size, self.launch.micro_batch)  # before any stage runs
+        # checked with params.yaml, before any stage runs; the regression stage runs in the same launch shape
+        batch_shares(self.distill.batch_size, self.launch.world_size, self.launch.micro_batch)
+        if self.regression.enabled:
+            batch_shares(self.regression.batch_size, self.launch.world_size, self.regression.micro_batch,
+                         REGRESSION_BATCH_KEYS)
         return self
 
 

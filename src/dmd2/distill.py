@@ -28,11 +28,11 @@ from dmd2.checkpoint import (
     full_state_dict,
     load_latest,
     load_training_state,
+    one_writer,
     pending_checkpoint,
     read_checkpoint,
     rng_state,
     run_directory,
-    run_lock,
     save_training_state,
     set_rng_state,
     snapshot_training_state,
@@ -43,13 +43,13 @@ from dmd2.checkpoint import (
 from dmd2.config import ConfigError, DistillConfig, LaunchConfig, batch_shares, to_dict
 from dmd2.critic import Critic, GANHead
 from dmd2.data import DataError, RandomBatches, open_split, read_meta
-from dmd2.errors import RunLockedError, TrainingDiverged
+from dmd2.errors import TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss, uniform_timesteps_up_to
 from dmd2.paths import ExperimentPaths
 from dmd2.regression import start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
-from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard
+from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard, shards
 from dmd2.stage import StageContext
 from dmd2.stopping import stop_requests
 from dmd2.training import (
@@ -58,6 +58,7 @@ from dmd2.training import (
     all_ranks_agree,
     clip_gradients,
     ema_update_,
+    gradient_sync,
     over_micro_batches,
     progress_keys,
     warmed_up_decay,
@@ -311,7 +312,7 @@ class DMD2Trainer:
         # forward-noised real samples keep their own conditions; otherwise the batch's generated conditions
         cond = part.real_cond if self.forward_noises_real else part.cond
         x_in, t_in = self.generator_input(part.size, cond, part.real)
-        with self._gradient_sync(self.generator):  # DDP decides in the forward pass whether its backward syncs
+        with gradient_sync(self.generator, self._last_micro_batch):  # around the forward: DDP decides there
             with torch.set_grad_enabled(compute_generator), self._autocast():
                 x = self.family.predict_x0(self.generator, x_in, t_in, cond).float()
             if compute_generator:
@@ -333,7 +334,7 @@ class DMD2Trainer:
 
     def _critic_pass(self, step: int, part: Batch, x: torch.Tensor, cond: Any) -> dict[str, float]:
         """The critic's losses on one micro-batch of generated (and real) samples, and their backward."""
-        with self._gradient_sync(self.critic):
+        with gradient_sync(self.critic, self._last_micro_batch):
             with self._autocast():
                 out = self.critic(x, cond, part.real, part.real_cond)
                 loss_c = out["loss_fake"] + (self.cfg.gan.critic_weight * out["loss_gan_critic"]
@@ -342,30 +343,14 @@ class DMD2Trainer:
             self.acc.backward(self._share(loss_c))
         return {**{k: v.item() for k, v in out.items()}, "loss_critic": loss_c.item()}
 
+    @property
+    def _last_micro_batch(self) -> bool:
+        """Gradients are averaged across ranks once, in the last micro-batch's backward (`gradient_sync`)."""
+        return self.draw.micro == self.accumulation - 1
+
     def _share(self, loss: torch.Tensor) -> torch.Tensor:
         """A micro-batch's part of the batch's mean loss."""
         return loss if self.accumulation == 1 else loss / self.accumulation
-
-    @contextlib.contextmanager
-    def _gradient_sync(self, net: nn.Module):
-        """Around a micro-batch's forward and backward: across ranks, gradients are averaged once, in the last
-        micro-batch's backward (DDP's no_sync, FSDP2's requires_gradient_sync); earlier micro-batches' gradients
-        only add up locally. The result is the same either way, with fewer all-reduces."""
-        last = self.draw.micro == self.accumulation - 1
-        if last or self.acc.num_processes == 1:
-            yield
-        elif self.sharded:
-            modules = [m for m in net.modules() if hasattr(m, "set_requires_gradient_sync")]
-            for m in modules:
-                m.set_requires_gradient_sync(False, recurse=False)
-            try:
-                yield
-            finally:
-                for m in modules:
-                    m.set_requires_gradient_sync(True, recurse=False)
-        else:
-            with self.acc.no_sync(net):
-                yield
 
     def _check_finite(self, values: dict[str, Any], which: str, step: int) -> None:
         """Stop on a non-finite loss or intermediate (e.g. the DM normaliser), on every rank at once: a rank that
@@ -402,13 +387,6 @@ class DMD2Trainer:
         if not self.cfg.lora.enabled or not weights:
             return weights, None
         return self.family.fuse_lora(weights, self.cfg.lora.rank, self.cfg.lora.alpha)
-
-
-def shards(launch: LaunchConfig | None, num_processes: int) -> bool:
-    """Whether the run shards its networks with FSDP2 (NO_SHARD replicates every parameter: that is DDP, so it
-    takes accelerate's DDP path)."""
-    return (launch is not None and launch.distributed == "fsdp" and num_processes > 1
-            and launch.fsdp.sharding_strategy != "NO_SHARD")
 
 
 def _on_meta(net: nn.Module) -> bool:
@@ -464,7 +442,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
         run_dir = distill_run_directory(paths, cfg, regressed=start is not None)
     run_dir = broadcast_object_list([run_dir])[0]
-    with _one_writer(run_dir, acc):
+    with one_writer(run_dir, acc):
         step, elapsed = _resume(trainer, real, run_dir / "checkpoints", resume_from, cfg.steps, acc)
         return _train(ctx, trainer, teacher, real, run_dir, step, elapsed, per_rank)
 
@@ -581,23 +559,6 @@ def real_samples(data_dir: Path, resolution: int, family: Family):
 def _lora(cfg: DistillConfig) -> dict[str, Any] | None:
     """What a student's config.json records of a LoRA generator (its weights are stored fused)."""
     return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "file": LORA_FILE} if cfg.lora.enabled else None
-
-
-def _one_writer(run_dir: Path, acc: Accelerator):
-    """Rank 0 holds the run directory's lock for the whole run; every rank stops if it cannot (a second trainer
-    on the same run directory, e.g. one left running by a killed snakemake)."""
-    stack = contextlib.ExitStack()
-    problem = None
-    if acc.is_main_process:
-        try:
-            stack.enter_context(run_lock(run_dir, acc.print))
-        except RunLockedError as err:
-            problem = str(err)
-    problem = broadcast_object_list([problem])[0] if acc.num_processes > 1 else problem
-    if problem:
-        stack.close()
-        raise RunLockedError(problem)
-    return stack
 
 
 def _resume(trainer: DMD2Trainer, real: RandomBatches | None, ckpt_dir: Path, resume_from: Path | None,

@@ -1,10 +1,11 @@
 """Launch configuration: accelerate config files from `launch:` in params.yaml, and the launcher command line.
 
 `dmd2 launch-config` writes one accelerate config (per-node values such as the machine rank are given on the
-command line, so one file serves every node). `dmd2 distill` uses `relaunch_if_needed` to start itself as
-the configured number of processes: on one machine through `accelerate launch` (inside a Slurm job too, where
-the job step already holds the machine's CPUs and GPUs); on several, inside a Slurm allocation, through one
-`srun` task per launcher, each expanding its own rank, the head node's address and a job-specific port.
+command line, so one file serves every node). `dmd2 regression` and `dmd2 distill` use `relaunch_if_needed` to
+start themselves as the configured number of processes: on one machine through `accelerate launch` (inside a
+Slurm job too, where the job step already holds the machine's CPUs and GPUs); on several, inside a Slurm
+allocation, through one `srun` task per launcher, each expanding its own rank, the head node's address and a
+job-specific port.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dmd2.config import LaunchConfig, SlurmDistillJob
+from dmd2.config import LaunchConfig, SlurmLaunchJob
 from dmd2.errors import LaunchError, MissingInputError
 
 LAUNCHED_ENV = "DMD2_LAUNCHED"  # set in the children so they do not relaunch themselves
@@ -98,9 +99,9 @@ def write_launch_config(launch: LaunchConfig, path: Path) -> Path:
     return path
 
 
-def launcher_command(launch: LaunchConfig, job: SlurmDistillJob, config_file: Path, stage_args: list[str],
+def launcher_command(launch: LaunchConfig, job: SlurmLaunchJob, config_file: Path, stage_args: list[str],
                      slurm_job_id: str | None) -> list[str]:
-    """The command that starts `launch.world_size` processes of `dmd2 <stage_args>` (`job`: the distill job's
+    """The command that starts `launch.world_size` processes of `dmd2 <stage_args>` (`job`: the stage's
     Slurm resources; `slurm_job_id`: the job we run in, or None outside Slurm)."""
     inner = ["accelerate", "launch", "--config_file", str(config_file), "--num_machines", str(launch.num_machines),
              "--num_processes", str(launch.world_size), "--mixed_precision", launch.mixed_precision,
@@ -139,7 +140,7 @@ def launcher_command(launch: LaunchConfig, job: SlurmDistillJob, config_file: Pa
             "bash", "-c", script]
 
 
-def relaunch_if_needed(launch: LaunchConfig, job: SlurmDistillJob, config_file: Path, stage_args: list[str]) -> bool:
+def relaunch_if_needed(launch: LaunchConfig, job: SlurmLaunchJob, config_file: Path, stage_args: list[str]) -> bool:
     """Start the configured processes and wait for them; False when this process should just do the work."""
     if launch.world_size == 1 or os.environ.get(LAUNCHED_ENV) or "LOCAL_RANK" in os.environ:
         return False

@@ -35,7 +35,7 @@ STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def _launched_by_a_stage() -> bool:
-    """A rank started by `dmd2 distill`'s own launcher (or any distributed launcher): its parent holds the locks."""
+    """A rank started by a stage's own launcher (or any distributed launcher): its parent holds the locks."""
     from dmd2.launch import LAUNCHED_ENV
 
     return bool(os.environ.get(LAUNCHED_ENV)) or "LOCAL_RANK" in os.environ

@@ -6,17 +6,25 @@ guidance), for `regression.num_pairs` noises; the generator G(z, t) then learns 
 with LPIPS between the decoded images (the original: LPIPS-VGG with average pooling, both sides decoded by the tiny
 VAE). With `regression.enabled`, distillation starts its generator from the result.
 
-The stage has two halves, each resumable by running the same command again:
+The stage runs as `launch:`'s processes, as distillation does (`dmd2 regression` starts them), and has two
+halves, each resumable by running the same command again:
   pairs   work/<exp>/regression/pairs/run-<fp>/pairs.lmdb: the samples with their conditions; each pair's noise is
-          a function of (seed, index), so it is regenerated rather than stored. The fingerprint covers the teacher
-          and the pair settings only: changing the learning rate reuses the pairs.
-  train   work/<exp>/regression/train/run-<fp>/checkpoints, as every training stage.
+          a function of (seed, index), so it is regenerated rather than stored. The pair batches are dealt out to
+          the ranks in turn; each rank samples its own with a full copy of the teacher and keeps each finished
+          batch as a file, so an interrupted run redoes only unfinished batches (with any number of ranks), and
+          rank 0 writes the one LMDB at the end. The fingerprint covers the teacher and the pair settings only:
+          changing the learning rate reuses the pairs.
+  train   work/<exp>/regression/train/run-<fp>/checkpoints, as every training stage: `regression.batch_size` is
+          the global batch, each rank regressing its share (cut into `regression.micro_batch` passes) under DDP,
+          or sharded with FSDP2 (`launch.distributed: fsdp`); gradients are averaged once per step, so any launch
+          shape trains the same generator up to floating-point reduction order.
 Output: models/<exp>/regression/, the generator in the normalised format (a student at distill's one timestep,
 so `dmd2 generate` samples it). Disabled, `dmd2 regression` writes only a stage.json that says so.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 import warnings
@@ -27,28 +35,53 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from dmd2.checkpoint import (
+    TrainingParts,
+    begin_checkpoint,
     checkpoint_at_or_refuse,
+    commit_checkpoint,
+    full_state_dict,
     latest_checkpoint,
-    load_checkpoint,
     load_latest,
+    load_training_state,
+    one_writer,
+    pending_checkpoint,
+    read_checkpoint,
     rng_state,
     run_directory,
-    run_lock,
-    save_checkpoint,
+    save_training_state,
     set_rng_state,
+    training_state_path,
+    writing,
 )
-from dmd2.config import ConfigError, LPIPSConfig, RegressionConfig, to_dict
+from dmd2.config import (
+    REGRESSION_BATCH_KEYS,
+    ConfigError,
+    LPIPSConfig,
+    RegressionConfig,
+    batch_shares,
+    to_dict,
+)
 from dmd2.data import RandomBatches
-from dmd2.errors import TrainingDiverged
+from dmd2.errors import CheckpointError, TrainingDiverged
 from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
 from dmd2.latents import LatentDataset, write_latents_lmdb
 from dmd2.stage import StageContext
 from dmd2.stopping import stop_requests
 from dmd2.tracking import progress
-from dmd2.training import GlobalBatchRandom, adamw, clip_gradients, device, progress_keys, warmup_schedule
+from dmd2.training import (
+    GlobalBatchRandom,
+    adamw,
+    all_ranks_agree,
+    clip_gradients,
+    gradient_sync,
+    progress_keys,
+    warmup_schedule,
+)
 
 PAIRS_FILE = "pairs.lmdb"
 # Settings that only say how far or how visibly to train: changing them resumes the same run.
@@ -57,11 +90,13 @@ REGRESSION_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every
 PAIR_KEYS = ("num_pairs", "teacher_steps", "guidance_scale", "seed")  # what the pairs depend on (with the teacher)
 
 
-def run_regression(ctx: StageContext) -> dict[str, Any]:
-    """The stage: generate the pairs (once), regress the generator onto them, write models/<exp>/regression/."""
+def run_regression(ctx: StageContext, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """The stage, on this rank: generate the pairs (once), regress the generator onto them, write
+    models/<exp>/regression/ (rank 0)."""
     cfg, paths = ctx.exp.regression, ctx.paths
     if not cfg.enabled:
         raise ConfigError("regression.enabled is false: there is nothing to pre-train")
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     # settings and weights are checked before hours of teacher sampling (the old output stays until the new one)
     timestep = regression_timestep(ctx)
     if cfg.loss == "lpips" and cfg.lpips.pretrained_backbone:
@@ -69,9 +104,9 @@ def run_regression(ctx: StageContext) -> dict[str, Any]:
     if cfg.loss == "lpips" and cfg.decoder is not None:
         _decoder_folder(cfg.decoder, paths.root)
     started = time.time()
-    teacher = load_model(paths.teacher, device(), data_dir=paths.data)
-    pairs = make_pairs(ctx, teacher)
-    summary = train_regression(ctx, teacher, pairs, timestep)
+    teacher = load_model(paths.teacher, acc.device, data_dir=paths.data)
+    pairs = make_pairs(ctx, teacher, acc)
+    summary = train_regression(ctx, teacher, pairs, timestep, acc)
     return {"enabled": True, "pairs": str(pairs), "timestep": timestep, **summary,
             "invocation_seconds": round(time.time() - started, 1)}
 
@@ -102,17 +137,22 @@ def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def make_pairs(ctx: StageContext, teacher: Model) -> Path:
-    """The pairs LMDB for these settings, generated in batches (kept in the run directory, so an interrupted run
-    resumes at the next batch) unless it already exists."""
+def make_pairs(ctx: StageContext, teacher: Model, acc: Accelerator | None = None) -> Path:
+    """The pairs LMDB for these settings unless it already exists: the pair batches dealt out to the ranks in turn,
+    each kept as a file in the run directory when done (so an interrupted run resumes at the next unfinished one,
+    with any number of ranks), then gathered into one LMDB by rank 0."""
     cfg, paths = ctx.exp.regression, ctx.paths
-    settings = {k: getattr(cfg, k) for k in PAIR_KEYS}
-    inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors",
-                          paths.data / "prompts.lmdb" / "data.mdb") if f.exists()]
-    run_dir = run_directory(paths.work("regression") / "pairs", settings, set(), inputs)
+    acc = acc or Accelerator(cpu=not torch.cuda.is_available())
+    run_dir = None
+    if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
+        settings = {k: getattr(cfg, k) for k in PAIR_KEYS}
+        inputs = [f for f in (paths.teacher / "config.json", paths.teacher / "model.safetensors",
+                              paths.data / "prompts.lmdb" / "data.mdb") if f.exists()]
+        run_dir = run_directory(paths.work("regression") / "pairs", settings, set(), inputs)
+    run_dir = broadcast_object_list([run_dir])[0] if acc.num_processes > 1 else run_dir
     lmdb_path = run_dir / PAIRS_FILE
     if (lmdb_path / "data.mdb").exists():
-        print(f"regression pairs: reusing {lmdb_path}")
+        acc.print(f"regression pairs: reusing {lmdb_path}")
         return lmdb_path
     family = teacher.family
     steps = cfg.teacher_steps or family.default_teacher_steps
@@ -120,31 +160,40 @@ def make_pairs(ctx: StageContext, teacher: Model) -> Path:
     conditions = _pair_conditions(family, cfg.num_pairs, cfg.seed)
     parts = run_dir / "batches"
     parts.mkdir(parents=True, exist_ok=True)
-    dev = next(teacher.net.parameters()).device
     starts = range(0, cfg.num_pairs, cfg.pair_batch_size)
-    with run_lock(run_dir), progress(len(starts), 0, "teacher pairs") as bar:
-        for start in starts:
+    mine = starts[acc.process_index :: acc.num_processes]
+    kept = 0
+    with one_writer(run_dir, acc), progress(len(mine), 0, "teacher pairs", disable=not acc.is_main_process) as bar:
+        for start in mine:
             bar.update(1)
             part = parts / f"{start:08d}.pt"
-            if part.exists():
+            if part.exists():  # finished by an interrupted run (by whichever rank)
+                kept += 1
                 continue
             index = range(start, min(start + cfg.pair_batch_size, cfg.num_pairs))
-            noise = pair_noise(cfg.seed, index, family.sample_shape).to(dev)
-            cond = family.encode_conditions(_raw(conditions, index), dev)
+            noise = pair_noise(cfg.seed, index, family.sample_shape).to(acc.device)
+            cond = family.encode_conditions(_raw(conditions, index), acc.device)
             with torch.no_grad():
                 x0 = family.sample_teacher(teacher.net, noise, cond, steps, guidance)
-            tmp = part.with_suffix(".tmp")
+            tmp = part.with_suffix(f".tmp{acc.process_index}")
             torch.save(x0.cpu().half(), tmp)
             tmp.replace(part)
-        samples = torch.cat([torch.load(parts / f"{s:08d}.pt") for s in range(0, cfg.num_pairs, cfg.pair_batch_size)])
-        kind = "prompts" if isinstance(conditions, list) else "labels" if conditions is not None else "none"
-        texts = conditions if kind == "prompts" else [str(int(y)) for y in conditions] if kind == "labels" \
-            else [""] * cfg.num_pairs
-        write_latents_lmdb(lmdb_path, samples, texts, {
-            "pairs": {"noise_seed": cfg.seed, "conditions": kind, "teacher_steps": steps, "guidance_scale": guidance,
-                      "teacher": str(paths.teacher)}, "source": "teacher ODE pairs", "split": "regression"})
-        shutil.rmtree(parts)
-    print(f"regression pairs: wrote {cfg.num_pairs} teacher samples ({steps} steps, guidance {guidance}) to {lmdb_path}")
+        if kept:
+            print(f"regression pairs: rank {acc.process_index} kept {kept} of its {len(mine)} batch(es), finished by an "
+                  "interrupted run", flush=True)
+        acc.wait_for_everyone()  # every rank's batches are on disk
+        if acc.is_main_process:
+            samples = torch.cat([torch.load(parts / f"{s:08d}.pt") for s in starts])
+            kind = "prompts" if isinstance(conditions, list) else "labels" if conditions is not None else "none"
+            texts = conditions if kind == "prompts" else [str(int(y)) for y in conditions] if kind == "labels" \
+                else [""] * cfg.num_pairs
+            write_latents_lmdb(lmdb_path, samples, texts, {
+                "pairs": {"noise_seed": cfg.seed, "conditions": kind, "teacher_steps": steps, "guidance_scale": guidance,
+                          "teacher": str(paths.teacher)}, "source": "teacher ODE pairs", "split": "regression"})
+            shutil.rmtree(parts)
+        acc.wait_for_everyone()
+    acc.print(f"regression pairs: wrote {cfg.num_pairs} teacher samples ({steps} steps, guidance {guidance}, "
+              f"{acc.num_processes} process(es)) to {lmdb_path}")
     return lmdb_path
 
 
@@ -279,94 +328,143 @@ def pixel_decoder(cfg: RegressionConfig, family: Family, dev: torch.device,
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timestep: int) -> dict[str, Any]:
-    """Regress a copy of the teacher onto the pairs at `timestep`; rerunning resumes from the newest checkpoint."""
+def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timestep: int,
+                     acc: Accelerator | None = None) -> dict[str, Any]:
+    """Regress a copy of the teacher onto the pairs at `timestep`, this rank on its share of every batch; rerunning
+    resumes from the newest checkpoint (with any number of ranks)."""
+    from dmd2.sharding import device_mesh, shard, shards
     from dmd2.tracking import MetricsLog
 
     cfg, paths, family = ctx.exp.regression, ctx.paths, teacher.family
-    dev = next(teacher.net.parameters()).device
+    acc = acc or Accelerator(cpu=not torch.cuda.is_available())
+    dev, main = acc.device, acc.is_main_process
+    per_rank, accumulation = batch_shares(cfg.batch_size, acc.num_processes, cfg.micro_batch, REGRESSION_BATCH_KEYS)
+    acc.print(f"regression batch {cfg.batch_size}: {acc.num_processes} process(es) × {accumulation} micro-batch(es) "
+              f"of {per_rank // accumulation}")
     pairs = PairDataset(pairs_path, family.sample_shape)
     torch.manual_seed(cfg.seed)
     generator = teacher.net.train().requires_grad_(True)  # the teacher's own copy: it is not needed any more
     if cfg.gradient_checkpointing:
         family.enable_gradient_checkpointing(generator)
+    sharded = shards(ctx.exp.launch, acc.num_processes)
+    if sharded:  # before the optimiser, so that it holds (and checkpoints) only this rank's shards
+        shard(generator, ctx.exp.launch.fsdp, device_mesh(ctx.exp.launch, acc.num_processes, dev.type))
     optimizer = adamw(generator.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
-    batches = RandomBatches(pairs, cfg.batch_size, cfg.seed)
+    module = generator  # the bare generator: what is checkpointed and saved
+    if not sharded:
+        generator = acc.prepare(generator)  # DDP across processes (one process: the module itself)
+    batches = RandomBatches(pairs, cfg.batch_size, cfg.seed, rank=acc.process_index, world=acc.num_processes)
     loss_fn = loss_function(cfg, family, dev, paths.root)
-    settings = {**to_dict(cfg), "pairs": pairs_path.parent.name, "timestep": timestep}
-    run_dir = run_directory(paths.work("regression") / "train", settings,
-                            progress_keys(REGRESSION_PROGRESS_KEYS, "constant"), [])
+    run_dir = None
+    if main:
+        settings = {**to_dict(cfg), "pairs": pairs_path.parent.name, "timestep": timestep}
+        run_dir = run_directory(paths.work("regression") / "train", settings,
+                                progress_keys(REGRESSION_PROGRESS_KEYS, "constant"), [])
+    run_dir = broadcast_object_list([run_dir])[0] if acc.num_processes > 1 else run_dir
     ckpt_dir = run_dir / "checkpoints"
+    parts: TrainingParts = {"generator": (module, optimizer)}
 
     def load(checkpoint: Path) -> tuple[int, float]:
-        models, state, meta = load_checkpoint(checkpoint)
-        generator.load_state_dict(models["generator"])
-        optimizer.load_state_dict(state["optimizer"])
+        state, meta = read_checkpoint(checkpoint)
+        if (checkpoint / "generator.safetensors").exists():
+            _load_one_process_checkpoint(checkpoint, state, module, optimizer)
+        else:
+            load_training_state(training_state_path(checkpoint), parts)  # reshards to this run's ranks
         if "scheduler" in state:  # checkpoints from before the warm-up had none: it was always 1 then
             scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         return meta["step"], meta.get("train_seconds", 0.0)
 
-    with run_lock(run_dir):
+    def save(step: int, train_seconds: float) -> None:
+        if main:
+            begin_checkpoint(ckpt_dir, step)
+        acc.wait_for_everyone()
+        tmp = pending_checkpoint(ckpt_dir, step)
+        save_training_state(tmp, parts, sharded)  # sharded: every rank writes its shards; otherwise rank 0
+        if main:
+            with writing(tmp):
+                torch.save({"scheduler": scheduler.state_dict(), "data": batches.state_dict(), "rng": rng_state()},
+                           tmp / "state.pt")
+            commit_checkpoint(ckpt_dir, step, {"train_seconds": train_seconds, "num_processes": acc.num_processes,
+                                               "sharded": sharded}, cfg.keep_last)
+        acc.wait_for_everyone()
+
+    with one_writer(run_dir, acc):
         step, elapsed = 0, 0.0
         resume_from = checkpoint_at_or_refuse(ckpt_dir, cfg.steps, "regression.steps")
-        found = (resume_from, load(resume_from)) if resume_from else load_latest(ckpt_dir, load)
+        found = (resume_from, load(resume_from)) if resume_from else \
+            load_latest(ckpt_dir, load, acc.print, lambda ok: all_ranks_agree(ok, dev))
         if found is not None:
             step, elapsed = found[1]
-            print(f"resuming regression pre-training from {found[0]} (step {step})")
-        print(f"regression run directory: {run_dir}")
-        log = MetricsLog(run_dir / "metrics.jsonl")
-        t = torch.full((cfg.batch_size,), timestep, dtype=torch.long, device=dev)
+            acc.print(f"resuming regression pre-training from {found[0]} (step {step})")
+        acc.print(f"regression run directory: {run_dir}")
+        log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+        t = torch.full((per_rank,), timestep, dtype=torch.long, device=dev)
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
         t0 = time.time()
-        with progress(cfg.steps, step, "regression") as bar, stop_requests(ctx.exp.slurm) as stop:
+        with progress(cfg.steps, step, "regression", disable=not main) as bar, stop_requests(ctx.exp.slurm) as stop:
             while step < cfg.steps:
-                target, noise, raw = batches.next()
+                target, noise, raw = batches.next()  # this rank's share of the batch
                 optimizer.zero_grad(set_to_none=True)
-                parts = _micro_batches(cfg, target, noise, raw)
+                micro = _micro_batches(per_rank // accumulation, target, noise, raw)
                 losses = []
-                for target_i, noise_i, raw_i in parts:  # each micro-batch's gradients add up: one step per batch
+                for i, (target_i, noise_i, raw_i) in enumerate(micro):  # gradients add up: one step per batch
                     target_i, noise_i, t_i = target_i.to(dev), noise_i.to(dev), t[: len(noise_i)]
                     cond = family.encode_conditions(raw_i, dev)
-                    with autocast:
-                        x = family.predict_x0(generator, family.generator_input(noise_i, t_i), t_i, cond)
-                    loss = loss_fn(x.float(), target_i)  # in float32: the SDXL VAE overflows in half precision
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"regression loss is {loss.item()} at step {step}; the last good "
-                                               f"checkpoint ({latest_checkpoint(ckpt_dir)}) is intact. Lower "
-                                               "regression.lr and rerun.")
-                    (loss if len(parts) == 1 else loss / len(parts)).backward()
+                    with gradient_sync(generator, sync=i == len(micro) - 1):  # averaged across ranks once
+                        with autocast:
+                            x = family.predict_x0(generator, family.generator_input(noise_i, t_i), t_i, cond)
+                        loss = loss_fn(x.float(), target_i)  # in float32: the SDXL VAE overflows in half precision
+                        (loss if len(micro) == 1 else loss / len(micro)).backward()
                     losses.append(loss.item())
-                batch_loss = sum(losses) / len(losses)  # the batch's mean (micro-batches are equal in size)
+                batch_loss = sum(losses) / len(losses)  # this rank's share's mean (micro-batches are equal in size)
+                if not all_ranks_agree(all(map(math.isfinite, losses)), dev):
+                    raise TrainingDiverged(f"regression loss is {batch_loss} at step {step} (or not finite on another "
+                                           f"rank); the last good checkpoint ({latest_checkpoint(ckpt_dir)}) is "
+                                           "intact. Lower regression.lr and rerun.")
                 grad_norm = clip_gradients(optimizer, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
+                    if acc.num_processes > 1:  # the global batch's mean (equal shares)
+                        batch_loss = acc.reduce(torch.tensor(batch_loss, dtype=torch.float64, device=dev), "mean").item()
                     log.write({"step": step, "loss": batch_loss, "grad_norm": grad_norm,
                                "time_s": round(elapsed + time.time() - t0, 2)})
                     bar.set_postfix(loss=f"{batch_loss:.4f}")
-                stopping = step < cfg.steps and stop.requested()  # a time limit or preemption is coming
+                stopping = step < cfg.steps and stop.requested(dev)  # a time limit or preemption is coming
                 if stopping or step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "data": batches.state_dict(), "rng": rng_state()}
-                    save_checkpoint(ckpt_dir, step, {"generator": generator.state_dict()}, state,
-                                    {"train_seconds": elapsed + time.time() - t0}, cfg.keep_last)
+                    save(step, elapsed + time.time() - t0)
                 if stopping:
                     raise stop.stop(step, latest_checkpoint(ckpt_dir))
-    source = {"type": "regression", "teacher": str(paths.teacher), "pairs": len(pairs), "steps": cfg.steps,
-              "loss": cfg.loss, "run": run_dir.name}
-    save_model(paths.regression, generator, student_config(teacher.config, [timestep], source),
-               extra_files={"metrics.jsonl": log.text_through(cfg.steps)})
+        weights = full_state_dict(module, sharded)  # rank 0: every weight (a collective under FSDP)
+        if main:
+            source = {"type": "regression", "teacher": str(paths.teacher), "pairs": len(pairs), "steps": cfg.steps,
+                      "loss": cfg.loss, "run": run_dir.name}
+            save_model(paths.regression, weights, student_config(teacher.config, [timestep], source),
+                       extra_files={"metrics.jsonl": log.text_through(cfg.steps)})
+        acc.wait_for_everyone()
     return {"steps": cfg.steps, "train_seconds": round(elapsed + time.time() - t0, 1)}
 
 
-def _micro_batches(cfg: RegressionConfig, target: torch.Tensor, noise: torch.Tensor, raw: Any) -> list[tuple]:
-    """The batch cut into `regression.micro_batch`-sized passes, in order (one pass: the batch itself)."""
-    size = cfg.micro_batch or len(target)
+def _load_one_process_checkpoint(checkpoint: Path, state: dict[str, Any], module: nn.Module,
+                                 optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint written before the stage ran on several processes: the generator's weights in one file and
+    the optimiser's own state dict in state.pt, which loads into one process or identical DDP replicas."""
+    from safetensors.torch import load_file
+
+    if any(hasattr(m, "set_requires_gradient_sync") for m in module.modules()):
+        raise CheckpointError(f"{checkpoint} was written by a one-process regression run, which a sharded run "
+                              "cannot resume: rerun it with launch.distributed: ddp (or one process), or move it away")
+    module.load_state_dict(load_file(checkpoint / "generator.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+
+
+def _micro_batches(size: int, target: torch.Tensor, noise: torch.Tensor, raw: Any) -> list[tuple]:
+    """The batch cut into passes of `size` samples, in order (one pass: the batch itself)."""
     if size >= len(target):
         return [(target, noise, raw)]
     return [(target[i : i + size], noise[i : i + size], raw if raw is None else raw[i : i + size])

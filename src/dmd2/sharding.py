@@ -1,4 +1,5 @@
-"""FSDP2 for the distillation loop: `fully_shard` on the generator, the critic, the GAN head and the teacher.
+"""FSDP2 for the training loops: `fully_shard` on distillation's generator, critic, GAN head and teacher, and on the
+regression stage's generator.
 
 accelerate starts the processes and owns the process group; dmd2 shards the models itself because
 accelerate's FSDP plugin cannot run on CPU and wraps one model per `prepare`, while DMD2 trains two models
@@ -20,6 +21,13 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from dmd2.config import FSDPConfig, LaunchConfig
+
+
+def shards(launch: LaunchConfig | None, num_processes: int) -> bool:
+    """Whether the run shards its networks with FSDP2 (NO_SHARD replicates every parameter: that is DDP, so it
+    takes accelerate's DDP path)."""
+    return (launch is not None and launch.distributed == "fsdp" and num_processes > 1
+            and launch.fsdp.sharding_strategy != "NO_SHARD")
 
 
 def device_mesh(launch: LaunchConfig, world_size: int, device_type: str) -> DeviceMesh:

@@ -1,19 +1,20 @@
 """The Slurm job each stage asks for under `snakemake --profile slurm`, as the slurm executor plugin's resources.
 
 params.yaml's `<experiment>.slurm` block names one job per stage (config.SlurmConfig). Most stages are one task
-on one node, with `gpus` GPUs. The distill job follows `launch:`: on one machine it is one task holding every GPU,
-and `dmd2 distill` starts its processes with `accelerate launch` inside it; on several machines it is one
-launcher task per machine (`mpi`, so the command runs in the batch script and `dmd2 distill` starts the tasks
-with its own `srun`, see dmd2.launch). The Snakefile reads these; no stage does, so no stage's code depends on
+on one node, with `gpus` GPUs. The jobs of the stages that start `launch:`'s processes (regression, distill)
+follow it: on one machine one task holding every GPU, inside which `dmd2 <stage>` starts its processes with
+`accelerate launch`; on several machines one launcher task per machine (`mpi`, so the command runs in the batch
+script and `dmd2 <stage>` starts the tasks with its own `srun`, see dmd2.launch). The Snakefile reads these; no stage does, so no stage's code depends on
 this module.
 """
 
 from __future__ import annotations
 
-from dmd2.config import ExperimentConfig, SlurmConfig, SlurmResources
+from dmd2.config import ExperimentConfig, SlurmConfig, SlurmLaunchJob, SlurmResources
 
 STAGES = tuple(name for name, field in SlurmConfig.model_fields.items()
                if isinstance(field.annotation, type) and issubclass(field.annotation, SlurmResources))
+LAUNCHED = tuple(name for name in STAGES if SlurmConfig.model_fields[name].annotation is SlurmLaunchJob)
 
 
 def snakemake_resources(exp: ExperimentConfig, stage: str) -> dict[str, int | str]:
@@ -27,8 +28,8 @@ def snakemake_resources(exp: ExperimentConfig, stage: str) -> dict[str, int | st
         resources["slurm_partition"] = job.partition or slurm.partition
     if slurm.account:
         resources["slurm_account"] = slurm.account
-    gpus = launch.gpus_per_machine if stage == "distill" else job.gpus
-    if stage == "distill" and launch.num_machines > 1:
+    gpus = launch.gpus_per_machine if stage in LAUNCHED else job.gpus
+    if stage in LAUNCHED and launch.num_machines > 1:
         resources.update(nodes=job.nodes or launch.num_machines, tasks=launch.num_machines, mpi="srun")
         if gpus:
             # GPUs per node; tasks_per_gpu=0 keeps the plugin from turning `tasks` into --ntasks-per-gpu

@@ -145,6 +145,28 @@ def over_micro_batches(draw: GlobalBatchRandom, items: Sequence[T], fn: Callable
     return results
 
 
+@contextlib.contextmanager
+def gradient_sync(net: nn.Module, sync: bool) -> Iterator[None]:
+    """Around one micro-batch's forward and backward: with `sync` false its gradients only add up on this rank
+    (DDP's no_sync, FSDP2's requires_gradient_sync off); with `sync`, as usual, the backward averages the sum across
+    ranks. Syncing only the last micro-batch of a step gives the same gradients with one all-reduce per step.
+    One process (no wrapper): nothing to sync either way."""
+    sharded = [m for m in net.modules() if hasattr(m, "set_requires_gradient_sync")]
+    if sync or not (sharded or hasattr(net, "no_sync")):
+        yield
+    elif sharded:
+        for m in sharded:
+            m.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.set_requires_gradient_sync(True, recurse=False)
+    else:
+        with net.no_sync():  # DDP decides in the forward pass whether its backward syncs
+            yield
+
+
 def all_ranks_agree(ok: bool, device: torch.device | str = "cpu") -> bool:
     """True only if `ok` is True on every rank (one all-reduce when a process group is up): a decision such as
     "stop, a value is not finite" is taken by all ranks together, so none is left waiting in a collective."""

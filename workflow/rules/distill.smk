@@ -1,20 +1,3 @@
-rule launch_config:
-    message:
-        "Writing the accelerate launch configuration of {EXP}"
-    input:
-        code=code("launch_config"),
-    output:
-        config=f"configs/{EXP}/accelerate.yaml",
-    params:
-        **stage_params("launch_config"),
-    resources:
-        **slurm("launch_config"),
-    log:
-        f"logs/{EXP}/launch_config.log",
-    shell:
-        "dmd2 launch-config --experiment {EXP} > {log:q} 2>&1"
-
-
 rule distill:
     message:
         "DMD2 distillation of {EXP} (progress: tail -f {log}; rerun to resume from work/{EXP}/distill)"

@@ -9,6 +9,7 @@ rule regression:
     input:
         teacher=rules.teacher.output.model,
         data=rules.prepare_data.output.data,
+        launch=rules.launch_config.output.config,
         code=code("regression"),
         settings=settings_stamp("regression"),
     output:
@@ -24,4 +25,5 @@ rule regression:
     log:
         f"logs/{EXP}/regression.log",
     shell:
+        # like distill, `dmd2 regression` starts launch:'s processes itself (see workflow/rules/distill.smk)
         "dmd2 regression --experiment {EXP} > {log:q} 2>&1"
