@@ -37,8 +37,10 @@ SLURM_LAUNCH = {"launch": {"distributed": "fsdp", "num_machines": 2, "processes_
 ONE_MACHINE = {"launch": {"distributed": "ddp", "num_machines": 1, "processes_per_machine": 2},
                "slurm": {"distill": {"cpus": 2, "mem_mb": 4000, "runtime_minutes": 20}, "stop_before_limit_minutes": 2},
                "distill": {"seed": 7, "steps": 10, "checkpoint_every": 1000}}
+# status every 2 s instead of Snakemake's 10: a finished job is seen sooner (the tiny stages take seconds)
 SNAKEMAKE = ["timeout", "-s", "KILL", "900", "snakemake", "--profile", "slurm", "--jobs", "2",
-             "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1"]
+             "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+             "--seconds-between-status-checks", "2"]
 
 pytestmark = [
     pytest.mark.integration,
