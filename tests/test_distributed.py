@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tiny import TINY_REGRESSION, fresh_copy, run, run_dir, write_tiny_params
 from torch.distributed.checkpoint import FileSystemReader
 
-from dmd2.checkpoint import checkpoint_step, latest_checkpoint
+from dmd2.checkpoint import checkpoint_step, latest_checkpoint, load_training_state
 
 PARAM_RTOL, LOSS_RTOL = 1e-4, 1e-3
 TWO_PROCESSES = {"launch": {"distributed": "ddp", "processes_per_machine": 2}}
@@ -417,4 +417,34 @@ def test_a_sharded_regression_run_resumes_in_one_process_and_matches_it(regresse
     assert torch.equal(pairs(root), pairs(regressed_once))
     difference = update_difference(regressed_once, root, prepared)
     print(f"regression, 1 process vs FSDP2 ×2 → 1 process: relative difference of the updates {difference:.2e}")
+    assert difference < UPDATE_RTOL
+
+
+@pytest.mark.integration
+def test_a_regression_checkpoint_from_before_several_processes_resumes_sharded(regressed_once, prepared, tmp_path):
+    """Earlier versions kept the generator in generator.safetensors and the optimiser's own state dict (moments keyed
+    by parameter position) in state.pt; such a checkpoint, written by one process, resumes sharded over 2 processes
+    and ends where the uninterrupted 1-process run does."""
+    from safetensors.torch import save_file
+
+    from dmd2.families import load_model
+    from dmd2.training import adamw, warmup_schedule
+
+    root = fresh_copy(prepared, tmp_path / "old", regression={**TINY_REGRESSION, "steps": 2})
+    regression_subprocess(root)
+    checkpoint = latest_checkpoint(run_dir(root, "regression/train") / "checkpoints")
+    generator = load_model(prepared / "models/mnist/teacher").net.requires_grad_(True)
+    optimizer = adamw(generator.parameters(), lr=TINY_REGRESSION["lr"])
+    warmup_schedule(optimizer, 1)  # as the stage builds it (the scheduler adds initial_lr to the optimiser's state)
+    load_training_state(checkpoint / "training.safetensors", {"generator": (generator, optimizer)})
+    save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, checkpoint / "generator.safetensors")
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    torch.save({**state, "optimizer": optimizer.state_dict()}, checkpoint / "state.pt")
+    (checkpoint / "training.safetensors").unlink()  # now as the earlier version wrote it
+
+    write_tiny_params(root, regression=TINY_REGRESSION, **fsdp())
+    output = regression_subprocess(root)
+    assert f"resuming regression pre-training from {checkpoint}" in output
+    difference = update_difference(regressed_once, root, prepared)
+    print(f"regression, 1 process vs a one-process checkpoint of the earlier format resumed on FSDP2 ×2: {difference:.2e}")
     assert difference < UPDATE_RTOL

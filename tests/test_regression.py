@@ -63,34 +63,3 @@ def test_regression_is_refused_for_multi_step_and_lora_generators_before_anythin
         run_regression(context(tmp_path, "distill.lora.enabled=true"))
     assert (earlier / "model.safetensors").read_text() == "an earlier result"
 
-
-@pytest.mark.integration
-def test_a_regression_checkpoint_written_before_the_stage_ran_on_several_processes_still_resumes(prepared, tmp_path):
-    """Earlier versions kept the generator in generator.safetensors and the optimiser's own state dict in state.pt;
-    such a checkpoint resumes (one process) and the run ends where an uninterrupted one does, bit for bit."""
-    from safetensors.torch import load_file, save_file
-    from tiny import TINY_REGRESSION, fresh_copy, run, run_dir, write_tiny_params
-
-    from dmd2.checkpoint import latest_checkpoint, load_training_state
-    from dmd2.families import load_model
-    from dmd2.training import adamw, warmup_schedule
-
-    whole = fresh_copy(prepared, tmp_path / "whole", regression=TINY_REGRESSION)
-    run(whole, "regression")
-    old = fresh_copy(prepared, tmp_path / "old", regression={**TINY_REGRESSION, "steps": 2})
-    run(old, "regression")
-    checkpoint = latest_checkpoint(run_dir(old, "regression/train") / "checkpoints")
-    generator = load_model(prepared / "models/mnist/teacher").net.requires_grad_(True)
-    optimizer = adamw(generator.parameters(), lr=TINY_REGRESSION["lr"])
-    warmup_schedule(optimizer, 1)  # as the stage builds it (the scheduler adds initial_lr to the optimiser's state)
-    load_training_state(checkpoint / "training.safetensors", {"generator": (generator, optimizer)})
-    save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, checkpoint / "generator.safetensors")
-    state = torch.load(checkpoint / "state.pt", weights_only=False)
-    torch.save({**state, "optimizer": optimizer.state_dict()}, checkpoint / "state.pt")
-    (checkpoint / "training.safetensors").unlink()  # now as the earlier version wrote it
-
-    write_tiny_params(old, regression=TINY_REGRESSION)
-    run(old, "regression")
-    assert not list(checkpoint.parent.glob("corrupt-*"))  # it loaded (one that does not is moved aside)
-    ours, theirs = (load_file(root / "models/mnist/regression/model.safetensors") for root in (old, whole))
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -67,7 +67,7 @@ from dmd2.config import (
     to_dict,
 )
 from dmd2.data import RandomBatches
-from dmd2.errors import CheckpointError, TrainingDiverged
+from dmd2.errors import TrainingDiverged
 from dmd2.families import Family, Model, ModelError, load_model, save_model, student_config
 from dmd2.latents import LatentDataset, write_latents_lmdb
 from dmd2.stage import StageContext
@@ -452,15 +452,18 @@ def train_regression(ctx: StageContext, teacher: Model, pairs_path: Path, timest
 
 def _load_one_process_checkpoint(checkpoint: Path, state: dict[str, Any], module: nn.Module,
                                  optimizer: torch.optim.Optimizer) -> None:
-    """A checkpoint written before the stage ran on several processes: the generator's weights in one file and
-    the optimiser's own state dict in state.pt, which loads into one process or identical DDP replicas."""
+    """A checkpoint written before the stage ran on several processes (the generator's weights in one file, the
+    optimiser's own state dict, keyed by parameter position, in state.pt), loaded as a training state is: the
+    optimiser state keyed by parameter name, so it loads into any number of ranks, sharded or not."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    if any(hasattr(m, "set_requires_gradient_sync") for m in module.modules()):
-        raise CheckpointError(f"{checkpoint} was written by a one-process regression run, which a sharded run "
-                              "cannot resume: rerun it with launch.distributed: ddp (or one process), or move it away")
-    module.load_state_dict(load_file(checkpoint / "generator.safetensors"))
-    optimizer.load_state_dict(state["optimizer"])
+    names = [name for name, _ in module.named_parameters()]  # the order the optimiser was given them in
+    raw = state["optimizer"]
+    optim = {"state": {names[i]: moments for i, moments in raw["state"].items()},
+             "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in raw["param_groups"]]}
+    set_state_dict(module, [optimizer], model_state_dict=load_file(checkpoint / "generator.safetensors"),
+                   optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
 
 
 def _micro_batches(size: int, target: torch.Tensor, noise: torch.Tensor, raw: Any) -> list[tuple]:
