@@ -385,6 +385,27 @@ def report(ctx: StageContext) -> None:
     _run_stage("report", run_report, ctx)
 
 
+@main.command()
+@click.option("--gpus", default=None, type=click.IntRange(min=1), help="Processes (one per GPU) to estimate for "
+              "(default: the launch shape's).")
+@click.option("--gpu_memory", default=80.0, show_default=True, help="GiB per GPU: says whether it fits, and the "
+              "largest launch.micro_batch that does.")
+@_common
+def memory(ctx: StageContext, gpus: int | None, gpu_memory: float) -> None:
+    """Estimate the per-GPU peak memory of `dmd2 distill` for the experiment and launch shape (README "Memory"):
+    weights, gradients and optimiser states from the networks' shapes, activations from a fake-tensor pass of each
+    turn at the recipe's resolution and micro-batch. Reads no weights; about two minutes for SDXL."""
+    from dmd2.memory import describe, estimate, teacher_config
+
+    exp = ctx.exp
+    config = teacher_config(exp, ctx.paths.teacher, ctx.paths.root)
+    result = estimate(exp, config, processes=gpus)
+    processes = gpus or exp.launch.num_machines * exp.launch.processes_per_machine
+    click.echo(f"{ctx.experiment}: {processes} GPU(s), global batch {exp.distill.batch_size}, micro-batch "
+               f"{result.micro_batch}, distill.mixed_precision {exp.distill.mixed_precision}")
+    click.echo(describe(result, gpu_memory))
+
+
 @main.command("tiny-pipeline")
 @click.argument("kind", type=click.Choice(["sd15", "sdxl"]))
 @click.argument("output_dir", type=click.Path(file_okay=False))

@@ -56,6 +56,13 @@ class Family(ABC):
         dict, or None when the config records them by reference); relative input paths are relative to `root`."""
         raise ModelError(f"teacher.source: {cfg.source} is not available for the {cfg.family} family")
 
+    @staticmethod
+    def architecture_config(cfg: Any, published: Path | None, root: Path) -> dict[str, Any]:
+        """The teacher's config.json from config files alone, no weights (`dmd2 memory` estimates from it before
+        the teacher is downloaded or trained): `published`, a copy of a released teacher's (`dmd2/architectures`),
+        else the teacher's own files where the family can find them."""
+        raise ModelError(f"the {cfg.family} family makes a teacher's architecture from its data or weights only")
+
     # ------------------------------------------------------------------------------------------ network
 
     @abstractmethod
@@ -138,6 +145,16 @@ class Family(ABC):
         """Hold the family's own frozen networks (a text-to-image family's text encoders) in `dtype` from now on
         (bf16 runs: half their memory); what they compute is still handed on in float32. Most families have none."""
         return None
+
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        """Meta-device skeletons of the frozen networks besides the teacher that a distillation keeps on its GPU (a
+        text-to-image family's text encoders and VAE), by name: what `dmd2 memory` counts. Most families have none."""
+        return {}
+
+    def memory_conditions(self, n: int) -> Any:
+        """Encoded conditions of `n` samples with the shapes training gives the network, made without running any
+        encoder (`dmd2 memory` passes them to fake-tensor networks)."""
+        return self.encode_conditions(self.balanced_conditions(n), "cpu")
 
     @property
     def latent_space(self) -> bool:

@@ -88,6 +88,23 @@ class EDMFamily(Family):
     def import_teacher(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_classes: int, root: Path):
         return import_edm_pickle(cfg, sample_shape, num_classes, root)
 
+    @staticmethod
+    def architecture_config(cfg: EDMTeacherConfig, published: Path | None, root: Path) -> dict[str, Any]:
+        """From the constructor arguments a released EDM checkpoint records (`published`: a JSON of its class_name
+        and kwargs), the config its import would write. A teacher trained here takes its shape from its data."""
+        import json
+
+        from dmd2.families.edm_pickle import network_config_from_edm
+
+        if published is None:
+            return Family.architecture_config(cfg, published, root)
+        recorded = json.loads(Path(published).read_text())
+        network = network_config_from_edm(recorded["class_name"], recorded["kwargs"])
+        shape = (network["in_channels"], network["resolution"], network["resolution"])
+        config = {**teacher_config(cfg, shape, network["label_dim"]), **network}
+        config.pop("unet", None)
+        return config
+
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         s = config["sampler"]

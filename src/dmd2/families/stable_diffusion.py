@@ -221,6 +221,23 @@ class StableDiffusionFamily(DiffusersFamily):
               f"({config['pipeline']['path']}) by reference")
         return {**config, "source": {"type": "pretrained", "name": cfg.pretrained}}, None
 
+    @staticmethod
+    def architecture_config(cfg, published, root):
+        """From a pipeline directory's config files (no weights read: `published`, else the teacher's downloaded or
+        tiny pipeline), the config `import_teacher` would write."""
+        source = published or pipeline_root(cfg.pretrained, root)
+
+        def read(path: Path) -> dict[str, Any]:
+            return {k: v for k, v in json.loads(path.read_text()).items() if k == "_class_name" or not k.startswith("_")}
+
+        unet = read(source / "unet" / "config.json")
+        unet.pop("_class_name", None)
+        return {"family": "stable_diffusion", "kind": "teacher", "unet_class": "UNet2DConditionModel", "unet": unet,
+                "scheduler": read(source / "scheduler" / "scheduler_config.json"), "num_classes": 0,
+                "null_class": None, "sampler": to_dict(cfg.sampler),
+                "pipeline": {"path": str(source), "kind": pipeline_kind(source),
+                             "resolution": pipeline_resolution(source)}}
+
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
         self._encoder: PromptEncoder | None = None
@@ -290,6 +307,29 @@ class StableDiffusionFamily(DiffusersFamily):
         if self._encoder_device != device:
             self._encoder, self._encoder_device = self._encoder.to(device, self._encoder_dtype), device
         return self._encoder
+
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        import transformers
+        from diffusers import AutoencoderKL
+
+        index = json.loads((self.pipeline_path / "model_index.json").read_text())
+        networks = {}
+        with torch.device("meta"):
+            for name in ("text_encoder", "text_encoder_2"):
+                if name in index:
+                    cls = getattr(transformers, index[name][1])
+                    networks[name] = cls(cls.config_class.from_pretrained(self.pipeline_path / name))
+            networks["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(self.pipeline_path / "vae"))
+        return networks
+
+    def memory_conditions(self, n: int) -> dict[str, Any]:
+        # the shapes PromptEncoder gives: 77 tokens of text-encoder states; SDXL adds pooled text and size ids
+        unet = self.config["unet"]
+        cond: dict[str, Any] = {"encoder_hidden_states": torch.zeros(n, 77, unet["cross_attention_dim"])}
+        if self.config["pipeline"]["kind"] == "sdxl":
+            pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+            cond["added_cond_kwargs"] = {"text_embeds": torch.zeros(n, pooled), "time_ids": torch.zeros(n, 6)}
+        return cond
 
     def keep_frozen_weights_in(self, dtype: torch.dtype) -> None:
         self._encoder_dtype = dtype

@@ -1,0 +1,86 @@
+"""`dmd2 memory`: the live-bytes counter by hand, the published architectures by their known sizes, and the estimate
+against the measured peak of real distillation runs on this CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from dmd2.config import load_params
+from dmd2.families import family_for
+from dmd2.memory import LiveBytes, teacher_config
+
+
+def test_live_bytes_counts_new_storages_once_and_forgets_freed_ones():
+    weight = torch.zeros(256, 256)  # made before: its views are not new memory
+    tracker = LiveBytes()
+    with tracker:
+        view = weight.t()
+        a = torch.ones(512, 256)  # 512 KiB
+        b = a * 2  # 512 KiB more, peak 1 MiB
+        same_b = b.view(-1)  # a view: nothing new
+        del b, same_b
+        c = torch.ones(128, 256, dtype=torch.bfloat16)  # 64 KiB, after b went
+    assert tracker.peak == 2 * 512 * 1024
+    assert tracker.live == 512 * 1024 + 64 * 1024
+    del a, c, view
+    assert tracker.live == 0
+
+
+def _count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_the_published_sdxl_architecture_has_its_known_sizes():
+    """The config-only copy the estimate builds SDXL from, before anything is downloaded: the UNet's 2,567,463,684
+    parameters and the two text encoders' 123,060,480 and 694,659,840 (the released weight files' counts)."""
+    exp = load_params(REPO / "params.yaml", [], "sdxl-1gpu").current("sdxl-1gpu")
+    family = family_for(teacher_config(exp, Path("no-teacher-here")))
+    with torch.device("meta"):
+        unet = family.build_network()
+    frozen = family.frozen_networks()
+    assert _count(unet) == 2_567_463_684
+    assert (_count(frozen["text_encoder"]), _count(frozen["text_encoder_2"])) == (123_060_480, 694_659_840)
+    assert family.sample_shape == (4, 128, 128)
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("memory_estimate", REPO / "benchmarks" / "memory_estimate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("experiment", "overrides"), [("mnist-ddpm", []),
+                                                        ("sdxl-tiny", ["distill.lora.enabled=true"])])
+def test_the_estimate_is_within_8_percent_of_the_measured_peak_of_a_real_run(experiment, overrides):
+    """Two real iterations of `dmd2 distill` (a generator turn and a critic turn), every live tensor counted; the
+    estimate from the teacher's config alone (+0.0 % and +5.7 % here; allocations are deterministic on one thread).
+    Leaving out the optimiser moments (−9.8 % on mnist-ddpm), or taking the turns' per-sample slope from micro-batches
+    1 and 2 (−39 %), fails it."""
+    result = _benchmark().measure(experiment, overrides)
+    assert abs(result["estimated"] / result["measured"] - 1) < 0.08, result
+
+
+@pytest.mark.slow
+def test_dmd2_memory_prints_the_estimate_and_names_what_is_missing(tmp_path):
+    from click.testing import CliRunner
+
+    from dmd2.cli import main
+
+    def memory(*args):
+        return CliRunner().invoke(main, ["memory", "--params", str(REPO / "params.yaml"), "--root", str(tmp_path),
+                                         *args])
+
+    result = memory("--experiment", "sdxl-tiny", "--gpu_memory", "0.5")
+    assert result.exit_code == 0, result.output
+    assert "sdxl-tiny: 1 GPU(s), global batch 8, micro-batch 8" in result.output
+    assert "estimated peak per GPU" in result.output and "fits in 0.5 GiB" in result.output
+    missing = memory("--experiment", "mnist")  # trained here: its architecture comes with its data and teacher
+    assert missing.exit_code == 1
+    assert missing.output.startswith("error: no teacher config to estimate from") and "dmd2 teacher" in missing.output
