@@ -4,6 +4,8 @@ against the measured peak of real distillation runs on this CPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,30 @@ def test_the_published_sdxl_architecture_has_its_known_sizes():
     assert _count(unet) == 2_567_463_684
     assert (_count(frozen["text_encoder"]), _count(frozen["text_encoder_2"])) == (123_060_480, 694_659_840)
     assert family.sample_shape == (4, 128, 128)
+
+
+def test_a_pipelines_architecture_is_its_teacher_config_without_the_weights_reference():
+    """What `dmd2 memory` builds a text-to-image teacher from is what `dmd2 teacher` records, less the hashes."""
+    from dmd2.families import FAMILIES
+    from dmd2.families.stable_diffusion import text_teacher_config
+
+    exp = load_params(REPO / "params.yaml", [], "sdxl-tiny").current("sdxl-tiny")
+    recorded = text_teacher_config(exp.teacher)
+    assert recorded.pop("pretrained")["files"]
+    assert FAMILIES["stable_diffusion"].architecture_config(exp.teacher, None, Path(".")) == recorded
+
+
+def test_the_published_imagenet_network_is_the_checkpoints_own_and_has_its_size():
+    """The packaged copy holds the constructor arguments the released checkpoint records (tests/data/edm's manifest,
+    taken from the pickle), and builds to its 295,899,315 values (the manifest's tensors: parameters and buffers)."""
+    manifest = json.loads((REPO / "tests" / "data" / "edm" / "edm-imagenet-64x64-cond-adm.json").read_text())
+    published = json.loads((REPO / "src" / "dmd2" / "architectures" / "edm-imagenet-64x64-cond-adm.json").read_text())
+    assert published["kwargs"] == manifest["constructor"]
+    exp = load_params(REPO / "params.yaml", [], "imagenet64").current("imagenet64")
+    with torch.device("meta"):
+        net = family_for(teacher_config(exp, Path("no-teacher-here"))).build_network()
+    assert sum(t.numel() for t in net.state_dict().values()) == sum(
+        math.prod(shape) for _, shape in manifest["state_dict"])
 
 
 def _benchmark():

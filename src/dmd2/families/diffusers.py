@@ -306,7 +306,16 @@ def resolve_pretrained(name: str) -> Path:
 def pretrained_teacher_config(cfg: DiffusersTeacherConfig) -> dict[str, Any]:
     """The config.json of a pretrained diffusers teacher, recorded by reference and hash."""
     root = resolve_pretrained(cfg.pretrained)
-    unet_dir = root / cfg.subfolder if cfg.subfolder else root
+    unet, scheduler = pretrained_architecture(root, cfg.subfolder)
+    # a pretrained class-conditional UNet: every embedding is a class; its unconditional input is unknown
+    return {"family": "diffusers", "kind": "teacher", "unet_class": cfg.unet_class, "unet": unet,
+            "scheduler": scheduler, "num_classes": int(unet.get("num_class_embeds") or 0), "null_class": None,
+            "sampler": to_dict(cfg.sampler), "pretrained": pretrained_reference(root, cfg.subfolder)}
+
+
+def pretrained_architecture(root: Path, subfolder: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet's config and its noise schedule's, from a diffusers directory's config files (no weights read)."""
+    unet_dir = root / subfolder if subfolder else root
     if not (unet_dir / "config.json").exists():
         raise ModelError(f"{unet_dir / 'config.json'} not found: {root} is not a diffusers UNet directory "
                          "(set teacher.subfolder to where the UNet is, or null if it is at the top)")
@@ -317,17 +326,19 @@ def pretrained_teacher_config(cfg: DiffusersTeacherConfig) -> dict[str, Any]:
                          "teacher comes from its own scheduler config")
     scheduler = {k: v for k, v in _read_json(scheduler_dir / "scheduler_config.json").items()
                  if k == "_class_name" or not k.startswith("_")}
+    return unet, scheduler
+
+
+def pretrained_reference(root: Path, subfolder: str | None) -> dict[str, Any]:
+    """The UNet's weight files by size and hash: what a teacher recorded by reference is checked against."""
+    from dmd2.checkpoint import sha256_file
+
+    unet_dir = root / subfolder if subfolder else root
     files = sorted(p for p in unet_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     if not files:
         raise ModelError(f"no weights (*.safetensors or *.bin) in {unet_dir}")
-    from dmd2.checkpoint import sha256_file
-
-    reference = {"path": str(root), "subfolder": cfg.subfolder,
-                 "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
-    # a pretrained class-conditional UNet: every embedding is a class; its unconditional input is unknown
-    return {"family": "diffusers", "kind": "teacher", "unet_class": cfg.unet_class, "unet": unet,
-            "scheduler": scheduler, "num_classes": int(unet.get("num_class_embeds") or 0), "null_class": None,
-            "sampler": to_dict(cfg.sampler), "pretrained": reference}
+    return {"path": str(root), "subfolder": subfolder,
+            "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

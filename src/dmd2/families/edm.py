@@ -99,11 +99,7 @@ class EDMFamily(Family):
         if published is None:
             return Family.architecture_config(cfg, published, root)
         recorded = json.loads(Path(published).read_text())
-        network = network_config_from_edm(recorded["class_name"], recorded["kwargs"])
-        shape = (network["in_channels"], network["resolution"], network["resolution"])
-        config = {**teacher_config(cfg, shape, network["label_dim"]), **network}
-        config.pop("unet", None)
-        return config
+        return converted_config(cfg, network_config_from_edm(recorded["class_name"], recorded["kwargs"]))
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
@@ -248,6 +244,15 @@ def local_pickle(location: str, root: Path) -> Path:
     return target
 
 
+def converted_config(cfg: EDMTeacherConfig, network: dict[str, Any]) -> dict[str, Any]:
+    """The config.json of an EDM network (`edm_pickle.network_config_from_edm`) under our sampler settings."""
+    shape = (network["in_channels"], network["resolution"], network["resolution"])
+    config = {**teacher_config(cfg, shape, network["label_dim"]), **network}
+    config.pop("unet", None)
+    config["label_dropout"] = float(network["network"].get("label_dropout", 0.0))  # as trained (EDM's: none)
+    return config
+
+
 def import_edm_pickle(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_classes: int, root: Path):
     """`teacher.source: edm_pickle`: EDM's checkpoint converted (nothing in it executed) into our format."""
     from dmd2.checkpoint import sha256_file
@@ -263,9 +268,7 @@ def import_edm_pickle(cfg: EDMTeacherConfig, sample_shape: tuple[int, ...], num_
     if tuple(sample_shape) != data_shape or network["label_dim"] != num_classes:
         raise ModelError(f"{path} is a {network['label_dim']}-class network for {data_shape} images, but the data is "
                          f"{tuple(sample_shape)} with {num_classes} classes: set data.resolution (and the dataset) to match")
-    config = {**teacher_config(cfg, sample_shape, num_classes), **network}
-    config.pop("unet", None)
-    config["label_dropout"] = float(network["network"].get("label_dropout", 0.0))  # as trained (EDM's: none)
+    config = converted_config(cfg, network)
     source = {"type": "edm_pickle", "pickle": cfg.pickle, "path": str(path), "sha256": digest,
               "parameters": sum(v.numel() for v in weights.values())}
     print(f"teacher: converted {path} ({network['architecture']}, {network['precond']} preconditioning, "

@@ -24,9 +24,14 @@ import torch
 from torch import nn
 
 from dmd2.atomic import replace_directory
-from dmd2.config import DiffusersTeacherConfig, StableDiffusionTeacherConfig, to_dict
+from dmd2.config import StableDiffusionTeacherConfig, to_dict
 from dmd2.families.base import ModelError
-from dmd2.families.diffusers import DiffusersFamily, pretrained_teacher_config, resolve_pretrained
+from dmd2.families.diffusers import (
+    DiffusersFamily,
+    pretrained_architecture,
+    pretrained_reference,
+    resolve_pretrained,
+)
 
 PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
@@ -196,13 +201,16 @@ def text_teacher_config(cfg: StableDiffusionTeacherConfig, root: Path = Path("."
     """The config.json of a text-to-image teacher: its UNet recorded by reference and hash (as any pretrained
     diffusers teacher), plus the pipeline it belongs to (prompts and latents go through its other components)."""
     path = pipeline_root(cfg.pretrained, root)
-    kind = pipeline_kind(path)
-    unet_cfg = DiffusersTeacherConfig(source="pretrained", pretrained=str(path), subfolder="unet",
-                                      unet_class="UNet2DConditionModel", sampler={"num_steps": cfg.sampler.num_steps})
-    config = pretrained_teacher_config(unet_cfg)
-    return {**config, "family": "stable_diffusion", "num_classes": 0, "null_class": None,
-            "sampler": to_dict(cfg.sampler),
-            "pipeline": {"path": str(path), "kind": kind, "resolution": pipeline_resolution(path)}}
+    return {**text_architecture_config(cfg, path), "pretrained": pretrained_reference(resolve_pretrained(str(path)),
+                                                                                     "unet")}
+
+
+def text_architecture_config(cfg: StableDiffusionTeacherConfig, path: Path) -> dict[str, Any]:
+    """`text_teacher_config` without the weights' reference: from the pipeline's config files alone."""
+    unet, scheduler = pretrained_architecture(path, "unet")
+    return {"family": "stable_diffusion", "kind": "teacher", "unet_class": "UNet2DConditionModel", "unet": unet,
+            "scheduler": scheduler, "num_classes": 0, "null_class": None, "sampler": to_dict(cfg.sampler),
+            "pipeline": {"path": str(path), "kind": pipeline_kind(path), "resolution": pipeline_resolution(path)}}
 
 
 class StableDiffusionFamily(DiffusersFamily):
@@ -223,20 +231,8 @@ class StableDiffusionFamily(DiffusersFamily):
 
     @staticmethod
     def architecture_config(cfg, published, root):
-        """From a pipeline directory's config files (no weights read: `published`, else the teacher's downloaded or
-        tiny pipeline), the config `import_teacher` would write."""
-        source = published or pipeline_root(cfg.pretrained, root)
-
-        def read(path: Path) -> dict[str, Any]:
-            return {k: v for k, v in json.loads(path.read_text()).items() if k == "_class_name" or not k.startswith("_")}
-
-        unet = read(source / "unet" / "config.json")
-        unet.pop("_class_name", None)
-        return {"family": "stable_diffusion", "kind": "teacher", "unet_class": "UNet2DConditionModel", "unet": unet,
-                "scheduler": read(source / "scheduler" / "scheduler_config.json"), "num_classes": 0,
-                "null_class": None, "sampler": to_dict(cfg.sampler),
-                "pipeline": {"path": str(source), "kind": pipeline_kind(source),
-                             "resolution": pipeline_resolution(source)}}
+        """`text_architecture_config` of `published`, else of the teacher's downloaded or tiny pipeline."""
+        return text_architecture_config(cfg, published or pipeline_root(cfg.pretrained, root))
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
