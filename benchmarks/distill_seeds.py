@@ -52,17 +52,17 @@ def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list
             if subprocess.run([*cli, stage, *options], stdout=log, stderr=subprocess.STDOUT, cwd=run_dir).returncode:
                 last = (run_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
                 raise RuntimeError(f"{name} seed {seed}: {stage} failed ({last[0]}); its log: {run_dir / 'log.txt'}")
-    metrics = json.loads((run_dir / "results" / experiment / "metrics.json").read_text())
+    evaluation = json.loads((run_dir / "results" / experiment / "evaluation.json").read_text())
     curve_files = sorted((run_dir / "work" / experiment / "distill").glob("run-*/fid_curve.jsonl"))
     curve = [json.loads(line) for line in curve_files[-1].read_text().splitlines()] if curve_files else []
-    student = next(v for k, v in metrics.items() if k.startswith("student_nfe"))
-    teacher = max((k for k in metrics if k.startswith("teacher_nfe")), key=lambda k: int(k.removeprefix("teacher_nfe")))
-    teacher = metrics[teacher]
+    rows = evaluation["rows"]
+    student = next(r for r in rows if r["model"] == "student")
+    teacher = max((r for r in rows if r["model"] == "teacher"), key=lambda r: r["nfe"])
+    comparison = evaluation["student_vs_full_teacher"]
     stage = run_dir / "models" / experiment / "student" / "stage.json"
     return {"setting": name, "sets": sets, "seed": seed,
             "teacher_fid": teacher["fid"], "student_fid": student["fid"], "student_fid_std": student["fid_std"],
-            "difference": metrics["student_minus_full_teacher_fid"]["fid_difference"],
-            "difference_std": metrics["student_minus_full_teacher_fid"]["fid_difference_std"],
+            "difference": comparison["fid_difference"], "difference_std": comparison["fid_difference_std"],
             "class_accuracy": student["class_accuracy"], "teacher_class_accuracy": teacher["class_accuracy"],
             **{f"{kind}_{key}": row.get(key) for kind, row in (("student", student), ("teacher", teacher))
                for key in ("precision", "recall", "class_coverage", "class_coverage_min")},

@@ -258,8 +258,8 @@ def test_the_text_to_image_experiments_run_through_snakemake_and_dvc(tmp_path):
     assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
     regression = json.loads((root / "models/sdxl-tiny-1step/regression/config.json").read_text())
     assert regression["generator"]["timesteps"] == [399] and regression["source"]["type"] == "regression"
-    metrics = json.loads((root / "results/sdxl-tiny-1step/metrics.json").read_text())
-    assert "student_nfe1" in metrics and "teacher_nfe16" in metrics  # 8 DDIM steps, guided: NFE 16
+    rows = json.loads((root / "results/sdxl-tiny-1step/evaluation.json").read_text())["rows"]
+    assert {("student", 1), ("teacher", 16)} <= {(r["model"], r["nfe"]) for r in rows}  # 8 DDIM steps, guided: NFE 16
     index = json.loads((root / "models/sdxl-tiny-1step/student/pipeline/model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["scheduler"][1] == "LCMScheduler"
 
@@ -273,7 +273,8 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
     ran = set(re.findall(r"Running stage '(\w+)'", out))
     assert ran == ALL_STAGES
     shown, _ = sh(root, "dvc", "metrics", "show")
-    assert "results/mnist/metrics.json" in shown and "student_nfe1.fid" in shown
+    assert "results/mnist/metrics.json" in shown and "student.fid" in shown and "fid_difference" in shown
+    assert max(map(len, shown.splitlines())) < 400, shown  # the headline, not every evaluation row (was 1,471)
     shown, _ = sh(root, "dvc", "metrics", "show", "--json")
     leaves = _leaves(json.loads(shown))
     assert leaves and all(isinstance(v, int | float | bool) for v in leaves), leaves  # figures, not paragraphs
@@ -326,7 +327,7 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
     shown, _ = sh(root, "dvc", "exp", "show", "--csv")
     rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(shown))}
     assert rows["queued"]["mnist.distill.steps"] == "5"
-    float(rows["queued"]["student_nfe1.fid"])  # a number, not DVC's "!" for a missing metric
+    float(rows["queued"]["student.fid"])  # a number, not DVC's "!" for a missing metric
     dag, _ = sh(root, "dvc", "dag", "--md")
     for stage in ALL_STAGES:
         assert stage in dag

@@ -70,6 +70,36 @@ def test_metrics_schema(metrics):
     assert 0 <= metrics["feature_classifier_heldout_accuracy"] <= 1
 
 
+def test_dvc_metrics_are_the_headline_of_the_evaluation(root, metrics):
+    """metrics.json (what `dvc metrics show` and `dvc exp show` print) is the student, the full-step teacher (NFE 5,
+    not the 1-step row) and their comparison, taken from evaluation.json's rows."""
+    headline = json.loads((root / "results/mnist/metrics.json").read_text())
+    rows = {(r["model"], r["nfe"]): r for r in metrics["rows"]}
+    keys = ["fid", "fid_std", "precision", "recall", "class_accuracy"]
+    assert headline["student"] == {k: rows["student", 1][k] for k in keys}
+    assert headline["teacher"] == {k: rows["teacher", 5][k] for k in keys}
+    comparison = metrics["student_vs_full_teacher"]
+    assert comparison["teacher_nfe"] == 5
+    assert (headline["fid_difference"], headline["fid_difference_std"]) == (comparison["fid_difference"],
+                                                                          comparison["fid_difference_std"])
+    assert headline["fid_ratio"] == round(rows["student", 1]["fid"] / rows["teacher", 5]["fid"], 4)
+    assert headline["speedup"] == round(rows["student", 1]["images_per_s"] / rows["teacher", 5]["images_per_s"], 2)
+    assert headline["fid_is_proxy"] is True and len(headline) == 7
+
+
+def test_the_headline_picks_the_full_step_teacher_and_leaves_out_what_is_missing():
+    from dmd2.evaluate import numeric_metrics
+
+    rows = [{"model": "teacher", "nfe": 35, "fid": 0.5, "recall": 0.9, "images_per_s": 10.0, "clip_score": None},
+            {"model": "student", "nfe": 1, "fid": 0.75, "recall": 0.8, "images_per_s": 400.0},
+            {"model": "teacher", "nfe": 1, "fid": 250.0, "recall": 0.0, "images_per_s": 500.0}]
+    comparison = {"fid_difference": 0.25, "fid_difference_std": None}
+    assert numeric_metrics(rows, False, comparison) == {
+        "student": {"fid": 0.75, "recall": 0.8}, "teacher": {"fid": 0.5, "recall": 0.9},
+        "fid_difference": 0.25, "fid_ratio": 1.5, "speedup": 40.0, "fid_is_proxy": False}
+    assert numeric_metrics(rows[:1], True) == {"teacher": {"fid": 0.5, "recall": 0.9}, "fid_is_proxy": True}
+
+
 def test_every_row_holds_what_the_scorers_give_for_its_model(root, metrics):
     """The figures in evaluation.json are the named model's, at the named steps, on the evaluation seed: each row
     recomputed from scratch (sample, extract, score) gives the same values (bounds alone could not see a row scored

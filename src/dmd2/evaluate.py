@@ -5,7 +5,8 @@ between rows come from the models alone. Quality, class fidelity and diversity u
 `dmd2 fid-reference`. Throughput is the median time of the metric sampling's own full batches after the first
 (a warm-up), so the slow full-step teacher is not sampled twice; batch-1 latency is timed separately.
 It writes results/<exp>/evaluation.json (every row with its protocol and definitions, read by the report) and
-results/<exp>/metrics.json (the same figures as numbers only, for `dvc metrics show/diff`).
+results/<exp>/metrics.json (the headline as numbers only: student, full-step teacher and their comparison, for
+`dvc metrics show/diff` and `dvc exp show`).
 """
 
 from __future__ import annotations
@@ -218,26 +219,27 @@ def compare_student_with_teacher(ref: FIDReference, rows: list[dict[str, Any]], 
                           "both); a verdict needs |difference| ≥ 2 standard deviations"}
 
 
-def numeric_metrics(rows: list[dict[str, Any]], real: dict[str, Any], is_proxy: bool,
+HEADLINE = ("fid", "fid_std", "precision", "recall", "class_accuracy", "clip_score", "coco_fid", "coco_clip_score")
+
+
+def numeric_metrics(rows: list[dict[str, Any]], is_proxy: bool,
                     comparison: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Numbers only, one block per row, for `dvc metrics show/diff` (metrics.json); the definitions, protocol
-    and provenance stay in evaluation.json, so DVC's tables hold figures rather than paragraphs."""
-    keys = ("fid", "fid_std", "fid_at_floor_count", "fid_at_floor_count_std", "class_accuracy", "diversity",
-            "precision", "recall", "class_coverage", "class_coverage_min", "clip_score", "coco_fid", "coco_patch_fid",
-            "coco_clip_score", "images_per_s", "latency_ms")
-    out: dict[str, Any] = {f"{r['model']}_nfe{r['nfe']}": {k: r[k] for k in keys if r.get(k) is not None} for r in rows}
-    out[f"real_{real['split']}"] = {k: real[k] for k in ("fid", "fid_std", "count", "diversity", "precision", "recall",
-                                                         "class_coverage", "class_coverage_min")
-                                    if real.get(k) is not None}
-    student = next((r for r in rows if r["model"] == "student"), None)
+    """The headline, as numbers, for `dvc metrics show` and `dvc exp show` (metrics.json): the student and the
+    full-step teacher it is compared with, their paired FID difference, FID ratio and speed-up. DVC prints a metrics
+    file as one table row with a column per number, so every row of evaluation.json here made a row of ~50 columns;
+    the other rows, the real-data floor, the definitions and the protocol stay in evaluation.json."""
     teachers = [r for r in rows if r["model"] == "teacher"]
-    if student and teachers:
-        full = max(teachers, key=lambda r: r["nfe"])
-        out["student_speedup_vs_full_teacher"] = round(student["images_per_s"] / full["images_per_s"], 2)
-        out["student_fid_over_full_teacher_fid"] = round(student["fid"] / max(full["fid"], 1e-12), 4)
+    student = next((r for r in rows if r["model"] == "student"), None)
+    full = max(teachers, key=lambda r: r["nfe"]) if teachers else None
+    out: dict[str, Any] = {name: {k: row[k] for k in HEADLINE if row.get(k) is not None}
+                           for name, row in (("student", student), ("teacher", full)) if row is not None}
     if comparison is not None:
-        out["student_minus_full_teacher_fid"] = {k: comparison[k] for k in ("fid_difference", "fid_difference_std")
-                                                 if comparison[k] is not None}
+        out["fid_difference"] = comparison["fid_difference"]  # student − teacher, paired
+        if comparison["fid_difference_std"] is not None:
+            out["fid_difference_std"] = comparison["fid_difference_std"]
+    if student and full:
+        out["fid_ratio"] = round(student["fid"] / max(full["fid"], 1e-12), 4)
+        out["speedup"] = round(student["images_per_s"] / full["images_per_s"], 2)
     out["fid_is_proxy"] = is_proxy
     return out
 
@@ -378,7 +380,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(record, indent=2))
-    (out / "metrics.json").write_text(json.dumps(numeric_metrics(rows, real, ref.is_proxy, comparison), indent=2))
+    (out / "metrics.json").write_text(json.dumps(numeric_metrics(rows, ref.is_proxy, comparison), indent=2))
     print(f"evaluate: wrote {out / 'evaluation.json'} and {out / 'metrics.json'}")
     return {"fid_is_proxy": ref.is_proxy, "rows": len(rows)}
 

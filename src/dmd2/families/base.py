@@ -6,7 +6,10 @@ parameterisation (σ-space EDM, or ε/v-prediction over `alphas_cumprod`); condi
 unconditional branch; the sample shape and decoding to pixels; the teacher's own multi-step sampler; where the
 GAN head reads its features; gradient checkpointing. The loop, the losses, sampling, evaluation and the report
 only talk to this interface (k-diffusion's `external.py` wraps other families into one denoiser in the same
-spirit). Adding a family means adding one module under `dmd2/families/` and one line in `FAMILIES`.
+spirit). Adding a family means a module under `dmd2/families/` and a line in `FAMILIES`, plus, today, its
+params.yaml block in `config.py`, and for a latent-space family the places listed in
+`tests/test_families.py::KNOWN_SEAM_BREACHES` (data, latents, distill, export), still to be folded into the
+family.
 
 Timesteps are discrete indices t ∈ {0, …, num_train_timesteps − 1}, higher = noisier, for every family: DMD2's
 step ranges (20…980, the generator's 999 or [999, 749, 499, 249]) mean the same thing whatever the family.
