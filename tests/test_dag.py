@@ -15,7 +15,14 @@ import yaml
 from conftest import REPO
 from tiny import write_tiny_params
 
-LOG_REDIRECT = " > {log:q} 2>&1"
+LOGGED = re.compile(r"if \[ -t 1 \]; then (.+) 2>&1 \| tee -i \{log:q\}; else \1 > \{log:q\} 2>&1; fi")
+
+
+def unlogged(shellcmd: str) -> str:
+    """The stage command inside a rule's `logged(...)` shell (workflow/rules/common.smk)."""
+    match = LOGGED.fullmatch(shellcmd)
+    assert match, f"not a logged(...) command: {shellcmd}"
+    return match.group(1)
 
 
 def snakemake_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str, dict]:
@@ -32,7 +39,7 @@ def snakemake_stages(workdir: Path = REPO, experiment: str | None = None) -> dic
         exp = workflow.globals["EXP"]
         return {
             # the settings stamps (work/<exp>/settings/) are Snakemake's own: DVC compares params with dvc.lock
-            r.name: {"cmd": r.shellcmd.replace(LOG_REDIRECT, "").replace("{EXP}", exp),
+            r.name: {"cmd": unlogged(r.shellcmd).replace("{EXP}", exp),
                      "deps": sorted(f for f in r.input if not f.startswith(f"work/{exp}/settings/")),
                      "outs": sorted(r.output),
                      "params": sorted(json.dumps(v, sort_keys=True) for v in r.params)}
@@ -184,6 +191,46 @@ def planned_by_snakemake(root: Path) -> set[str]:
     if "Nothing to be done" in out:
         return set()
     return set(re.findall(r"^(\w+)\s+\d+$", out.split("Job stats:")[1], re.M)) - {"all", "total"}
+
+
+def at_a_terminal(cwd: Path, *cmd: str, timeout: int = 600) -> str:
+    """What `cmd` prints when its output is a terminal (a pseudo-terminal here), as `make run` typed at a prompt."""
+    import threading
+
+    controller, terminal = os.openpty()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the terminal's other end closed: the command and its children are done
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert proc.wait(timeout=timeout) == 0, b"".join(chunks).decode(errors="replace")[-4000:]
+    reader.join(timeout=10)
+    os.close(controller)
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.integration
+def test_at_a_terminal_each_stage_s_output_is_shown_and_logged_and_dvc_records_what_was_built(tmp_path):
+    """`make run` at a prompt shows what the stages print (their progress lines with it) as well as logging it;
+    a run of one target records that stage in dvc.lock (the others are not built, and DVC is not told they are)."""
+    root = project_copy(tmp_path / "tty")
+    shown = at_a_terminal(root, *SNAKEMAKE, "data/mnist")
+    logged = (root / "logs/mnist/prepare_data.log").read_text()
+    assert "wrote data/mnist/train.lmdb" in logged and "wrote data/mnist/train.lmdb" in shown
+    assert "dvc.lock records this run (prepare_data)" in shown
+    status, _ = sh(root, "dvc", "status", "prepare_data")
+    assert "up to date" in status, status
 
 
 @pytest.mark.integration

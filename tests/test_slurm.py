@@ -3,8 +3,9 @@
 The test starts munged + slurmctld + two slurmd on localhost (tests/slurm/local-slurm.sh: nodes n1 and n2), runs
 the tiny pipeline with the distill rule as a 2-node job (one launcher task per node, one rank each, rendezvous over
 gloo at the first node's address, FSDP2 hybrid sharding across them), then distils again as one task that starts 2
-processes itself (the single-machine shape), and stops only the daemons it started (by pid). Skipped, with the reason, where Slurm is not
-installed or we are not root.
+processes itself (the single-machine shape), and stops only the daemons it started (by pid). Its configuration stays
+in a temporary directory (mounted over /etc/slurm in a private mount namespace, for the daemons and their jobs
+only). Skipped, with the reason, where Slurm is not installed, we are not root, or no mount namespace can be made.
 """
 
 import json
@@ -50,18 +51,25 @@ pytestmark = [
 
 
 @pytest.fixture
-def local_slurm():
+def local_slurm(monkeypatch):
     # munged wants every directory above its socket searchable by all: pytest's tmp dirs are 0700
     base = Path(tempfile.mkdtemp(prefix="dmd2-slurm-", dir="/tmp"))
     base.chmod(0o755)
+    etc_before = _listing(Path("/etc/slurm"))
     started = subprocess.run([str(SCRIPT), "start", str(base)], timeout=120, capture_output=True, text=True)
-    if started.returncode == 3:  # this machine has a Slurm configuration of its own: never replaced
+    if started.returncode == 3:  # no private mount namespace for the configuration: /etc is never written
         shutil.rmtree(base, ignore_errors=True)
         pytest.skip(started.stderr.strip())
     assert started.returncode == 0, started.stdout + started.stderr
+    monkeypatch.setenv("SLURM_CONF", str(base / "etc/slurm.conf"))  # sbatch, squeue, scontrol: this cluster
     yield base
     subprocess.run([str(SCRIPT), "stop", str(base)], check=False, timeout=120)
     shutil.rmtree(base, ignore_errors=True)
+    assert _listing(Path("/etc/slurm")) == etc_before  # the machine's Slurm configuration, untouched
+
+
+def _listing(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p), p.lstat().st_mode, p.lstat().st_mtime_ns) for p in folder.rglob("*")) if folder.exists() else []
 
 
 def test_pipeline_runs_through_the_slurm_profile_in_both_launch_shapes(local_slurm, tmp_path):

@@ -18,8 +18,9 @@ LOG_LINE_SECONDS = 30.0  # how often a log file gets a progress line
 
 
 def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False):
-    """A progress reporter for a loop of `total` steps: tqdm's bar on a terminal; elsewhere (Snakemake and DVC send a
-    stage's output to logs/<exp>/<stage>.log) a `LogLines`, whose lines `grep`, `tail -f` and `less` read."""
+    """A progress reporter for a loop of `total` steps: tqdm's bar when stderr is a terminal (`dmd2 <stage>` or `dvc
+    repro` at a prompt); elsewhere a `LogLines`, whose lines `grep`, `tail -f` and `less` read: Snakemake sends a
+    stage's output to logs/<exp>/<stage>.log (through `tee` to the terminal too, when it runs at one)."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 

@@ -3,7 +3,8 @@
 # host, each on its own port; Debian's Slurm supports several slurmd per host) with their state in BASE.
 #   tests/slurm/local-slurm.sh start BASE     (prints nothing on success; daemons daemonise themselves)
 #   tests/slurm/local-slurm.sh stop BASE      (stops only the daemons whose pid files are in BASE)
-# Needs root and Debian's slurmctld slurmd slurm-client munge (envs/system-packages.sh installs them).
+# Needs root, Debian's slurmctld slurmd slurm-client munge (envs/system-packages.sh installs them), and a private
+# mount namespace (unshare): the configuration lives in BASE and /etc is never written (exit 3 where it cannot be).
 set -euo pipefail
 action=${1:?start|stop}
 base=$(mkdir -p "${2:?BASE directory}" && cd "$2" && pwd)
@@ -18,8 +19,6 @@ stop() {
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$pidfile"
   done
-  # the default-path link start made, and only that: a cluster's own configuration is never touched
-  if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$base/etc/slurm.conf" ]; then rm -f /etc/slurm/slurm.conf; fi
 }
 
 start() {
@@ -68,19 +67,24 @@ NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 1 )) CPUs=
 NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 2 )) CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
-  # Job steps started by the snakemake jobstep lose SLURM_CONF: Slurm 22.05 clients need the default path. A real
-  # configuration there (a file, or a link that is not an earlier run's) is left alone: refuse instead (exit 3).
-  current=$(readlink /etc/slurm/slurm.conf 2>/dev/null || true)
-  if [ -e /etc/slurm/slurm.conf ] && [[ "$current" != */etc/slurm.conf || "$current" != /tmp/dmd2-slurm-* ]]; then
-    echo "/etc/slurm/slurm.conf is this machine's own Slurm configuration; the local test cluster will not replace it" >&2
+  # Clients find the cluster through SLURM_CONF, but the job steps the snakemake jobstep starts lose it (the slurm
+  # executor plugin deletes every SLURM_* variable) and fall back to the default path, /etc/slurm/slurm.conf. So
+  # the slurmd daemons, and with them every job, run in a private mount namespace where BASE/etc is mounted over
+  # /etc/slurm: the machine's /etc, and any Slurm configuration of its own, stay as they are.
+  export SLURM_CONF="$base/etc/slurm.conf"
+  slurmctld -f "$SLURM_CONF"
+  if [ ! -d /etc/slurm ]; then
+    echo "/etc/slurm does not exist (Slurm's packages make it): no directory to mount the test configuration on" >&2
     stop
     exit 3
   fi
-  mkdir -p /etc/slurm
-  ln -sfn "$base/etc/slurm.conf" /etc/slurm/slurm.conf
-  slurmctld -f "$base/etc/slurm.conf"
-  slurmd -f "$base/etc/slurm.conf" -N n1
-  slurmd -f "$base/etc/slurm.conf" -N n2
+  if ! unshare --mount --propagation private sh -c 'mount --bind "$1/etc" /etc/slurm &&
+       slurmd -f "$SLURM_CONF" -N n1 && slurmd -f "$SLURM_CONF" -N n2' sh "$base" 2>"$base/log/unshare.log"; then
+    echo "no private mount namespace here ($(tail -n1 "$base/log/unshare.log")): the local Slurm test needs one so" \
+         "that its configuration never replaces /etc/slurm's" >&2
+    stop
+    exit 3
+  fi
   for _ in $(seq 100); do
     if [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" = 2 ]; then return 0; fi
     sleep 0.2

@@ -72,6 +72,14 @@ def settings_stamp(stage):
     return str(stamp)
 
 
+def logged(command):
+    """A rule's shell command with its output in the rule's log. On a terminal (`make run`, or `snakemake` typed at
+    a prompt) the output is shown there too as it comes, the stage's progress lines with it; elsewhere (a Slurm job,
+    CI, a pipe) the log alone gets it, so no tee can die under a stage that a job's signals reach. `tee -i` outlives
+    a Ctrl-C while the stage writes its checkpoint; Snakemake's `set -o pipefail` keeps the stage's exit status."""
+    return f"if [ -t 1 ]; then {command} 2>&1 | tee -i {{log:q}}; else {command} > {{log:q}} 2>&1; fi"
+
+
 def code(stage):
     """The package files a stage runs: inputs, so that editing e.g. the losses reruns distillation
     (dmd2.stage.stage_code follows the stage's imports; dvc.yaml lists the same files, tests/test_dag.py checks)."""
@@ -104,8 +112,10 @@ def record_in_dvc_lock():
     if dict(config) != yaml.safe_load(Path("params.yaml").read_text()):
         print("dvc.lock not updated: this run's --config differs from params.yaml, which DVC reads")
         return
-    done = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
+    # the stages whose outputs are all there (a run of one target leaves the rest unbuilt; DVC's stages are the rules)
+    built = [r.name for r in workflow.rules if r.name != "all" and r.output and all(Path(f).exists() for f in r.output)]
+    done = subprocess.run(["dvc", "commit", "--force", *built], capture_output=True, text=True)
     if done.returncode == 0:
-        print("dvc.lock records this run: `dvc status` and `dvc repro` agree with Snakemake")
+        print(f"dvc.lock records this run ({', '.join(built)}): `dvc status` and `dvc repro` agree with Snakemake")
     else:
         print(f"note: `dvc commit` failed, so DVC does not know of this run: {(done.stderr or done.stdout).strip()}")

@@ -16,4 +16,4 @@ rule prepare_data:
     log:
         f"logs/{EXP}/prepare_data.log",
     shell:
-        "dmd2 prepare-data --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 prepare-data --experiment {EXP}")

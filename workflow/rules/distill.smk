@@ -21,4 +21,4 @@ rule distill:
         # `dmd2 distill` starts launch.num_machines × processes_per_machine processes itself: through
         # `accelerate launch` locally, or one srun task per machine inside a Slurm job (the `mpi` resource
         # makes the Slurm executor run this command directly in the allocation, so that srun works).
-        "dmd2 distill --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 distill --experiment {EXP}")

@@ -15,7 +15,7 @@ rule fid_reference:
     log:
         f"logs/{EXP}/fid_reference.log",
     shell:
-        "dmd2 fid-reference --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 fid-reference --experiment {EXP}")
 
 
 rule evaluate:
@@ -42,7 +42,7 @@ rule evaluate:
     log:
         f"logs/{EXP}/evaluate.log",
     shell:
-        "dmd2 evaluate --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 evaluate --experiment {EXP}")
 
 
 rule report:
@@ -69,4 +69,4 @@ rule report:
     log:
         f"logs/{EXP}/report.log",
     shell:
-        "dmd2 report --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 report --experiment {EXP}")

@@ -14,4 +14,4 @@ rule launch_config:
     log:
         f"logs/{EXP}/launch_config.log",
     shell:
-        "dmd2 launch-config --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 launch-config --experiment {EXP}")

@@ -26,4 +26,4 @@ rule regression:
         f"logs/{EXP}/regression.log",
     shell:
         # like distill, `dmd2 regression` starts launch:'s processes itself (see workflow/rules/distill.smk)
-        "dmd2 regression --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 regression --experiment {EXP}")

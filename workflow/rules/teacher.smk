@@ -15,4 +15,4 @@ rule teacher:
     log:
         f"logs/{EXP}/teacher.log",
     shell:
-        "dmd2 teacher --experiment {EXP} > {log:q} 2>&1"
+        logged("dmd2 teacher --experiment {EXP}")
