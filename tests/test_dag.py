@@ -15,7 +15,8 @@ import yaml
 from conftest import REPO
 from tiny import write_tiny_params
 
-LOGGED = re.compile(r"if \[ -t 1 \]; then (.+) 2>&1 \| tee -i \{log:q\}; else \1 > \{log:q\} 2>&1; fi")
+LOGGED = re.compile(r"if \[ -t 1 \]; then set -o pipefail; PYTHONUNBUFFERED=1 (.+) 2>&1 \| tee -i \{log:q\}; "
+                    r"else \1 > \{log:q\} 2>&1; fi")
 
 
 def unlogged(shellcmd: str) -> str:
@@ -214,7 +215,11 @@ def at_a_terminal(cwd: Path, *cmd: str, timeout: int = 600) -> str:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert proc.wait(timeout=timeout) == 0, b"".join(chunks).decode(errors="replace")[-4000:]
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        proc.kill()  # a no-op once it has ended
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")[-4000:]
     reader.join(timeout=10)
     os.close(controller)
     return b"".join(chunks).decode(errors="replace")

@@ -297,7 +297,9 @@ def _imports(tree: ast.AST, module: str, is_package: bool):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                package = module.split(".")[: len(module.split(".")) - node.level + is_package]
+                parts = module.split(".")
+                assert node.level - is_package < len(parts), f"{module}: a relative import above the package"
+                package = parts[: len(parts) - node.level + is_package]
                 base = ".".join(package + [base] * bool(base))
             yield from ((base, alias.name) for alias in node.names)
 
@@ -319,7 +321,7 @@ def seam_breaches(package: Path) -> set[tuple[str, str]]:
         for imported, name in _imports(tree, module, is_package):
             if imported.startswith("dmd2.families.") and imported != "dmd2.families.base":
                 found.add((module, f"imports {imported}"))
-            elif imported == "dmd2.families" and name is not None and name not in registry.__all__:
+            elif imported == "dmd2.families" and name not in (None, "*", "base", *registry.__all__):
                 found.add((module, f"imports dmd2.families.{name}"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare):

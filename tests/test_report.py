@@ -75,7 +75,7 @@ def test_dvc_metrics_are_the_headline_of_the_evaluation(root, metrics):
     not the 1-step row) and their comparison, taken from evaluation.json's rows."""
     headline = json.loads((root / "results/mnist/metrics.json").read_text())
     rows = {(r["model"], r["nfe"]): r for r in metrics["rows"]}
-    keys = ["fid", "fid_std", "precision", "recall", "class_accuracy"]
+    keys = ["fid", "fid_std", "precision", "recall", "class_accuracy", "diversity"]
     assert headline["student"] == {k: rows["student", 1][k] for k in keys}
     assert headline["teacher"] == {k: rows["teacher", 5][k] for k in keys}
     comparison = metrics["student_vs_full_teacher"]

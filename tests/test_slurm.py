@@ -5,7 +5,8 @@ the tiny pipeline with the distill rule as a 2-node job (one launcher task per n
 gloo at the first node's address, FSDP2 hybrid sharding across them), then distils again as one task that starts 2
 processes itself (the single-machine shape), and stops only the daemons it started (by pid). Its configuration stays
 in a temporary directory (mounted over /etc/slurm in a private mount namespace, for the daemons and their jobs
-only). Skipped, with the reason, where Slurm is not installed, we are not root, or no mount namespace can be made.
+only). Skipped, with the reason, where Slurm is not installed (or its /etc/slurm is missing), we are not root, or no
+mount namespace can be made; any other failure to start the cluster fails the test.
 """
 
 import json

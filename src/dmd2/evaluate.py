@@ -219,7 +219,8 @@ def compare_student_with_teacher(ref: FIDReference, rows: list[dict[str, Any]], 
                           "both); a verdict needs |difference| ≥ 2 standard deviations"}
 
 
-HEADLINE = ("fid", "fid_std", "precision", "recall", "class_accuracy", "clip_score", "coco_fid", "coco_clip_score")
+HEADLINE = ("fid", "fid_std", "precision", "recall", "class_accuracy", "diversity", "clip_score", "coco_fid",
+            "coco_clip_score")
 
 
 def numeric_metrics(rows: list[dict[str, Any]], is_proxy: bool,

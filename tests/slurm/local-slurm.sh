@@ -67,8 +67,8 @@ NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 1 )) CPUs=
 NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 2 )) CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
-  # Clients find the cluster through SLURM_CONF, but the job steps the snakemake jobstep starts lose it (the slurm
-  # executor plugin deletes every SLURM_* variable) and fall back to the default path, /etc/slurm/slurm.conf. So
+  # Clients find the cluster through SLURM_CONF, but the job steps the snakemake jobstep starts lose it (Snakemake's
+  # slurm-jobstep plugin deletes SLURM_CONF with the other SLURM_* variables) and fall back to the default path, /etc/slurm/slurm.conf. So
   # the slurmd daemons, and with them every job, run in a private mount namespace where BASE/etc is mounted over
   # /etc/slurm: the machine's /etc, and any Slurm configuration of its own, stay as they are.
   export SLURM_CONF="$base/etc/slurm.conf"
@@ -78,13 +78,15 @@ CONF
     stop
     exit 3
   fi
-  if ! unshare --mount --propagation private sh -c 'mount --bind "$1/etc" /etc/slurm &&
-       slurmd -f "$SLURM_CONF" -N n1 && slurmd -f "$SLURM_CONF" -N n2' sh "$base" 2>"$base/log/unshare.log"; then
-    echo "no private mount namespace here ($(tail -n1 "$base/log/unshare.log")): the local Slurm test needs one so" \
-         "that its configuration never replaces /etc/slurm's" >&2
+  if ! probe=$(unshare --mount --propagation private true 2>&1); then
+    echo "no private mount namespace here ($probe): the local Slurm test needs one so that its configuration never" \
+         "replaces /etc/slurm's" >&2
     stop
     exit 3
   fi
+  unshare --mount --propagation private sh -c 'mount --bind "$1/etc" /etc/slurm &&
+    slurmd -f "$SLURM_CONF" -N n1 && slurmd -f "$SLURM_CONF" -N n2' sh "$base" ||
+    { echo "slurmd did not start; see $base/log" >&2; stop; exit 1; }
   for _ in $(seq 100); do
     if [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" = 2 ]; then return 0; fi
     sleep 0.2

@@ -73,11 +73,13 @@ def settings_stamp(stage):
 
 
 def logged(command):
-    """A rule's shell command with its output in the rule's log. On a terminal (`make run`, or `snakemake` typed at
-    a prompt) the output is shown there too as it comes, the stage's progress lines with it; elsewhere (a Slurm job,
-    CI, a pipe) the log alone gets it, so no tee can die under a stage that a job's signals reach. `tee -i` outlives
-    a Ctrl-C while the stage writes its checkpoint; Snakemake's `set -o pipefail` keeps the stage's exit status."""
-    return f"if [ -t 1 ]; then {command} 2>&1 | tee -i {{log:q}}; else {command} > {{log:q}} 2>&1; fi"
+    """A rule's shell command (one simple command) with its output in the rule's log. On a terminal (`make run`, or
+    `snakemake` typed at a prompt) the output is shown there too as it comes (unbuffered), the stage's progress lines
+    with it; elsewhere (a Slurm job, CI, a pipe) the log alone gets it, so no tee can die under a stage that a job's
+    signals reach. `tee -i` outlives a Ctrl-C while the stage writes its checkpoint; `pipefail` keeps the stage's
+    exit status (Snakemake's shell is bash)."""
+    return (f"if [ -t 1 ]; then set -o pipefail; PYTHONUNBUFFERED=1 {command} 2>&1 | tee -i {{log:q}}; "
+            f"else {command} > {{log:q}} 2>&1; fi")
 
 
 def code(stage):
@@ -112,8 +114,11 @@ def record_in_dvc_lock():
     if dict(config) != yaml.safe_load(Path("params.yaml").read_text()):
         print("dvc.lock not updated: this run's --config differs from params.yaml, which DVC reads")
         return
-    # the stages whose outputs are all there (a run of one target leaves the rest unbuilt; DVC's stages are the rules)
-    built = [r.name for r in workflow.rules if r.name != "all" and r.output and all(Path(f).exists() for f in r.output)]
+    # the stages this run built or found up to date: a run of one target leaves the others as they were, built or
+    # not, and DVC must not be told they match params.yaml (DVC's stages are the rules)
+    built = sorted({job.rule.name for job in workflow.dag.jobs} - {"all"})
+    if not built:
+        return
     done = subprocess.run(["dvc", "commit", "--force", *built], capture_output=True, text=True)
     if done.returncode == 0:
         print(f"dvc.lock records this run ({', '.join(built)}): `dvc status` and `dvc repro` agree with Snakemake")
