@@ -318,6 +318,41 @@ def test_a_hostile_training_state_index_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def test_a_training_state_index_pickled_by_an_older_python_reads_and_its_getattr_reads_only_enum_members(tmp_path):
+    """Python 3.11.2 (Debian 12's) pickles an enum member as getattr(EnumClass, name), so the indexes DCP writes there
+    hold builtins.getattr: read as that enum's member, and nothing else (a non-root fresh clone caught it)."""
+    import enum
+    import io
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from dmd2.checkpoint import _SafeReader
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled": one process writes the whole index
+        dcp.save({"w": torch.arange(6.0).reshape(2, 3)}, checkpoint_id=str(tmp_path))
+    index = tmp_path / ".metadata"
+    modern = pickle.loads(index.read_bytes())
+
+    def rewrite(reduce_enum):
+        class OldPickler(pickle.Pickler):
+            def reducer_override(self, obj):
+                return reduce_enum(obj) if isinstance(obj, enum.Enum) else NotImplemented
+
+        buffer = io.BytesIO()
+        OldPickler(buffer, protocol=4).dump(modern)
+        assert b"getattr" in buffer.getvalue()
+        index.write_bytes(buffer.getvalue())
+
+    rewrite(lambda member: (getattr, (type(member), member.name)))
+    read = _SafeReader(str(tmp_path)).read_metadata()
+    assert read.state_dict_metadata == modern.state_dict_metadata
+    rewrite(lambda member: (getattr, (type(member), "__init__")))  # any attribute but a member: refused
+    with pytest.raises(CheckpointError, match=r"only an enum's members are read"):
+        _SafeReader(str(tmp_path)).read_metadata()
+
+
 def test_a_hostile_value_inside_the_training_state_is_refused(tmp_path):
     import io
 

@@ -12,6 +12,7 @@ the previous checkpoint untouched and the next run ignores the debris.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import hashlib
 import io
@@ -471,7 +472,16 @@ class _MetadataUnpickler(pickle.Unpickler):
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or dtype:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):  # how Python before 3.11.5 or so pickles an enum member
+            return _enum_member
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def _enum_member(cls: Any, name: str) -> enum.Enum:
+    """`getattr(cls, name)` for the one use an index has for it: a member of an enum class the unpickler allowed."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"refused getattr({cls!r:.60}, {name!r:.60}): only an enum's members are read")
 
 
 class _SafeReader(FileSystemReader):
