@@ -152,9 +152,10 @@ def project_copy(dest: Path, **overrides: dict) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst, follow_symlinks=False)
     write_tiny_params(dest, **overrides)
-    git = ["git", "-c", "user.name=dmd2 tests", "-c", "user.email=tests@dmd2.invalid"]
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "fresh clone"]):
-        subprocess.run([*git, *command], cwd=dest, check=True, capture_output=True)
+    # the clone's own identity: `dvc exp run` commits, and a machine's user may have none configured
+    for command in (["init", "-q"], ["config", "user.name", "dmd2 tests"], ["config", "user.email", "tests@dmd2.invalid"],
+                    ["add", "-A"], ["commit", "-q", "-m", "fresh clone"]):
+        subprocess.run(["git", *command], cwd=dest, check=True, capture_output=True)
     return dest
 
 
