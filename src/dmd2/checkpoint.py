@@ -472,7 +472,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or dtype:
             return super().find_class(module, name)
-        if (module, name) == ("builtins", "getattr"):  # how Python before 3.11.5 or so pickles an enum member
+        if (module, name) == ("builtins", "getattr"):  # how some Python 3.11 releases (3.11.2, Debian 12's) pickle an enum member
             return _enum_member
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 

@@ -68,9 +68,9 @@ NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(( port + 2 )) CPUs=
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
   # Clients find the cluster through SLURM_CONF, but the job steps the snakemake jobstep starts lose it (Snakemake's
-  # slurm-jobstep plugin deletes SLURM_CONF with the other SLURM_* variables) and fall back to the default path, /etc/slurm/slurm.conf. So
-  # the slurmd daemons, and with them every job, run in a private mount namespace where BASE/etc is mounted over
-  # /etc/slurm: the machine's /etc, and any Slurm configuration of its own, stay as they are.
+  # slurm-jobstep plugin deletes SLURM_CONF with the other SLURM_* variables) and fall back to the default path,
+  # /etc/slurm/slurm.conf. So the slurmd daemons, and with them every job, run in a private mount namespace where
+  # BASE/etc is mounted over /etc/slurm: the machine's /etc, and any Slurm configuration of its own, stay as they are.
   export SLURM_CONF="$base/etc/slurm.conf"
   slurmctld -f "$SLURM_CONF"
   if [ ! -d /etc/slurm ]; then
