@@ -13,6 +13,7 @@ from dmd2.config import (
     apply_override,
     load_params,
     parse_params,
+    to_dict,
 )
 
 
@@ -20,6 +21,8 @@ def test_repository_params_are_valid():
     params = load_params(REPO / "params.yaml")
     assert params.experiment == "mnist"
     assert params.current().distill.denoising_timesteps == [999]
+    for name in params.experiments:  # every teacher block, read by its family's schema
+        assert params.current(name).teacher.family
 
 
 def raw_params():
@@ -206,14 +209,37 @@ def test_dvc_rewrites_params_yaml_by_changing_one_line_and_its_words_stay_words(
 def test_the_teacher_block_is_a_union_picked_by_family():
     raw = raw_params()
     assert parse_params(raw).current("mnist-ddpm").teacher.family == "diffusers"
+    # the block is recorded (stage.json, the tracker, Snakemake's settings stamps) as the family reads it: every key
+    recorded = to_dict(parse_params(raw).current("mnist"))["teacher"]
+    assert recorded["p_mean"] == -1.2 and recorded["sampler"]["rho"] == 7.0 and recorded["family"] == "edm"
     raw["mnist"]["teacher"]["family"] = "flux"
     with pytest.raises(ConfigError, match="mnist.teacher"):
         parse_params(raw)
     raw = raw_params()
     raw["mnist-ddpm"]["teacher"]["unet"]["block_out_chanels"] = [8]
+    params = parse_params(raw)  # the family reads its own block when the experiment is used
     with pytest.raises(ConfigError, match=r"mnist-ddpm\.teacher\.unet\.block_out_chanels: unknown key; did you mean "
                                           r"'block_out_channels'"):
-        parse_params(raw)
+        params.current("mnist-ddpm")
+    raw["experiment"] = "mnist-ddpm"
+    with pytest.raises(ConfigError, match=r"mnist-ddpm\.teacher\.unet\.block_out_chanels"):
+        parse_params(raw)  # the selected experiment's at once
+
+
+def test_params_yaml_imports_only_the_family_of_the_experiment_used():
+    """The CLI and every stage's module, and loading params.yaml (every family's experiments in it), import no
+    family; using an experiment imports its family's module alone (a stage depends on that family's files only)."""
+    import subprocess
+    import sys
+
+    stages = "cli, data, teacher, regression, distill, launch, fid, evaluate, report"
+    code = (f"import sys; from dmd2 import {stages}; from dmd2.config import load_params; "
+            "p = load_params(experiment='mnist-ddpm'); "
+            "before = sorted(m for m in sys.modules if m.startswith('dmd2.families.')); p.current('mnist-ddpm'); "
+            "print(before, sorted(m for m in sys.modules if m.startswith('dmd2.families.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['dmd2.families.base',", "'dmd2.families.diffusers']", "['dmd2.families.base',",
+                           "'dmd2.families.diffusers']"], out
 
 
 def test_teacher_lr_schedules_warm_up_then_hold_or_decay_to_zero():

@@ -75,20 +75,31 @@ def dvc_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str,
     }
 
 
-@pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm", "fashion", "cifar10", "cifar10-edm", "imagenet64",
+@pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm", "mnist-flow", "fashion", "cifar10", "cifar10-edm", "imagenet64",
                                         "sd-tiny", "sdxl-tiny", "sdxl-tiny-1step", "sdv15", "sdxl",
                                         "sdxl-1step"])
 def test_snakemake_and_dvc_describe_the_same_dag(experiment):
     assert_same_dag(snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment), experiment)
 
 
-def assert_same_dag(smk: dict[str, dict], dvc: dict[str, dict], experiment: str) -> None:
+def assert_same_dag(smk: dict[str, dict], dvc: dict[str, dict], experiment: str, workdir: Path = REPO) -> None:
+    from dmd2.config import load_params
+    from dmd2.stage import stage_code
+
+    family = load_params(workdir / "params.yaml", experiment=experiment).current(experiment).teacher.family
     assert sorted(smk) == sorted(dvc)
     for name in smk:
         # DVC's command reads the experiment from params.yaml (no params.yaml value reaches its shell); Snakemake's
         # names it, as `--config experiment=…` may differ from params.yaml
         assert smk[name]["cmd"] == dvc[name]["cmd"] + f" --experiment {experiment}", name
-        assert {**smk[name], "cmd": None} == {**dvc[name], "cmd": None}, name
+        # code: Snakemake's rule depends on the experiment's family's files only, DVC's stage on every family's
+        own = stage_code(name, workdir, [family])
+        if own:
+            assert [f for f in smk[name]["deps"] if f.startswith("src/")] == own, name
+            assert set(own) <= set(dvc[name]["deps"]), name
+            assert not any("families/" in f and f not in own for f in smk[name]["deps"]), name
+        strip = {**smk[name], "cmd": None, "deps": [f for f in smk[name]["deps"] if not f.startswith("src/")]}
+        assert strip == {**dvc[name], "cmd": None, "deps": [f for f in dvc[name]["deps"] if not f.startswith("src/")]}
 
 
 def test_every_stage_depends_on_the_package_code_it_runs():
@@ -254,6 +265,15 @@ def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
     out, seconds = sh(root, *SNAKEMAKE)
     assert "Nothing to be done" in out and seconds < 15, (seconds, out[-2000:])
 
+    # another family's code is not this experiment's: editing it reruns nothing; editing its own family reruns
+    for family, expected in (("flow", set()), ("stable_diffusion", set()), ("diffusers", set()), ("edm", ALL_STAGES)):
+        module = root / f"src/dmd2/families/{family}.py"
+        original = module.read_text()
+        module.write_text(original + "\n# an edit\n")
+        assert planned_by_snakemake(root) == expected, family
+        module.write_text(original)
+        os.utime(module, (0, 0))  # older than every output again
+
     # a student made by hand with other settings is not taken as up to date: its stage.json says what it was made
     # with, and Snakemake reruns distill (not only what reads the newer student)
     sh(root, "dmd2", "distill", "--set", "distill.steps=7")
@@ -262,7 +282,7 @@ def test_snakemake_runs_caches_and_reruns_only_what_changed(tmp_path):
     change_distill_steps(root)
     out, _ = sh(root, *SNAKEMAKE)
     assert snakemake_ran(out) == DOWNSTREAM_OF_DISTILL
-    assert_same_dag(snakemake_stages(root), dvc_stages(root), "mnist")
+    assert_same_dag(snakemake_stages(root), dvc_stages(root), "mnist", root)
     out, _ = sh(root, "dvc", "repro")
     assert not re.findall(r"Running stage", out), out[-2000:]
 

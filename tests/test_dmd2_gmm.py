@@ -1,7 +1,8 @@
-"""DMD2 end to end against an analytic teacher: the generator must learn the Gaussian mixture, in both families.
+"""DMD2 end to end against an analytic teacher: the generator must learn the Gaussian mixture, in every family.
 
 The teacher is the exact denoiser of a 2-D, 3-component mixture (tests/gmm.py): σ-space for the EDM family, the
-exact ε-predictor under Stable Diffusion's DDPM schedule for the diffusers family. Generator and critic start as
+exact ε-predictor under Stable Diffusion's DDPM schedule for the diffusers family, the exact velocity field on
+SD3's shifted time table (shift 3) for the flow family. Generator and critic start as
 that teacher (plus zero-initialised residual MLPs), so the 1-step generator starts collapsed on the data mean;
 DMD2 has to spread it over the three modes with the right weights.
 
@@ -22,13 +23,17 @@ with two threads: bit-identical on the machine measured), at the iteration count
     diffusers  1 step (ε)               3000         0.142 – 0.228   0.046                1.10 (weights 0.40 off)
     diffusers  2 steps, backsim (ε)     2500         0.150 – 0.221   0.050                0.54
     diffusers  1 step, ε on ε̂ itself    3000         0.219 – 0.255   0.049                1.10
+    flow       1 step, v on v̂ itself    3000         0.177 – 0.198   0.031                1.21 (weights 0.50 off)
+    flow       2 steps, backsim         2500         0.222 – 0.288   0.043                0.75
     real versus real samples                         0.048
 
 "ε on ε̂ itself" (`DirectEpsilon`) is the one-step ε case as an ε-UNet has it, on Stable Diffusion's schedule
 (ᾱ_999 ≈ 0.0047): the trainable part is added to ε̂, so the generator's x0 = (x_t − √(1−ᾱ)·ε̂)/√ᾱ carries it ×14.6
 (the other ε cases are preconditioned in x0). Its figures: seeds 0–5 after the trainer is built, one thread, and
 seeds 0–2 again with two threads, bit-identical. In two dimensions the amplification costs little; on images it
-is what keeps a one-step ε-student at t = 999 speckled (docs/tuning.md section 5).
+is what keeps a one-step ε-student at t = 999 speckled (docs/tuning.md section 5). The flow cases put the
+trainable part on v̂ itself as well (`DirectVelocity`): x0 = x_t − t·v̂ carries it at most ×1. Their figures:
+seeds 0–5 after the trainer is built, one thread, and seed 1 again with two threads, bit-identical.
 
 The 2-step + GAN case is slower, not broken: only half of its generator updates train the final step (backward
 simulation picks k ∈ {0, 1}), and the GAN term adds variance to the mode weights; at 2500 iterations it spanned
@@ -43,10 +48,13 @@ from accelerate import Accelerator
 from gmm import (
     AnalyticEpsilon,
     AnalyticTeacher,
+    AnalyticVelocity,
     DirectEpsilon,
+    DirectVelocity,
     GaussianMixture,
     MixtureDiffusers,
     MixtureEDM,
+    MixtureFlow,
     ResidualDenoiser,
     ResidualEpsilon,
 )
@@ -91,6 +99,9 @@ def make_trainer(family: str, timesteps: list[int], gan: bool, iters: int, accum
     if family == "edm":
         fam, teacher = MixtureEDM(), AnalyticTeacher(MIXTURE)
         student, critic = ResidualDenoiser(MIXTURE), ResidualDenoiser(MIXTURE)
+    elif family == "flow":  # velocity networks with their errors on v̂ itself, as a flow UNet's
+        fam, teacher = MixtureFlow(), AnalyticVelocity(MIXTURE)
+        student, critic = DirectVelocity(MIXTURE), DirectVelocity(MIXTURE)
     else:  # "diffusers": ε-networks preconditioned in x0; "diffusers-direct": errors on ε̂ itself, as a UNet's
         fam = MixtureDiffusers()
         network = DirectEpsilon if family == "diffusers-direct" else ResidualEpsilon
@@ -109,7 +120,7 @@ def train(trainer: DMD2Trainer, iters: int, gan: bool) -> dict[str, float]:
 
 @pytest.mark.parametrize("family,timesteps", [("edm", [999]), ("edm", [999, 499]), ("edm", [999, 749, 499, 249]),
                                              ("diffusers", [999]), ("diffusers", [999, 499]),
-                                             ("diffusers-direct", [999])])
+                                             ("diffusers-direct", [999]), ("flow", [999]), ("flow", [999, 499])])
 def test_initial_generator_fails_the_tolerances(family, timesteps):
     trainer = make_trainer(family, timesteps, gan=False, iters=1)
     torch.manual_seed(123)
@@ -134,9 +145,9 @@ def test_the_two_families_start_from_the_same_teacher():
     "family,timesteps,gan,iters",
     [("edm", [999], False, 3000), ("edm", [999], True, 3000), ("edm", [999, 749, 499, 249], False, 2500),
      ("edm", [999, 499], True, 4000), ("diffusers", [999], False, 3000), ("diffusers", [999, 499], False, 2500),
-     ("diffusers-direct", [999], False, 3000)],
+     ("diffusers-direct", [999], False, 3000), ("flow", [999], False, 3000), ("flow", [999, 499], False, 2500)],
     ids=["1step", "1step-gan", "4step-backsim", "2step-backsim-gan", "eps-1step", "eps-2step-backsim",
-         "eps-direct-1step"],
+         "eps-direct-1step", "flow-1step", "flow-2step-backsim"],
 )
 def test_dmd2_learns_the_mixture(family, timesteps, gan, iters):
     trainer = make_trainer(family, timesteps, gan, iters)

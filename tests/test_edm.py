@@ -5,10 +5,9 @@ import math
 import torch
 from gmm import MixtureEDM
 
-from dmd2.config import UNetConfig
 from dmd2.families.edm import edm_loss_weight, heun_nfe, heun_sample, karras_sigmas
 from dmd2.families.edm_networks import Preconditioned, precondition, vp_sigma_to_t
-from dmd2.families.edm_unet import UNet
+from dmd2.families.edm_unet import UNet, UNetConfig
 
 
 class Spy(torch.nn.Module):

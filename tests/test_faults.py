@@ -408,9 +408,10 @@ dist.destroy_process_group()
 def _tiny_trainer(**settings):
     from accelerate import Accelerator
 
-    from dmd2.config import DistillConfig, EDMTeacherConfig, UNetConfig
+    from dmd2.config import DistillConfig
     from dmd2.distill import DMD2Trainer, new_gan_head
     from dmd2.families import family_for, teacher_config
+    from dmd2.families.edm import EDMTeacherConfig, UNetConfig
 
     torch.manual_seed(0)
     family = family_for(teacher_config(EDMTeacherConfig(unet=UNetConfig(channels=8, channel_mult=[1, 2])), (1, 8, 8), 3))

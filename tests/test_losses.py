@@ -263,3 +263,24 @@ def test_timesteps_up_to_a_per_sample_bound():
                                     torch.full((20000,), 29))
     counts = torch.bincount(draws - 20, minlength=10)
     assert len(counts) == 10 and counts.min() > 1800  # all ten values, each about 2000 times
+
+
+def test_token_features_get_a_token_head():
+    """(L, D) features (a transformer's image tokens) get a head that normalises and maps each token, averages over
+    tokens and gives one logit per sample; trained, it tells apart two token distributions that differ by a
+    direction in feature space."""
+    from dmd2.critic import GANHead, TokenGANHead, gan_head
+
+    assert isinstance(gan_head((16, 4, 4)), GANHead) and isinstance(gan_head((64, 24)), TokenGANHead)
+    torch.manual_seed(0)
+    head = gan_head((64, 24))
+    direction = torch.randn(24)
+    real, fake = torch.randn(32, 64, 24) + 0.3 * direction, torch.randn(32, 64, 24) - 0.3 * direction
+    assert head(real).shape == (32,)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(50):
+        loss = gan_critic_loss(head(real), head(fake))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (head(real) > 0).all() and (head(fake) < 0).all()

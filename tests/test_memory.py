@@ -52,13 +52,13 @@ def test_the_published_sdxl_architecture_has_its_known_sizes():
 
 def test_a_pipelines_architecture_is_its_teacher_config_without_the_weights_reference():
     """What `dmd2 memory` builds a text-to-image teacher from is what `dmd2 teacher` records, less the hashes."""
-    from dmd2.families import FAMILIES
+    from dmd2.families import family_class
     from dmd2.families.stable_diffusion import text_teacher_config
 
     exp = load_params(REPO / "params.yaml", [], "sdxl-tiny").current("sdxl-tiny")
     recorded = text_teacher_config(exp.teacher)
     assert recorded.pop("pretrained")["files"]
-    assert FAMILIES["stable_diffusion"].architecture_config(exp.teacher, None, Path(".")) == recorded
+    assert family_class("stable_diffusion").architecture_config(exp.teacher, Path(".")) == recorded
 
 
 def test_the_published_imagenet_network_is_the_checkpoints_own_and_has_its_size():

@@ -13,9 +13,10 @@ import pytest
 from edm_fixtures import write_cifar10_archive, write_dataset_tool_zip, write_edm_checkpoint
 from tiny import EDM_TINY_NETWORKS
 
-from dmd2.config import DataConfig, EDMTeacherConfig
+from dmd2.config import DataConfig
 from dmd2.data import DataError, open_source, prepare
 from dmd2.families import ModelError, import_teacher
+from dmd2.families.edm import EDMTeacherConfig
 from dmd2.sources import SourceError
 
 

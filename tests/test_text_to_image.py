@@ -236,7 +236,7 @@ def test_only_text_to_image_students_export(sd_project, tmp_path):
     from dmd2.export import export_pipeline
     from dmd2.families import ModelError
 
-    with pytest.raises(ModelError, match="not a text-to-image student"):
+    with pytest.raises(ModelError, match="not a student with an export format"):
         export_pipeline(sd_project / "models" / "sd-tiny" / "teacher", tmp_path / "out")
 
 

@@ -82,7 +82,8 @@ def test_latents_round_trip_through_the_vae_with_its_scaling_factor(tiny):
 def test_a_lora_student_trains_only_its_adapter_and_loads_into_a_stock_pipeline(tiny, tmp_path):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    from dmd2.families.stable_diffusion import add_lora, save_lora
+    from dmd2.families.diffusers import add_lora
+    from dmd2.families.stable_diffusion import save_lora
 
     kind, path, _ = tiny
     unet = add_lora(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), rank=4, alpha=2)

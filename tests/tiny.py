@@ -39,7 +39,7 @@ def merge(base: dict, extra: dict) -> dict:
 
 def tiny_block(experiment: str) -> dict:
     """What shrinks an embedded experiment's block to the tiny size (by its teacher family)."""
-    if experiment == "mnist-ddpm":
+    if experiment in ("mnist-ddpm", "mnist-flow"):  # a diffusers UNet
         unet = {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D"] * 2,
                 "up_block_types": ["UpBlock2D"] * 2, "norm_num_groups": 4}
     else:
@@ -51,7 +51,7 @@ def write_tiny_params(directory: Path, experiment: str = "mnist", **overrides: d
     """The repository's params.yaml with every embedded experiment's block shrunk, `experiment:` set, and any stage
     overrides merged into that experiment's block."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for name in ("mnist", "mnist-ddpm"):
+    for name in ("mnist", "mnist-ddpm", "mnist-flow"):
         params[name] = merge(params[name], tiny_block(name))
     params["experiment"] = experiment
     params[experiment] = merge(params[experiment], overrides)

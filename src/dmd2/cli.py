@@ -26,13 +26,13 @@ import yaml
 
 from dmd2.config import (
     SHARED_KEYS,
-    STAGE_MODELS,
     TRAINING_STAGES,
     ConfigError,
     ExperimentConfig,
     block_models,
     leaf_keys,
     load_params,
+    stage_models,
 )
 from dmd2.errors import EXIT_RESUMABLE, Dmd2Error, StopRequested
 from dmd2.paths import ExperimentPaths
@@ -106,6 +106,19 @@ def _one_line(err: BaseException) -> str:
     return str(err)
 
 
+class _Stage(click.Command):
+    """A pipeline stage's command. Its --help epilog (`_reads`) is made when help is shown: it lists every family's
+    teacher keys, and running a stage imports its own family only."""
+
+    def __init__(self, *args, reads: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = reads
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = _reads(self.reads)
+        super().format_epilog(ctx, formatter)
+
+
 def _reads(stage: str) -> str:
     """A pipeline stage's --help epilog: the params.yaml keys it reads (dmd2.stage.STAGE_PARAMS)."""
     if STAGE_PARAMS[stage] == ("",):
@@ -126,7 +139,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-@main.command("prepare-data", epilog=_reads("prepare_data"))
+@main.command("prepare-data", cls=_Stage, reads="prepare_data")
 @_common
 def prepare_data(ctx: StageContext) -> None:
     """Build data/<exp>/train.lmdb and heldout.lmdb (records + a verified meta record)."""
@@ -199,7 +212,7 @@ def _config_file_overrides(path: str | None, stage: str) -> list[str]:
             out.append(f"{prefix}={json.dumps(node)}")
 
     blocks = set(SHARED_KEYS) | set(ExperimentConfig.model_fields)
-    own = set().union(*(m.model_fields for m in STAGE_MODELS[stage]))
+    own = set().union(*(m.model_fields for m in stage_models(stage)))
     for key, value in raw.items():
         _check_config_file_key(path, stage, str(key), value, sorted(own | blocks))
         walk(f"{stage}.{key}" if key in own and key not in blocks else key, value)
@@ -219,7 +232,7 @@ def _check_config_file_key(path: str, stage: str, key: str, value: object, known
                       f"steps, and params.yaml blocks such as launch or wandb)")
 
 
-@main.command(epilog=_reads("teacher"))
+@main.command(cls=_Stage, reads="teacher")
 @_seed_surface("teacher")
 @_common
 def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
@@ -229,7 +242,7 @@ def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
     _run_stage("teacher", run_teacher, ctx, resume_from=_path(resume_from_checkpoint))
 
 
-@main.command(epilog=_reads("regression"))
+@main.command(cls=_Stage, reads="regression")
 @_common
 def regression(ctx: StageContext) -> None:
     """Pre-train a one-step generator on teacher ODE pairs (regression.enabled; the SDXL one-step recipe); writes
@@ -247,7 +260,7 @@ def regression(ctx: StageContext) -> None:
     _run_launched("regression", run_regression, ctx)
 
 
-@main.command(epilog=_reads("distill"))
+@main.command(cls=_Stage, reads="distill")
 @_seed_surface("distill")
 @_common
 def distill(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
@@ -285,7 +298,7 @@ def _run_launched(stage: str, run: Callable[..., dict[str, Any]], ctx: StageCont
         _run_stage(stage, run_rank, ctx, write_record=acc.is_main_process, lock=False, **options)
 
 
-@main.command("launch-config", epilog=_reads("launch_config"))
+@main.command("launch-config", cls=_Stage, reads="launch_config")
 @_common
 def launch_config(ctx: StageContext) -> None:
     """Write configs/<exp>/accelerate.yaml for the cluster shape in `launch:` (validated by accelerate)."""
@@ -343,7 +356,7 @@ def export(model_dir: str, output_dir: str) -> None:
     click.echo(f"wrote {path}; sample it with DiffusionPipeline.from_pretrained({str(path)!r})(prompt, {call})")
 
 
-@main.command("fid-reference", epilog=_reads("fid_reference"))
+@main.command("fid-reference", cls=_Stage, reads="fid_reference")
 @_common
 def fid_reference(ctx: StageContext) -> None:
     """Train the proxy-FID feature classifier and cache FID reference statistics in models/<exp>/fid_reference/."""
@@ -352,7 +365,7 @@ def fid_reference(ctx: StageContext) -> None:
     _run_stage("fid-reference", run_fid_reference, ctx)
 
 
-@main.command(epilog=_reads("evaluate"))
+@main.command(cls=_Stage, reads="evaluate")
 @_common
 def evaluate(ctx: StageContext) -> None:
     """Score teacher and student on the same seeds; writes results/<exp>/evaluation.json, metrics.json and grids."""
@@ -376,7 +389,7 @@ def evaluate_folder(ctx: StageContext, folder: str, output_file: str | None, wat
                watch=watch, poll_seconds=poll_seconds)
 
 
-@main.command(epilog=_reads("report"))
+@main.command(cls=_Stage, reads="report")
 @_common
 def report(ctx: StageContext) -> None:
     """Write the self-contained results/<exp>/report.html."""

@@ -18,9 +18,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
+    PrivateAttr,
+    SerializeAsAny,
     ValidationError,
     model_validator,
 )
@@ -98,27 +98,48 @@ class DataConfig(Strict):
         return self
 
 
-# ------------------------------------------------------------------------------------------------ networks
+# ------------------------------------------------------------------------------------------------- teacher
 
 
-class UNetConfig(Strict):
-    channels: int = Field(32, ge=4, description="base channel count")
-    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2], description="per-resolution multipliers")
-    num_res_blocks: int = Field(1, ge=1)
-    attention_levels: list[int] = Field(default_factory=list, description="levels (0 = full res) with attention")
-    dropout: float = Field(0.0, ge=0, lt=1)
+class TeacherBlock(Strict):
+    """`teacher:` as params.yaml gives it: `family` names the family (`dmd2.families.FAMILIES`) whose own schema
+    (its class's `schema`) reads the rest when the experiment is used (`Params.current`), so that loading
+    params.yaml imports no family and a stage imports only its experiment's."""
+
+    model_config = ConfigDict(extra="allow")
+    family: str = Field(default_factory=lambda: _families().DEFAULT_FAMILY,
+                        description="the teacher's model family (its block's other keys are the family's)")
+
+    @model_validator(mode="after")
+    def _known(self) -> TeacherBlock:
+        known = _families().FAMILIES
+        if self.family not in known:
+            raise ValueError(f"family: {self.family!r} is not a known model family{_closest(self.family, list(known))} "
+                             f"(known: {', '.join(known)})")
+        return self
 
 
-class SamplerConfig(Strict):
-    sigma_min: float = Field(0.002, gt=0)
-    sigma_max: float = Field(80.0, gt=0)
-    rho: float = Field(7.0, gt=0)
-    num_steps: int = Field(18, ge=1, description="Heun steps of the teacher's full sampler (NFE = 2n-1)")
+def _families():
+    import dmd2.families
+
+    return dmd2.families
+
+
+def teacher_schema(family: str) -> type[BaseModel]:
+    """The params.yaml schema of the `teacher:` block of a family (its module imported now)."""
+    return _families().family_class(family).schema
+
+
+def teacher_schemas() -> dict[str, type[BaseModel]]:
+    """Every registered family's `teacher:` schema, by family name (imports every family)."""
+    return {name: teacher_schema(name) for name in _families().FAMILIES}
 
 
 class TeacherTraining(Strict):
     """What every family's teacher stage shares: how long and how to train when `source: train`."""
 
+    source: Literal["train"] = Field("train", description="train: train the teacher here (a family that can also "
+                                     "import one names its other sources)")
     steps: int = Field(3000, ge=1, description="optimiser steps")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0, le=1)
@@ -133,133 +154,6 @@ class TeacherTraining(Strict):
     log_every: int = Field(50, ge=1)
     mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast the teacher's training passes (GPU)")
     seed: int = 0
-
-
-class EDMTeacherConfig(TeacherTraining):
-    """`family: edm`: a σ-space denoiser with EDM (or VP/VE) preconditioning — the small UNet of this project or
-    one of EDM's networks (ADM, DDPM++, NCSN++) — trained here, or converted from one of EDM's `.pkl` checkpoints."""
-
-    family: Literal["edm"] = "edm"
-    source: Literal["train", "edm_pickle"] = Field("train", description="train: train it here; edm_pickle: convert "
-                                                   "EDM's released checkpoint `pickle` (its code is never run)")
-    pickle: str | None = Field(None, description="source: edm_pickle: a local EDM .pkl, or an http(s) URL fetched "
-                               "once into ~/.cache/dmd2/edm when online")
-    pickle_sha256: str | None = Field(None, description="optional pin of the .pkl's sha256: a different file at the "
-                                      "same path is refused (and changing the pin reruns the teacher stage)")
-    architecture: Literal["unet", "adm", "ddpmpp", "ncsnpp"] = Field(
-        "unet", description="source: train: unet (this project's small UNet, configured by `unet`), or EDM's adm / "
-        "ddpmpp / ncsnpp (configured by `network`)")
-    network: dict[str, Any] = Field(default_factory=dict, description="adm/ddpmpp/ncsnpp constructor arguments, "
-                                    "EDM's names (model_channels, channel_mult, num_blocks, attn_resolutions, dropout …)")
-    precond: Literal["edm", "vp", "ve"] = Field("edm", description="preconditioning of a network trained here")
-    unet: UNetConfig = Field(default_factory=UNetConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    sigma_data: float = Field(0.5, gt=0)
-    p_mean: float = Field(-1.2, description="log-normal training sigma: mean of ln(sigma)")
-    p_std: float = Field(1.2, gt=0, description="log-normal training sigma: std of ln(sigma)")
-
-    @model_validator(mode="after")
-    def _check(self) -> EDMTeacherConfig:
-        if self.source == "edm_pickle" and not self.pickle:
-            raise ValueError("source: edm_pickle needs `pickle:` (a local EDM .pkl or its URL)")
-        if self.architecture != "unet" and self.source == "train":
-            from dmd2.families.edm_networks import check_network_arguments
-
-            check_network_arguments(self.architecture, self.network)
-        return self
-
-
-class DiffusersUNetConfig(Strict):
-    """Constructor arguments of a diffusers UNet trained here (names as in diffusers)."""
-
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = Field(1, ge=1)
-    down_block_types: list[str] = Field(default_factory=lambda: ["DownBlock2D"] * 3)
-    up_block_types: list[str] = Field(default_factory=lambda: ["UpBlock2D"] * 3)
-    mid_block_type: str | None = Field("UNetMidBlock2D", description="UNetMidBlock2D (UNet2DModel), "
-                                       "UNetMidBlock2DCrossAttn (text UNet2DConditionModel), or null")
-    norm_num_groups: int = Field(8, ge=1)
-    attention_head_dim: int = Field(8, ge=1)
-    add_attention: bool = Field(False, description="UNet2DModel: self-attention in the middle block")
-    cross_attention_dim: int = Field(8, ge=1, description="UNet2DConditionModel only")
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> DiffusersUNetConfig:
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"down_block_types and up_block_types need one entry per block_out_channels ({n})")
-        return self
-
-
-class NoiseScheduleConfig(Strict):
-    """The discrete-time noise schedule of a diffusers teacher trained here (a DDPMScheduler config)."""
-
-    num_train_timesteps: int = Field(1000, ge=2)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
-    beta_start: float = Field(0.00085, gt=0, lt=1)
-    beta_end: float = Field(0.012, gt=0, lt=1)
-    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="what the UNet predicts")
-
-
-class DDIMSamplerConfig(Strict):
-    num_steps: int = Field(50, ge=1, description="deterministic DDIM steps of the teacher's full sampler (NFE = n)")
-
-
-class DiffusersTeacherConfig(TeacherTraining):
-    """`family: diffusers`: a discrete-time ε- or v-prediction UNet from diffusers, trained here with the DDPM
-    objective (`source: train`) or loaded from a diffusers directory or hub id (`source: pretrained`)."""
-
-    family: Literal["diffusers"] = "diffusers"
-    source: Literal["train", "pretrained"] = "train"
-    pretrained: str | None = Field(None, description="source: pretrained: a local diffusers directory (a pipeline "
-                                   "folder with unet/ and scheduler/, or a model folder) or a hub id such as "
-                                   "google/ddpm-cifar10-32 (already in the local hub cache when offline)")
-    subfolder: str | None = Field("unet", description="where the UNet sits inside `pretrained` (null: at the top)")
-    unet_class: Literal["UNet2DModel", "UNet2DConditionModel"] = "UNet2DModel"
-    unet: DiffusersUNetConfig = Field(default_factory=DiffusersUNetConfig)
-    scheduler: NoiseScheduleConfig = Field(default_factory=NoiseScheduleConfig)
-    sampler: DDIMSamplerConfig = Field(default_factory=DDIMSamplerConfig)
-
-    @model_validator(mode="after")
-    def _check(self) -> DiffusersTeacherConfig:
-        if self.source == "pretrained" and not self.pretrained:
-            raise ValueError("source: pretrained needs `pretrained:` (a local diffusers directory or a hub id)")
-        return self
-
-
-def _teacher_family(value: Any) -> str:
-    # `family` may be left out: the default family is edm (the teachers the pipeline trained before families)
-    return (value.get("family", "edm") if isinstance(value, dict) else getattr(value, "family", "edm"))
-
-
-class TextSamplerConfig(Strict):
-    num_steps: int = Field(50, ge=1, description="deterministic DDIM steps of the teacher's own sampler (NFE = n, "
-                           "2n with guidance)")
-    guidance_scale: float = Field(1.0, ge=0, le=100, description="classifier-free guidance of the teacher's own "
-                                  "sampler in evaluation (the DM loss uses distill.real_guidance_scale)")
-
-
-class StableDiffusionTeacherConfig(Strict):
-    """`family: stable_diffusion`: a text-to-image latent diffusion pipeline (Stable Diffusion 1.5 or SDXL, or a tiny
-    one of the same shape) read from a local diffusers pipeline directory or a hub id; never trained here."""
-
-    family: Literal["stable_diffusion"] = "stable_diffusion"
-    source: Literal["pretrained"] = "pretrained"
-    pretrained: str = Field(description="a local diffusers pipeline directory (model_index.json, unet/, vae/, "
-                            "text_encoder/, tokenizer/, scheduler/), or a hub id such as "
-                            "stable-diffusion-v1-5/stable-diffusion-v1-5 already in the local hub cache when offline, "
-                            "or tiny:sd15 / tiny:sdxl (a tiny random pipeline of that shape, built offline)")
-    sampler: TextSamplerConfig = Field(default_factory=TextSamplerConfig)
-
-
-TeacherConfig = Annotated[
-    Annotated[EDMTeacherConfig, Tag("edm")] | Annotated[DiffusersTeacherConfig, Tag("diffusers")]
-    | Annotated[StableDiffusionTeacherConfig, Tag("stable_diffusion")],
-    Discriminator(_teacher_family),
-]
-TEACHER_FAMILIES = {"edm": EDMTeacherConfig, "diffusers": DiffusersTeacherConfig,
-                    "stable_diffusion": StableDiffusionTeacherConfig}
 
 
 # -------------------------------------------------------------------------------------------------- distill
@@ -594,7 +488,8 @@ REGRESSION_BATCH_KEYS = ("regression.batch_size", "regression.micro_batch")
 
 class ExperimentConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig = Field(default_factory=EDMTeacherConfig)
+    # SerializeAsAny: dumped as the family's schema (every key, defaults filled in), not as the bare block
+    teacher: SerializeAsAny[TeacherBlock] = Field(default_factory=TeacherBlock)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     regression: RegressionConfig = Field(default_factory=RegressionConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -611,10 +506,10 @@ class ExperimentConfig(Strict):
         return self
 
 
-# The blocks a stage's `--config` file may give keys of without naming the block (the seed's `steps: 4`).
-STAGE_MODELS: dict[str, tuple[type[BaseModel], ...]] = {"teacher": tuple(TEACHER_FAMILIES.values()),
-                                                         "distill": (DistillConfig,),
-                                                         "regression": (RegressionConfig,)}
+def stage_models(stage: str) -> tuple[type[BaseModel], ...]:
+    """The blocks a stage's `--config` file may give keys of without naming the block (the seed's `steps: 4`)."""
+    return {"teacher": lambda: tuple(teacher_schemas().values()), "distill": lambda: (DistillConfig,),
+            "regression": lambda: (RegressionConfig,)}.get(stage, tuple)()
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
@@ -638,7 +533,7 @@ def block_models(path: str) -> dict[str, type[BaseModel]]:
     """The schema of one block of an experiment (`distill`, `eval.fid`): one model, or for `teacher` one per
     family (keyed `teacher.family: <name>`)."""
     if path == "teacher":
-        return {f"teacher.family: {name}": model for name, model in TEACHER_FAMILIES.items()}
+        return {f"teacher.family: {name}": model for name, model in teacher_schemas().items()}
     model: type[BaseModel] | None = ExperimentConfig
     for part in path.split("."):
         model = _nested_model(model.model_fields[part].annotation)
@@ -659,15 +554,26 @@ class Params(Strict):
     experiment: str = "mnist"
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     experiments: dict[str, ExperimentConfig] = Field(default_factory=dict)
+    _source: str = PrivateAttr("params.yaml")  # for messages
 
     def current(self, name: str | None = None) -> ExperimentConfig:
+        """An experiment's block, its `teacher:` read by the family's own schema (on first use)."""
         name = name or self.experiment
         if name not in self.experiments:
             raise ConfigError(
                 f"experiment '{name}' has no block in params.yaml; blocks present: {sorted(self.experiments)}. "
                 f"Add a '{name}:' block or pick one of those with 'experiment:'."
             )
-        return self.experiments[name]
+        exp = self.experiments[name]
+        if type(exp.teacher) is TeacherBlock:
+            raw = exp.teacher.model_dump()
+            try:
+                teacher = teacher_schema(exp.teacher.family).model_validate(raw)
+            except ValidationError as err:
+                prefix = ("experiments", name, "teacher", exp.teacher.family)
+                raise ConfigError(_format_errors(err, self._source, prefix)) from None
+            exp.__dict__["teacher"] = teacher  # no re-validation: the block was checked as a whole
+        return exp
 
 
 # ------------------------------------------------------------------------------------------ load & override
@@ -694,9 +600,7 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
             model = "teacher"
             path.append(str(part))
         elif model == "teacher":
-            model = TEACHER_FAMILIES.get(part)  # the union's tag: the family's model
-            if model is None:  # the tag itself was wrong
-                path.append(str(part))
+            model = teacher_schema(part)  # the family's own schema (`Params.resolve_teacher`'s step)
         else:
             path.append(str(part))
             field = model.model_fields.get(part) if isinstance(model, type) else None
@@ -707,10 +611,10 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
     return path, model if isinstance(model, type) else None
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, prefix: tuple[Any, ...] = ()) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        parts, owner = _walk(tuple(e["loc"]))
+        parts, owner = _walk(prefix + tuple(e["loc"]))
         path = ".".join(parts) or "<top level>"
         if e["type"] == "extra_forbidden" and parts[-1] in RENAMED:
             lines.append(f"  {path}: {RENAMED[parts[-1]]}")
@@ -733,8 +637,10 @@ def check_experiment_name(name: str, source: str = "params.yaml") -> str:
     return name
 
 
-def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Validate a params.yaml mapping: `experiment`, `wandb`, and one block per experiment (any other key)."""
+def parse_params(raw: dict[str, Any], source: str = "params.yaml", experiment: str | None = None) -> Params:
+    """Validate a params.yaml mapping: `experiment`, `wandb`, and one block per experiment (any other key); the
+    teacher block of the experiment used (`experiment`, default `experiment:`) by its family's schema, the others'
+    when they are used (`Params.current`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     shared = {k: raw[k] for k in SHARED_KEYS if k in raw}
@@ -755,11 +661,14 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         params = Params(**shared, experiments=experiments)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    params._source = source
     if params.experiment not in params.experiments:
         raise ConfigError(
             f"{source}: experiment: '{params.experiment}' has no block; present: {sorted(params.experiments)}"
             f"{_closest(params.experiment, list(params.experiments))}"
         )
+    if experiment is None or experiment in params.experiments:  # else `current` says it has no block
+        params.current(experiment)  # its teacher block, checked now: before any stage runs
     return params
 
 
@@ -805,7 +714,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         check_experiment_name(experiment, "--experiment")
     for assignment in overrides:
         apply_override(raw, assignment, experiment)
-    return parse_params(raw, str(path) + (" (with --set overrides)" if overrides else ""))
+    return parse_params(raw, str(path) + (" (with --set overrides)" if overrides else ""), experiment)
 
 
 def to_dict(model: BaseModel) -> dict[str, Any]:

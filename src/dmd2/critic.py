@@ -49,6 +49,27 @@ class GANHead(nn.Module):
         return self.layers(features.float()).flatten().clone()
 
 
+class TokenGANHead(nn.Module):
+    """Classifier on token features (N × L × D: a transformer block's image tokens): per token LayerNorm → linear →
+    SiLU, the mean over tokens, then a linear map to one logit."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.tokens = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.SiLU())
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.tokens(features.float()).mean(dim=1)).flatten().clone()
+
+
+def gan_head(feature_shape: tuple[int, ...]) -> nn.Module:
+    """The head for one sample's critic features: maps (C, H, W) → `GANHead`, tokens (L, D) → `TokenGANHead`."""
+    if len(feature_shape) == 2:
+        return TokenGANHead(feature_shape[1])
+    channels, height, _ = feature_shape
+    return GANHead(channels, height)
+
+
 class Critic(nn.Module):
     """The fake-score network (initialised from the teacher) plus the GAN head that reads its features."""
 
@@ -60,7 +81,7 @@ class Critic(nn.Module):
     def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None = None,
                 real_cond: Any = None) -> dict[str, torch.Tensor]:
         """The critic turn's losses on detached generator samples (and, with the GAN, a real batch)."""
-        t = self.draw.randint(0, self.family.num_train_timesteps, fake.shape[0], fake.device)  # the full range
+        t = self.family.critic_timesteps(fake.shape[0], self.draw, fake.device)
         out = {"loss_fake": self.family.fake_score_loss(self.score, fake, t, cond, self.draw.randn_like(fake))}
         if self.head is not None and real is not None:
             logits_real = self.logits(real, real_cond)

@@ -324,25 +324,18 @@ def open_split(data_dir: str | Path, split: str, resolution: int) -> LMDBImageDa
 
 
 def run_prepare_data(ctx: StageContext) -> dict[str, Any]:
-    """The data stage: data/<exp>/train.lmdb and heldout.lmdb from `data.source`; for a text-to-image teacher also
-    the training latents with their captions and the prompts (`dmd2.latents`)."""
-    cfg, root = ctx.exp.data, ctx.paths.root
+    """The data stage: data/<exp>/train.lmdb and heldout.lmdb from `data.source`, and the teacher family's own data
+    files (a text-to-image family's latents and prompts)."""
+    from dmd2.families import family_class
+
+    cfg, root, teacher = ctx.exp.data, ctx.paths.root, ctx.exp.teacher
     source = open_source(cfg, root)
-    text_to_image = ctx.exp.teacher.family == "stable_diffusion"
-    captions = prompts = None
-    if text_to_image:  # checked before anything is written
-        from dmd2.latents import check_text_to_image
-
-        captions, prompts = check_text_to_image(cfg, ctx.exp.teacher, source, root)
-    summary = prepare(ctx.paths.data, source, cfg.resolution, cfg.heldout_fraction, cfg.seed, rgb=text_to_image)
+    family = family_class(teacher.family)
+    checked = family.check_data(cfg, teacher, source, root)  # before anything is written
+    summary = prepare(ctx.paths.data, source, cfg.resolution, cfg.heldout_fraction, cfg.seed, rgb=family.rgb_images)
     print(f"wrote {ctx.paths.data}/train.lmdb ({summary['train']}) and heldout.lmdb ({summary['heldout']})")
-    if text_to_image:
-        from dmd2.latents import prepare_text_to_image
-
-        splits = source_splits(source, cfg.heldout_fraction, cfg.seed)
-        summary.update(prepare_text_to_image(ctx.paths.data, cfg, ctx.exp.teacher, captions, splits, root, prompts))
-        print(f"wrote {ctx.paths.data}/latents.lmdb ({summary['latents']}), prompts.lmdb ({summary['prompts']}) and "
-              f"eval_prompts.lmdb ({summary['eval_prompts']})")
+    splits = source_splits(source, cfg.heldout_fraction, cfg.seed)
+    summary.update(family.prepare_data(ctx.paths.data, cfg, teacher, checked, splits, root))
     return summary
 
 

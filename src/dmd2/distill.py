@@ -41,7 +41,7 @@ from dmd2.checkpoint import (
     writing,
 )
 from dmd2.config import ConfigError, DistillConfig, LaunchConfig, batch_shares, to_dict
-from dmd2.critic import Critic, GANHead
+from dmd2.critic import Critic, gan_head
 from dmd2.data import DataError, RandomBatches, open_split, read_meta
 from dmd2.errors import TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
@@ -113,12 +113,12 @@ def new_generator(family: Family, teacher: nn.Module, cfg: DistillConfig,
     return generator
 
 
-def new_gan_head(family: Family, seed: int) -> GANHead:
-    """The diffusion-GAN head for the family's critic features, initialised identically on every rank."""
-    channels, height, _ = family.gan_feature_shape
+def new_gan_head(family: Family, seed: int) -> nn.Module:
+    """The diffusion-GAN head for the family's critic features (maps or tokens), initialised identically on every
+    rank."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return GANHead(channels, height)
+        return gan_head(family.gan_feature_shape)
 
 
 class DMD2Trainer:
@@ -531,7 +531,7 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
             save_model(paths.student, weights, student_config(teacher.config, cfg.denoising_timesteps,
                                                               {**source, "iterations": cfg.steps}, _lora(cfg)),
                        extra_files={"metrics.jsonl": log.text_through(cfg.steps)}, extra_weights=adapter)
-            if family.latent_space:  # a text-to-image student also ships as a diffusers pipeline (`dmd2 export`)
+            if family.exports_pipeline:  # a text-to-image student also ships as a diffusers pipeline (`dmd2 export`)
                 from dmd2.export import export_pipeline
 
                 pipeline = export_pipeline(paths.student, paths.student / "pipeline")
@@ -542,12 +542,10 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
 
 def real_samples(data_dir: Path, resolution: int, family: Family):
     """The real training samples the GAN (or forward-noised multi-step training) reads, checked against the
-    teacher's sample shape: the training images, or their latents for a latent-space family."""
-    if family.latent_space:
-        from dmd2.families.stable_diffusion import LATENTS_FILE
-        from dmd2.latents import LatentDataset
-
-        return LatentDataset(data_dir / LATENTS_FILE, expect_shape=family.sample_shape)
+    teacher's sample shape: the training images, or the family's own (a latent family's encoded images)."""
+    own = family.real_samples(data_dir)
+    if own is not None:
+        return own
     train = open_split(data_dir, "train", resolution)
     if tuple(train.shape) != tuple(family.sample_shape):
         raise DataError(f"{train.path} holds samples of shape {tuple(train.shape)}, but the teacher's samples "

@@ -1,5 +1,5 @@
 """Text-to-image data: real images as VAE latents paired with their captions, and the prompts files, written once by
-the data stage so that distillation never runs the VAE encoder.
+the data stage (a latent family's `prepare_data`) so that distillation never runs the VAE encoder.
 
 The latents LMDB has the image LMDBs' meta record, checksums and checks (`dmd2.data`):
     __meta__        JSON: schema_version, kind "latents", count, latent_shape, latent_dtype, scaling_factor,
@@ -139,19 +139,6 @@ def encode_split(images: LMDBImageDataset, codec, seed: int, batch_size: int = 6
     return torch.cat(out)
 
 
-def check_resolution(cfg, teacher_cfg, root: Path) -> Path:
-    """The teacher pipeline's directory, after checking that it makes images of `data.resolution`."""
-    from dmd2.families.stable_diffusion import pipeline_kind, pipeline_resolution, pipeline_root
-
-    pipeline = pipeline_root(teacher_cfg.pretrained, root)
-    pipeline_kind(pipeline)  # a diffusers SD1.5/SDXL pipeline folder, or a clear error
-    size = pipeline_resolution(pipeline)
-    if cfg.resolution != size:
-        raise DataError(f"data.resolution is {cfg.resolution}, but the teacher pipeline {pipeline} makes {size}px "
-                        f"images; set data.resolution: {size}")
-    return pipeline
-
-
 def training_prompts(cfg, root: Path) -> tuple[list[str], dict[str, Any]] | None:
     """`data.prompts` read and described (None: the generator trains on the images' captions)."""
     from dmd2.paths import input_path
@@ -167,47 +154,7 @@ def training_prompts(cfg, root: Path) -> tuple[list[str], dict[str, Any]] | None
     return prompts, {"split": "train", "source": str(path), "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def check_text_to_image(cfg, teacher_cfg, source, root: Path) -> tuple[list[str], tuple | None]:
-    """Everything the text-to-image outputs need, checked before the data stage writes anything: the pipeline's
-    resolution, every image's caption and the training prompts. Returns (captions, training prompts)."""
-    check_resolution(cfg, teacher_cfg, root)
-    return source_captions(cfg, source.labels, source.class_names, root), training_prompts(cfg, root)
-
-
-def prepare_text_to_image(out_dir: Path, cfg, teacher_cfg, captions: list[str], splits: dict[str, np.ndarray],
-                          root: Path, prompts: tuple[list[str], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """latents.lmdb (the training images through the teacher pipeline's VAE, with their captions), prompts.lmdb and
-    eval_prompts.lmdb, beside the image LMDBs `dmd2.data.prepare` wrote into `out_dir`; `prompts` from
-    `training_prompts`."""
-    from dmd2.families.stable_diffusion import (
-        EVAL_PROMPTS_FILE,
-        LATENTS_FILE,
-        PROMPTS_FILE,
-        LatentCodec,
-    )
-    from dmd2.prompts import write_prompts_lmdb
-
-    pipeline = check_resolution(cfg, teacher_cfg, root)
-    train_captions = [captions[i] for i in splits["train"]]
-    train = LMDBImageDataset(out_dir / "train.lmdb")
-    latents = encode_split(train, LatentCodec.from_pipeline(pipeline), cfg.seed)
-    vae = pipeline / "vae"
-    meta = {"split": "train", "source": train.meta["source"], "source_sha256": train.meta["source_sha256"],
-            "pipeline": str(pipeline), "vae_sha256": _weights_digest(vae),
-            "scaling_factor": float(json.loads((vae / "config.json").read_text()).get("scaling_factor", 0.18215))}
-    write_latents_lmdb(out_dir / LATENTS_FILE, latents, train_captions, meta)
-    if prompts is None:
-        prompts = (train_captions, {"split": "train", "source": "the training images' captions",
-                                    "source_sha256": hashlib.sha256("\n".join(train_captions).encode()).hexdigest()})
-    write_prompts_lmdb(out_dir / PROMPTS_FILE, *prompts)
-    held_out = [captions[i] for i in splits["heldout"]]
-    write_prompts_lmdb(out_dir / EVAL_PROMPTS_FILE, held_out,
-                       {"split": "heldout", "source": "the held-out images' captions",
-                        "source_sha256": hashlib.sha256("\n".join(held_out).encode()).hexdigest()})
-    return {"latents": len(latents), "prompts": len(prompts[0]), "eval_prompts": len(held_out)}
-
-
-def _weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path) -> str:
     """sha256 over a model folder's weight files (names and bytes), so re-encoding follows a changed VAE."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):

@@ -33,16 +33,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from dmd2.config import ExperimentConfig, batch_shares
-from dmd2.families import FAMILIES, Family, ModelError, family_for, read_config
+from dmd2.families import Family, ModelError, family_class, family_for, read_config
 
 GIB = 2**30
-ARCHITECTURES = Path(__file__).parent / "architectures"
-# The paper's downloaded teachers, by the name params.yaml gives them: config-only copies of their published
-# architectures (no weights), so that their recipes can be estimated before anything is downloaded.
-PUBLISHED = {"stabilityai/stable-diffusion-xl-base-1.0": "stable-diffusion-xl-base-1.0",
-             "stable-diffusion-v1-5/stable-diffusion-v1-5": "stable-diffusion-v1-5",
-             "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5",
-             "edm-imagenet-64x64-cond-adm.pkl": "edm-imagenet-64x64-cond-adm.json"}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -111,10 +104,8 @@ def teacher_config(exp: ExperimentConfig, teacher_dir: Path, root: Path = Path("
     if (teacher_dir / "config.json").exists():
         return read_config(teacher_dir)
     cfg = exp.teacher
-    name = getattr(cfg, "pretrained", None) or Path(str(getattr(cfg, "pickle", "") or "")).name
-    published = ARCHITECTURES / PUBLISHED[name] if name in PUBLISHED else None
     try:
-        return FAMILIES[cfg.family].architecture_config(cfg, published, root)
+        return family_class(cfg.family).architecture_config(cfg, root)
     except ModelError as err:
         raise ModelError(f"no teacher config to estimate from: {teacher_dir}/config.json does not exist and {err}; "
                          "run `dmd2 prepare-data` and `dmd2 teacher` first") from None

@@ -308,19 +308,16 @@ def pixel_decoder(cfg: RegressionConfig, family: Family, dev: torch.device,
                   root: Path = Path(".")) -> Callable[[torch.Tensor], torch.Tensor]:
     """Samples → images in [−1, 1], differentiable: pixel families' samples as they are; latents through
     `regression.decoder` (an AutoencoderTiny, the recipe's taesdxl) or the pipeline's VAE, in float32."""
-    if not family.latent_space:
-        return lambda x: x.float()
-    if cfg.decoder is None:
-        vae, scaling = family.codec.vae.to(dev), family.codec.scaling_factor
-    else:
-        from diffusers import AutoencoderTiny
+    if not family.latent_space or cfg.decoder is None:
+        return family.pixel_decoder(dev)
+    from diffusers import AutoencoderTiny
 
-        folder = _decoder_folder(cfg.decoder, root)
-        vae = AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).to(dev)
-        scaling = float(vae.config.scaling_factor)
-        if vae.config.latent_channels != family.sample_shape[0]:
-            raise ModelError(f"regression.decoder {folder} decodes {vae.config.latent_channels}-channel latents, but "
-                             f"the teacher's have {family.sample_shape[0]}: use the tiny VAE made for this pipeline")
+    folder = _decoder_folder(cfg.decoder, root)
+    vae = AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).to(dev)
+    scaling = float(vae.config.scaling_factor)
+    if vae.config.latent_channels != family.sample_shape[0]:
+        raise ModelError(f"regression.decoder {folder} decodes {vae.config.latent_channels}-channel latents, but "
+                         f"the teacher's have {family.sample_shape[0]}: use the tiny VAE made for this pipeline")
     vae.requires_grad_(False).eval()
     return lambda x: vae.decode(x.float() / scaling).sample
 

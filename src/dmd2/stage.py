@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,21 +62,33 @@ def stage_settings(exp: ExperimentConfig, stage: str) -> dict[str, Any]:
 DATA_FILES = {"report": ["templates/report.html.j2"]}
 
 
-def stage_code(stage: str, root: str | Path = ".") -> list[str]:
+def stage_code(stage: str, root: str | Path = ".", families: Iterable[str] | None = None) -> list[str]:
     """The files under `root`/src/dmd2 that a stage's code reads, as paths relative to `root` (sorted), so that
-    editing e.g. the losses reruns distillation in Snakemake and DVC. [] when `root` has no src/dmd2."""
+    editing e.g. the losses reruns distillation in Snakemake and DVC. [] when `root` has no src/dmd2.
+
+    The stage's modules reach no family's own module (families are imported by name, `dmd2.families.FAMILIES`): a
+    stage that reaches `dmd2.families` gets the files of `families` (registered names; None: every registered
+    family) and what they import."""
+    from dmd2.families import FAMILIES, family_module
+
     package = Path(root) / "src" / "dmd2"
     if not package.is_dir():
         return []
     seen: set[str] = set()
-    todo = list(STAGE_MODULES[stage])  # not `cli`: it only dispatches (and imports every stage)
-    while todo:
-        name = todo.pop()
-        file = _module_file(package, name)
-        if file is None or name in seen:
-            continue
-        seen.add(name)
-        todo += _dmd2_imports(file)
+
+    def follow(todo: list[str]) -> None:
+        while todo:
+            name = todo.pop()
+            file = _module_file(package, name)
+            if file is None or name in seen:
+                continue
+            seen.add(name)
+            todo += _dmd2_imports(file)
+
+    follow(list(STAGE_MODULES[stage]))  # not `cli`: it only dispatches (and imports every stage)
+    if "families" in seen:  # the stage loads models: their family's module and what it imports
+        own = [family_module(name) for name in (FAMILIES if families is None else families)]
+        follow([m.removeprefix("dmd2.") for m in own if m.startswith("dmd2.")])
     files = {_module_file(package, name) for name in seen} | {package / f for f in DATA_FILES.get(stage, [])}
     return sorted(str(f.relative_to(root)) for f in files if f is not None)
 

@@ -84,8 +84,10 @@ def logged(command):
 
 def code(stage):
     """The package files a stage runs: inputs, so that editing e.g. the losses reruns distillation
-    (dmd2.stage.stage_code follows the stage's imports; dvc.yaml lists the same files, tests/test_dag.py checks)."""
-    return stage_code(stage, workflow.basedir)
+    (dmd2.stage.stage_code follows the stage's imports). Of the families, only the experiment's own files: editing
+    another family reruns nothing here. dvc.yaml cannot pick files by the experiment's family (DVC resolves no
+    nested `${…}`), so it lists every family's (tests/test_dag.py checks both)."""
+    return stage_code(stage, workflow.basedir, [PARAMS.current(EXP).teacher.family])
 
 
 def slurm(stage):

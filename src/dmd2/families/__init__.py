@@ -4,10 +4,15 @@ A model directory holds `config.json` (`format`, `family`, `kind`: teacher or st
 keys) and, unless the family records its weights by reference, `model.safetensors`. Teachers trained here,
 converted or referenced, and students written by `distill`, all land in this format, so `distill`, `generate`
 and `evaluate` never care where a model came from; `config.json`'s `family` picks the module that reads it.
+
+Families are registered by name in `FAMILIES`, each as the place its class is defined, and imported only when a model
+or an experiment of that family is used: a stage imports the one family its experiment names, and its code
+dependencies (`dmd2.stage.stage_code`) are that family's files, so editing one family reruns no other's stages.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,36 +23,60 @@ from torch import nn
 
 from dmd2.atomic import fresh_staging_dir, replace_directory
 from dmd2.families.base import FORMAT, Family, ModelError, read_config
-from dmd2.families.diffusers import DiffusersFamily
-from dmd2.families.edm import EDMFamily
-from dmd2.families.stable_diffusion import StableDiffusionFamily
 
-FAMILIES: dict[str, type[Family]] = {"edm": EDMFamily, "diffusers": DiffusersFamily,
-                                     "stable_diffusion": StableDiffusionFamily}
+# name (config.json's and params.yaml's `family`) → "module:Class", imported on first use; a family defined
+# elsewhere (a plugin, a test) is added with `register_family`
+FAMILIES: dict[str, str | type[Family]] = {
+    "edm": "dmd2.families.edm:EDMFamily",
+    "diffusers": "dmd2.families.diffusers:DiffusersFamily",
+    "stable_diffusion": "dmd2.families.stable_diffusion:StableDiffusionFamily",
+    "flow": "dmd2.families.flow:FlowFamily",
+}
+DEFAULT_FAMILY = "edm"  # a `teacher:` block without `family:` (the teachers the pipeline trained before families)
 
-__all__ = ["FAMILIES", "FORMAT", "LORA_FILE", "Family", "Model", "ModelError", "family_for", "import_teacher", "load_model", "read_config",
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "FORMAT", "LORA_FILE", "Family", "Model", "ModelError", "family_class",
+           "family_for", "family_module", "import_teacher", "load_model", "read_config", "register_family",
            "save_model", "student_config", "teacher_config"]
+
+
+def register_family(name: str, family: str | type[Family]) -> None:
+    """Make `family` (a `Family` subclass, or "module:Class") available as `family: <name>`."""
+    FAMILIES[name] = family
+
+
+def family_class(name: str) -> type[Family]:
+    """The class of the family called `name`, its module imported now if it was not yet."""
+    if name not in FAMILIES:
+        raise ModelError(f"model family {name!r} is not known (known: {', '.join(FAMILIES)})")
+    entry = FAMILIES[name]
+    if isinstance(entry, str):
+        module, _, attribute = entry.partition(":")
+        entry = FAMILIES[name] = getattr(importlib.import_module(module), attribute)
+    return entry
+
+
+def family_module(name: str) -> str:
+    """The module that defines the family called `name` (without importing it)."""
+    entry = FAMILIES[name]
+    return entry.partition(":")[0] if isinstance(entry, str) else entry.__module__
 
 
 def family_for(config: dict[str, Any]) -> Family:
     """The family object for a model config (config.json's `family`)."""
-    name = config.get("family")
-    if name not in FAMILIES:
-        raise ModelError(f"model family {name!r} is not known (known: {', '.join(FAMILIES)})")
-    return FAMILIES[name](config)
+    return family_class(config.get("family"))(config)
 
 
 def teacher_config(teacher_cfg, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
     """config.json of a teacher described by params.yaml's `teacher:` block (trained here on data of
     `sample_shape` with `num_classes` classes, or recorded from a pretrained model)."""
-    return FAMILIES[teacher_cfg.family].teacher_config(teacher_cfg, sample_shape, num_classes)
+    return family_class(teacher_cfg.family).teacher_config(teacher_cfg, sample_shape, num_classes)
 
 
 def import_teacher(teacher_cfg, sample_shape: tuple[int, ...], num_classes: int,
                    root: Path) -> tuple[dict[str, Any], Any]:
     """A teacher from somewhere else (`teacher.source` other than train): its config.json and weights (None: by
     reference), checked against the experiment's data (`sample_shape`, `num_classes`)."""
-    return FAMILIES[teacher_cfg.family].import_teacher(teacher_cfg, sample_shape, num_classes, root)
+    return family_class(teacher_cfg.family).import_teacher(teacher_cfg, sample_shape, num_classes, root)
 
 
 LORA_FILE = "lora.safetensors"  # a LoRA student's adapters, beside its fused weights

@@ -6,13 +6,15 @@ parameterisation (σ-space EDM, or ε/v-prediction over `alphas_cumprod`); condi
 unconditional branch; the sample shape and decoding to pixels; the teacher's own multi-step sampler; where the
 GAN head reads its features; gradient checkpointing. The loop, the losses, sampling, evaluation and the report
 only talk to this interface (k-diffusion's `external.py` wraps other families into one denoiser in the same
-spirit). Adding a family means a module under `dmd2/families/` and a line in `FAMILIES`, plus, today, its
-params.yaml block in `config.py`, and for a latent-space family the places listed in
-`tests/test_families.py::KNOWN_SEAM_BREACHES` (data, latents, distill, export), still to be folded into the
-family.
+spirit). A family also owns its `teacher:` block of params.yaml (`schema`), its data files beyond the image
+LMDBs (`check_data`, `prepare_data`, `real_samples`) and its export format (`export_student`). Adding a family
+means its module and a line in `FAMILIES` (or `register_family`); nothing outside `dmd2/families/` names a family
+(`tests/test_families.py` checks the imports and comparisons of every other module).
 
-Timesteps are discrete indices t ∈ {0, …, num_train_timesteps − 1}, higher = noisier, for every family: DMD2's
-step ranges (20…980, the generator's 999 or [999, 749, 499, 249]) mean the same thing whatever the family.
+Timesteps are indices t ∈ {0, …, num_train_timesteps − 1} into the family's own noise table, higher = noisier
+(EDM's Karras σ, a DDPM schedule's ᾱ, a flow's continuous time t ∈ (0, 1]): DMD2's step ranges (20…980, the
+generator's 999 or [999, 749, 499, 249]) mean the same thing whatever the family. What the loop draws, the family
+may shape (`critic_timesteps`: a flow critic's logit-normal times).
 Conditions come in two forms: *raw* conditions (integer class labels, −1 = no label; prompts later) that data
 and samplers hand around, and *encoded* conditions (`encode_conditions`) that the networks take.
 """
@@ -26,11 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from dmd2.errors import Dmd2Error
 
 FORMAT = "dmd2-denoiser/1"
+# Config-only copies (no weights) of the published architectures of the paper's downloaded teachers, so that their
+# recipes can be estimated (`dmd2 memory`) before anything is downloaded; each family knows its own.
+ARCHITECTURES = Path(__file__).parents[1] / "architectures"
 
 
 class ModelError(Dmd2Error, RuntimeError):
@@ -42,6 +48,10 @@ class Family(ABC):
 
     name: str
     sampler_name: str  # the teacher's own sampler, for tables ("Heun", "DDIM")
+    # params.yaml's `teacher:` block of this family (`dmd2.config.Params.current` reads it): with `source` (train:
+    # the teacher stage trains `build_network` on `teacher_loss`, with `dmd2.config.TeacherTraining`'s settings;
+    # anything else: `import_teacher`)
+    schema: type[BaseModel]
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
@@ -60,10 +70,10 @@ class Family(ABC):
         raise ModelError(f"teacher.source: {cfg.source} is not available for the {cfg.family} family")
 
     @staticmethod
-    def architecture_config(cfg: Any, published: Path | None, root: Path) -> dict[str, Any]:
+    def architecture_config(cfg: Any, root: Path) -> dict[str, Any]:
         """The teacher's config.json from config files alone, no weights (`dmd2 memory` estimates from it before
-        the teacher is downloaded or trained): `published`, a copy of a released teacher's (`dmd2/architectures`),
-        else the teacher's own files where the family can find them."""
+        the teacher is downloaded or trained): a copy of a released teacher's (`ARCHITECTURES`), else the teacher's
+        own files where the family can find them."""
         raise ModelError(f"the {cfg.family} family makes a teacher's architecture from its data or weights only")
 
     # ------------------------------------------------------------------------------------------ network
@@ -164,6 +174,43 @@ class Family(ABC):
         """Whether samples are latents (real data comes from the data stage's latents LMDB) rather than pixels."""
         return False
 
+    # ------------------------------------------------------------------------------------- the data stage
+
+    rgb_images: bool = False  # the data stage stores grey source images as RGB (a VAE reads three channels)
+
+    @staticmethod
+    def check_data(data_cfg: Any, teacher_cfg: Any, source: Any, root: Path) -> Any:
+        """Check what the family's own data files need (`prepare_data`) before the data stage writes anything, and
+        return what `prepare_data` takes. Most families need nothing beyond the image LMDBs."""
+        return None
+
+    @staticmethod
+    def prepare_data(out_dir: Path, data_cfg: Any, teacher_cfg: Any, checked: Any, splits: dict[str, Any],
+                     root: Path) -> dict[str, Any]:
+        """Write the family's own data files beside the image LMDBs in `out_dir` (a latent family's encoded
+        training images, a text-to-image family's prompts; `splits`: the source's train/heldout indices) and return
+        their record counts for the stage record."""
+        return {}
+
+    def real_samples(self, data_dir: Path) -> Any:
+        """The real training samples, when they are not the training images (`train.lmdb`) themselves: a latent
+        family's encoded images. None: the images."""
+        return None
+
+    # ------------------------------------------------------------------------------------------ export
+
+    @property
+    def exports_pipeline(self) -> bool:
+        """Whether a student of this family also ships in its ecosystem's own format (`export_student`), which
+        distillation then writes beside it."""
+        return False
+
+    def export_student(self, student: Any, student_dir: Path, out_dir: Path) -> None:
+        """Write a loaded student (`dmd2.families.Model`) into the new directory `out_dir` in its ecosystem's own
+        format (a diffusers pipeline)."""
+        raise ModelError(f"{student_dir}: students of the {self.name} family have no export format; `dmd2 generate` "
+                         "samples them")
+
     @abstractmethod
     def encode_conditions(self, raw: torch.Tensor | None, device: torch.device | str) -> Any:
         """Raw conditions (labels, −1 = unconditional) → what the network takes."""
@@ -217,6 +264,11 @@ class Family(ABC):
         x0_uncond = denoise(self.unconditional(cond))
         return x0_uncond + guidance_scale * (x0 - x0_uncond)
 
+    def critic_timesteps(self, n: int, draw, device: torch.device | str) -> torch.Tensor:
+        """Timestep indices of the critic's denoising loss (`fake_score_loss`), one per sample, from `draw`
+        (`GlobalBatchRandom`): uniform over the whole table unless the family says otherwise."""
+        return draw.randint(0, self.num_train_timesteps, n, device)
+
     @abstractmethod
     def fake_score_loss(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, cond: Any,
                         noise: torch.Tensor) -> torch.Tensor:
@@ -226,12 +278,12 @@ class Family(ABC):
 
     @abstractmethod
     def gan_features(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        """The critic's features the diffusion-GAN head classifies (N × C × H × W)."""
+        """The critic's features the diffusion-GAN head classifies: maps (N × C × H × W) or tokens (N × L × D)."""
 
     @property
     @abstractmethod
-    def gan_feature_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of `gan_features` for one sample."""
+    def gan_feature_shape(self) -> tuple[int, ...]:
+        """(C, H, W) or (L, D) of `gan_features` for one sample: it picks the head (`dmd2.critic.gan_head`)."""
 
     # -------------------------------------------------------------------------------------- teacher
 
@@ -262,6 +314,10 @@ class Family(ABC):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples → images in [−1, 1] (pixel-space families: the samples themselves)."""
         return x
+
+    def pixel_decoder(self, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Samples → images in [−1, 1] in float32, differentiable (a loss on pixels trains through it), on `device`."""
+        return lambda x: x.float()
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:

@@ -23,13 +23,14 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from dmd2.config import DiffusersTeacherConfig, to_dict
+from dmd2.config import Strict, TeacherTraining, to_dict
 from dmd2.families.base import Family, ModelError
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -53,8 +54,105 @@ def build_scheduler(config: dict[str, Any]):
     return getattr(diffusers, name).from_config(config)
 
 
+# -------------------------------------------------------------------------------------------------- LoRA
+
+# The SDXL LoRA recipe's target modules: attention projections, the transformer blocks' in/out projections and
+# feed-forward, the ResNet convolutions and shortcuts, the down/up-samplers and the time-embedding projections.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def add_lora(unet: nn.Module, rank: int = 64, alpha: float = 8, targets: tuple[str, ...] = LORA_TARGETS) -> nn.Module:
+    """Attach a LoRA adapter (peft, through diffusers' `add_adapter`) and freeze everything else: only the
+    adapter's weights train. It starts as the identity (peft zero-initialises the up projections)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)))
+    return unet
+
+
+def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under peft's key names (`…to_q.lora_A.weight`), which `load_lora_weights` reads
+    (diffusers' older `lora.down` names would leave the attention projections unloaded)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(unet)
+
+
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, Any]:
+    """The `LoraConfig` `add_lora` attaches, as a dict (a LoRA file's metadata)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
+
+
+# ------------------------------------------------------------------------------ params.yaml's teacher block
+
+
+class DiffusersUNetConfig(Strict):
+    """Constructor arguments of a diffusers UNet trained here (names as in diffusers)."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    down_block_types: list[str] = Field(default_factory=lambda: ["DownBlock2D"] * 3)
+    up_block_types: list[str] = Field(default_factory=lambda: ["UpBlock2D"] * 3)
+    mid_block_type: str | None = Field("UNetMidBlock2D", description="UNetMidBlock2D (UNet2DModel), "
+                                       "UNetMidBlock2DCrossAttn (text UNet2DConditionModel), or null")
+    norm_num_groups: int = Field(8, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    add_attention: bool = Field(False, description="UNet2DModel: self-attention in the middle block")
+    cross_attention_dim: int = Field(8, ge=1, description="UNet2DConditionModel only")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusersUNetConfig:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"down_block_types and up_block_types need one entry per block_out_channels ({n})")
+        return self
+
+
+class NoiseScheduleConfig(Strict):
+    """The discrete-time noise schedule of a diffusers teacher trained here (a DDPMScheduler config)."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = Field(0.00085, gt=0, lt=1)
+    beta_end: float = Field(0.012, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction"] = Field("epsilon", description="what the UNet predicts")
+
+
+class DDIMSamplerConfig(Strict):
+    num_steps: int = Field(50, ge=1, description="deterministic DDIM steps of the teacher's full sampler (NFE = n)")
+
+
+class DiffusersTeacherConfig(TeacherTraining):
+    """`family: diffusers`: a discrete-time ε- or v-prediction UNet from diffusers, trained here with the DDPM
+    objective (`source: train`) or loaded from a diffusers directory or hub id (`source: pretrained`)."""
+
+    family: Literal["diffusers"] = "diffusers"
+    source: Literal["train", "pretrained"] = "train"
+    pretrained: str | None = Field(None, description="source: pretrained: a local diffusers directory (a pipeline "
+                                   "folder with unet/ and scheduler/, or a model folder) or a hub id such as "
+                                   "google/ddpm-cifar10-32 (already in the local hub cache when offline)")
+    subfolder: str | None = Field("unet", description="where the UNet sits inside `pretrained` (null: at the top)")
+    unet_class: Literal["UNet2DModel", "UNet2DConditionModel"] = "UNet2DModel"
+    unet: DiffusersUNetConfig = Field(default_factory=DiffusersUNetConfig)
+    scheduler: NoiseScheduleConfig = Field(default_factory=NoiseScheduleConfig)
+    sampler: DDIMSamplerConfig = Field(default_factory=DDIMSamplerConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusersTeacherConfig:
+        if self.source == "pretrained" and not self.pretrained:
+            raise ValueError("source: pretrained needs `pretrained:` (a local diffusers directory or a hub id)")
+        return self
+
+
 class DiffusersFamily(Family):
+    schema = DiffusersTeacherConfig  # its `teacher:` block in params.yaml
     name, sampler_name = "diffusers", "DDIM"
+    lora_targets = LORA_TARGETS  # the modules a LoRA generator adapts
 
     @staticmethod
     def import_teacher(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int, root: Path):
@@ -93,13 +191,9 @@ class DiffusersFamily(Family):
         net.enable_gradient_checkpointing()
 
     def add_lora(self, net: nn.Module, rank: int, alpha: float) -> nn.Module:
-        from dmd2.families.stable_diffusion import add_lora
-
-        return add_lora(net, rank, alpha)
+        return add_lora(net, rank, alpha, self.lora_targets)
 
     def fuse_lora(self, state, rank, alpha):
-        from dmd2.families.stable_diffusion import lora_weights
-
         with torch.device("meta"):
             net = self.add_lora(self.build_network(), rank, alpha)
         # copies: an unsharded run's state dict shares storage with the live generator, which fusing would change
@@ -260,8 +354,9 @@ def decoder_skipped(net: nn.Module):
             setattr(net, name, module)
 
 
-def teacher_config(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """The config.json of a diffusers UNet trained here on samples of `sample_shape`."""
+def unet_config(cfg: Any, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """The constructor config of a diffusers UNet (`cfg.unet_class`, `cfg.unet`) trained here on samples of
+    `sample_shape` with `num_classes` classes (plus the null class label dropout trains)."""
     channels, size = sample_shape[0], sample_shape[-1]
     unet = {**to_dict(cfg.unet), "sample_size": size, "in_channels": channels, "out_channels": channels,
             "num_class_embeds": num_classes + 1 if num_classes else None}  # + the null class
@@ -270,10 +365,15 @@ def teacher_config(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], n
             unet.pop(key)
     else:
         unet.pop("add_attention")
+    return unet
+
+
+def teacher_config(cfg: DiffusersTeacherConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """The config.json of a diffusers UNet trained here on samples of `sample_shape`."""
     scheduler = {"_class_name": "DDPMScheduler", **to_dict(cfg.scheduler), "clip_sample": False}
-    return {"family": "diffusers", "kind": "teacher", "unet_class": cfg.unet_class, "unet": unet,
-            "scheduler": scheduler, "num_classes": num_classes, "null_class": num_classes if num_classes else None,
-            "sampler": to_dict(cfg.sampler)}
+    return {"family": "diffusers", "kind": "teacher", "unet_class": cfg.unet_class,
+            "unet": unet_config(cfg, sample_shape, num_classes), "scheduler": scheduler, "num_classes": num_classes,
+            "null_class": num_classes if num_classes else None, "sampler": to_dict(cfg.sampler)}
 
 
 # ------------------------------------------------------------------------------------- pretrained teachers

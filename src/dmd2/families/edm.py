@@ -11,16 +11,59 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from dmd2.config import EDMTeacherConfig, UNetConfig, to_dict
-from dmd2.families.base import Family, ModelError
-from dmd2.families.edm_networks import Preconditioned, build_edm_network
-from dmd2.families.edm_unet import UNet
+from dmd2.config import Strict, TeacherTraining, to_dict
+from dmd2.families.base import ARCHITECTURES, Family, ModelError
+from dmd2.families.edm_networks import Preconditioned, build_edm_network, check_network_arguments
+from dmd2.families.edm_unet import UNet, UNetConfig
 from dmd2.paths import input_path
+
+# ------------------------------------------------------------------------------ params.yaml's teacher block
+
+
+class SamplerConfig(Strict):
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = Field(7.0, gt=0)
+    num_steps: int = Field(18, ge=1, description="Heun steps of the teacher's full sampler (NFE = 2n-1)")
+
+
+class EDMTeacherConfig(TeacherTraining):
+    """`family: edm`: a σ-space denoiser with EDM (or VP/VE) preconditioning — the small UNet of this project or
+    one of EDM's networks (ADM, DDPM++, NCSN++) — trained here, or converted from one of EDM's `.pkl` checkpoints."""
+
+    family: Literal["edm"] = "edm"
+    source: Literal["train", "edm_pickle"] = Field("train", description="train: train it here; edm_pickle: convert "
+                                                   "EDM's released checkpoint `pickle` (its code is never run)")
+    pickle: str | None = Field(None, description="source: edm_pickle: a local EDM .pkl, or an http(s) URL fetched "
+                               "once into ~/.cache/dmd2/edm when online")
+    pickle_sha256: str | None = Field(None, description="optional pin of the .pkl's sha256: a different file at the "
+                                      "same path is refused (and changing the pin reruns the teacher stage)")
+    architecture: Literal["unet", "adm", "ddpmpp", "ncsnpp"] = Field(
+        "unet", description="source: train: unet (this project's small UNet, configured by `unet`), or EDM's adm / "
+        "ddpmpp / ncsnpp (configured by `network`)")
+    network: dict[str, Any] = Field(default_factory=dict, description="adm/ddpmpp/ncsnpp constructor arguments, "
+                                    "EDM's names (model_channels, channel_mult, num_blocks, attn_resolutions, dropout …)")
+    precond: Literal["edm", "vp", "ve"] = Field("edm", description="preconditioning of a network trained here")
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    sigma_data: float = Field(0.5, gt=0)
+    p_mean: float = Field(-1.2, description="log-normal training sigma: mean of ln(sigma)")
+    p_std: float = Field(1.2, gt=0, description="log-normal training sigma: std of ln(sigma)")
+
+    @model_validator(mode="after")
+    def _check(self) -> EDMTeacherConfig:
+        if self.source == "edm_pickle" and not self.pickle:
+            raise ValueError("source: edm_pickle needs `pickle:` (a local EDM .pkl or its URL)")
+        if self.architecture != "unet" and self.source == "train":
+            check_network_arguments(self.architecture, self.network)
+        return self
+
 
 # ----------------------------------------------------------------------------------------- EDM formulas
 
@@ -78,6 +121,7 @@ def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | Non
 
 
 class EDMFamily(Family):
+    schema = EDMTeacherConfig  # its `teacher:` block in params.yaml
     name, sampler_name = "edm", "Heun"
 
     @staticmethod
@@ -89,16 +133,18 @@ class EDMFamily(Family):
         return import_edm_pickle(cfg, sample_shape, num_classes, root)
 
     @staticmethod
-    def architecture_config(cfg: EDMTeacherConfig, published: Path | None, root: Path) -> dict[str, Any]:
-        """From the constructor arguments a released EDM checkpoint records (`published`: a JSON of its class_name
-        and kwargs), the config its import would write. A teacher trained here takes its shape from its data."""
+    def architecture_config(cfg: EDMTeacherConfig, root: Path) -> dict[str, Any]:
+        """From the constructor arguments a released EDM checkpoint records (a JSON of its class_name and kwargs in
+        `ARCHITECTURES`, by the pickle's file name), the config its import would write. A teacher trained here takes
+        its shape from its data."""
         import json
 
         from dmd2.families.edm_pickle import network_config_from_edm
 
-        if published is None:
-            return Family.architecture_config(cfg, published, root)
-        recorded = json.loads(Path(published).read_text())
+        published = ARCHITECTURES / f"{Path(cfg.pickle or '').stem}.json"
+        if cfg.source != "edm_pickle" or not published.is_file():
+            return Family.architecture_config(cfg, root)
+        recorded = json.loads(published.read_text())
         return converted_config(cfg, network_config_from_edm(recorded["class_name"], recorded["kwargs"]))
 
     def __init__(self, config: dict[str, Any]):

@@ -12,10 +12,19 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dmd2.config import UNetConfig
+from dmd2.config import Strict
+
+
+class UNetConfig(Strict):
+    channels: int = Field(32, ge=4, description="base channel count")
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 2], description="per-resolution multipliers")
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: list[int] = Field(default_factory=list, description="levels (0 = full res) with attention")
+    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 def _norm(channels: int) -> nn.GroupNorm:

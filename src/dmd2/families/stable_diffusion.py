@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from dmd2.atomic import replace_directory
-from dmd2.config import StableDiffusionTeacherConfig, to_dict
-from dmd2.families.base import ModelError
+from dmd2.config import Strict, to_dict
+from dmd2.families.base import ARCHITECTURES, ModelError
 from dmd2.families.diffusers import (
     DiffusersFamily,
+    lora_config,
+    lora_weights,
     pretrained_architecture,
     pretrained_reference,
     resolve_pretrained,
@@ -148,12 +151,39 @@ class LatentCodec:
         return self.vae.decode(latents.float() / self.scaling_factor).sample
 
 
+# ------------------------------------------------------------------------------ params.yaml's teacher block
+
+
+class TextSamplerConfig(Strict):
+    num_steps: int = Field(50, ge=1, description="deterministic DDIM steps of the teacher's own sampler (NFE = n, "
+                           "2n with guidance)")
+    guidance_scale: float = Field(1.0, ge=0, le=100, description="classifier-free guidance of the teacher's own "
+                                  "sampler in evaluation (the DM loss uses distill.real_guidance_scale)")
+
+
+class StableDiffusionTeacherConfig(Strict):
+    """`family: stable_diffusion`: a text-to-image latent diffusion pipeline (Stable Diffusion 1.5 or SDXL, or a tiny
+    one of the same shape) read from a local diffusers pipeline directory or a hub id; never trained here."""
+
+    family: Literal["stable_diffusion"] = "stable_diffusion"
+    source: Literal["pretrained"] = "pretrained"
+    pretrained: str = Field(description="a local diffusers pipeline directory (model_index.json, unet/, vae/, "
+                            "text_encoder/, tokenizer/, scheduler/), or a hub id such as "
+                            "stable-diffusion-v1-5/stable-diffusion-v1-5 already in the local hub cache when offline, "
+                            "or tiny:sd15 / tiny:sdxl (a tiny random pipeline of that shape, built offline)")
+    sampler: TextSamplerConfig = Field(default_factory=TextSamplerConfig)
+
+
 # ------------------------------------------------------------------------------------------------ the family
 
 PROMPTS_FILE, EVAL_PROMPTS_FILE, LATENTS_FILE = "prompts.lmdb", "eval_prompts.lmdb", "latents.lmdb"
 
 
 TINY_PREFIX = "tiny:"
+# The paper's pipelines by hub id → the copy of their config files in ARCHITECTURES (`architecture_config`)
+PUBLISHED = {"stabilityai/stable-diffusion-xl-base-1.0": "stable-diffusion-xl-base-1.0",
+             "stable-diffusion-v1-5/stable-diffusion-v1-5": "stable-diffusion-v1-5",
+             "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5"}
 
 
 def tiny_pipeline_dir(name: str) -> Path:
@@ -216,6 +246,7 @@ def text_architecture_config(cfg: StableDiffusionTeacherConfig, path: Path) -> d
 class StableDiffusionFamily(DiffusersFamily):
     """Text-to-image latent diffusion (SD1.5, SDXL): prompts in, VAE latents out."""
 
+    schema = StableDiffusionTeacherConfig  # its `teacher:` block in params.yaml
     name, sampler_name = "stable_diffusion", "DDIM"
 
     @staticmethod
@@ -230,9 +261,11 @@ class StableDiffusionFamily(DiffusersFamily):
         return {**config, "source": {"type": "pretrained", "name": cfg.pretrained}}, None
 
     @staticmethod
-    def architecture_config(cfg, published, root):
-        """`text_architecture_config` of `published`, else of the teacher's downloaded or tiny pipeline."""
-        return text_architecture_config(cfg, published or pipeline_root(cfg.pretrained, root))
+    def architecture_config(cfg, root):
+        """`text_architecture_config` of the published pipeline's config files (`PUBLISHED`), else of the teacher's
+        downloaded or tiny pipeline."""
+        published = PUBLISHED.get(cfg.pretrained)
+        return text_architecture_config(cfg, ARCHITECTURES / published if published else pipeline_root(cfg.pretrained, root))
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
@@ -253,6 +286,38 @@ class StableDiffusionFamily(DiffusersFamily):
     @property
     def latent_space(self) -> bool:
         return True
+
+    # -------------------------------------------------------------------------- data stage and export
+
+    rgb_images = True
+
+    @staticmethod
+    def check_data(data_cfg, teacher_cfg, source, root):
+        return check_text_to_image(data_cfg, teacher_cfg, source, root)
+
+    @staticmethod
+    def prepare_data(out_dir, data_cfg, teacher_cfg, checked, splits, root):
+        captions, prompts = checked
+        summary = prepare_text_to_image(out_dir, data_cfg, teacher_cfg, captions, splits, root, prompts)
+        print(f"wrote {out_dir}/{LATENTS_FILE} ({summary['latents']}), {PROMPTS_FILE} ({summary['prompts']}) and "
+              f"{EVAL_PROMPTS_FILE} ({summary['eval_prompts']})")
+        return summary
+
+    def real_samples(self, data_dir: Path):
+        from dmd2.latents import LatentDataset
+
+        return LatentDataset(Path(data_dir) / LATENTS_FILE, expect_shape=self.sample_shape)
+
+    @property
+    def exports_pipeline(self) -> bool:
+        return True
+
+    def export_student(self, student, student_dir, out_dir):
+        return export_pipeline(student, student_dir, out_dir)
+
+    def pixel_decoder(self, device):
+        vae, scaling = self.codec.vae.to(device), self.codec.scaling_factor
+        return lambda x: vae.decode(x.float() / scaling).sample
 
     # ------------------------------------------------------------------------------------------- prompts
 
@@ -361,31 +426,107 @@ class StableDiffusionFamily(DiffusersFamily):
         return num_steps * (1 if self.default_guidance_scale == 1.0 else 2)
 
 
+# ------------------------------------------------------------------------------------ the data stage
+
+
+def check_resolution(cfg, teacher_cfg, root: Path) -> Path:
+    """The teacher pipeline's directory, after checking that it makes images of `data.resolution`."""
+    from dmd2.data import DataError
+
+    pipeline = pipeline_root(teacher_cfg.pretrained, root)
+    pipeline_kind(pipeline)  # a diffusers SD1.5/SDXL pipeline folder, or a clear error
+    size = pipeline_resolution(pipeline)
+    if cfg.resolution != size:
+        raise DataError(f"data.resolution is {cfg.resolution}, but the teacher pipeline {pipeline} makes {size}px "
+                        f"images; set data.resolution: {size}")
+    return pipeline
+
+
+def check_text_to_image(cfg, teacher_cfg, source, root: Path) -> tuple[list[str], tuple | None]:
+    """Everything the text-to-image outputs need, checked before the data stage writes anything: the pipeline's
+    resolution, every image's caption and the training prompts. Returns (captions, training prompts)."""
+    from dmd2.latents import source_captions, training_prompts
+
+    check_resolution(cfg, teacher_cfg, root)
+    return source_captions(cfg, source.labels, source.class_names, root), training_prompts(cfg, root)
+
+
+def prepare_text_to_image(out_dir: Path, cfg, teacher_cfg, captions: list[str], splits: dict[str, Any],
+                          root: Path, prompts: tuple[list[str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """latents.lmdb (the training images through the teacher pipeline's VAE, with their captions), prompts.lmdb and
+    eval_prompts.lmdb, beside the image LMDBs `dmd2.data.prepare` wrote into `out_dir`; `prompts` from
+    `training_prompts`."""
+    import hashlib
+
+    from dmd2.data import LMDBImageDataset
+    from dmd2.latents import encode_split, weights_digest, write_latents_lmdb
+    from dmd2.prompts import write_prompts_lmdb
+
+    pipeline = check_resolution(cfg, teacher_cfg, root)
+    train_captions = [captions[i] for i in splits["train"]]
+    train = LMDBImageDataset(out_dir / "train.lmdb")
+    latents = encode_split(train, LatentCodec.from_pipeline(pipeline), cfg.seed)
+    vae = pipeline / "vae"
+    meta = {"split": "train", "source": train.meta["source"], "source_sha256": train.meta["source_sha256"],
+            "pipeline": str(pipeline), "vae_sha256": weights_digest(vae),
+            "scaling_factor": float(json.loads((vae / "config.json").read_text()).get("scaling_factor", 0.18215))}
+    write_latents_lmdb(out_dir / LATENTS_FILE, latents, train_captions, meta)
+    if prompts is None:
+        prompts = (train_captions, {"split": "train", "source": "the training images' captions",
+                                    "source_sha256": hashlib.sha256("\n".join(train_captions).encode()).hexdigest()})
+    write_prompts_lmdb(out_dir / PROMPTS_FILE, *prompts)
+    held_out = [captions[i] for i in splits["heldout"]]
+    write_prompts_lmdb(out_dir / EVAL_PROMPTS_FILE, held_out,
+                       {"split": "heldout", "source": "the held-out images' captions",
+                        "source_sha256": hashlib.sha256("\n".join(held_out).encode()).hexdigest()})
+    return {"latents": len(latents), "prompts": len(prompts[0]), "eval_prompts": len(held_out)}
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def lcm_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The timesteps `LCMScheduler` takes for `num_steps` steps when `original_inference_steps` = `num_steps`."""
+    k = num_train_timesteps // num_steps
+    return [k * i - 1 for i in range(num_steps, 0, -1)]
+
+
+def student_scheduler_config(teacher_scheduler: dict[str, Any], timesteps: list[int]) -> dict[str, Any]:
+    """An LCMScheduler config on the teacher's noise schedule whose default timesteps are the student's when they
+    can be (evenly spaced from the top), else the nearest; `timesteps_to_pass` says what to give the call."""
+    from diffusers import LCMScheduler
+
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "rescale_betas_zero_snr")
+    config = {k: v for k, v in teacher_scheduler.items() if k in keep}
+    scheduler = LCMScheduler(**config, original_inference_steps=len(timesteps), clip_sample=False,
+                             set_alpha_to_one=False, timestep_spacing="leading", steps_offset=1)  # unused by LCM; 1 keeps SD pipelines from warning
+    return dict(scheduler.config)
+
+
+def export_pipeline(student, student_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Write a loaded Stable Diffusion student (`dmd2.families.Model`) as a diffusers pipeline into `out_dir`: the
+    teacher pipeline's components, the student's UNet and an LCMScheduler (see `dmd2.export`); a LoRA student's
+    adapters also alone. Returns how to call it."""
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    family, timesteps = student.family, student.timesteps
+    scheduler = LCMScheduler.from_config(student_scheduler_config(student.config["scheduler"], timesteps))
+    pipeline = DiffusionPipeline.from_pretrained(family.pipeline_path, unet=student.net, scheduler=scheduler)
+    pipeline.save_pretrained(out_dir)
+    lora = student.config["generator"].get("lora")
+    if lora:  # the adapters alone too, for `load_lora_weights` on a copy of the teacher pipeline
+        from safetensors.torch import load_file
+
+        adapter = load_file(Path(student_dir) / lora["file"])
+        save_lora_state(family.pipeline_path, adapter, lora_config(lora["rank"], lora["alpha"]), out_dir)
+    usage = {"num_inference_steps": len(timesteps), "guidance_scale": 0.0}
+    if lcm_timesteps(len(timesteps), family.num_train_timesteps) != timesteps:
+        usage["timesteps"] = timesteps  # not LCM's default for this step count: pass them to the call
+    return {"call": usage, "teacher_pipeline": str(family.pipeline_path)}
+
+
 # -------------------------------------------------------------------------------------------------- LoRA
-
-# The SDXL LoRA recipe's target modules: attention projections, the transformer blocks' in/out projections and
-# feed-forward, the ResNet convolutions and shortcuts, the down/up-samplers and the time-embedding projections.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
-
-
-def add_lora(unet: nn.Module, rank: int = 64, alpha: float = 8, targets: tuple[str, ...] = LORA_TARGETS) -> nn.Module:
-    """Attach a LoRA adapter (peft, through diffusers' `add_adapter`) and freeze everything else: only the
-    adapter's weights train. It starts as the identity (peft zero-initialises the up projections)."""
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)))
-    return unet
-
-
-def lora_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights under peft's key names (`…to_q.lora_A.weight`), which `load_lora_weights` reads
-    (diffusers' older `lora.down` names would leave the attention projections unloaded)."""
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(unet)
-
 
 def save_lora(pipeline_dir: str | Path, unet: nn.Module, out_dir: str | Path) -> Path:
     """Write the UNet's adapter as `pytorch_lora_weights.safetensors` in `out_dir`, loadable with
@@ -404,10 +545,3 @@ def save_lora_state(pipeline_dir: str | Path, adapter: dict[str, torch.Tensor], 
     pipeline_class.save_lora_weights(str(out_dir), unet_lora_layers=adapter, safe_serialization=True,
                                      unet_lora_adapter_metadata=lora_config)
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
-
-
-def lora_config(rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, Any]:
-    """The `LoraConfig` `add_lora` attaches, as a dict (a LoRA file's metadata)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
