@@ -103,8 +103,7 @@ def test_the_critic_draws_its_times_uniformly_or_logit_normally():
 
 
 TINY_TRANSFORMER = {"unet_class": "SD3Transformer2DModel",
-                    "transformer": {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 8,
-                                    "caption_projection_dim": 16}}
+                    "transformer": {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 8}}
 
 
 def test_the_transformer_s_gan_features_are_its_middle_block_s_image_tokens():

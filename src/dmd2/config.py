@@ -104,7 +104,7 @@ class DataConfig(Strict):
 class TeacherBlock(Strict):
     """`teacher:` as params.yaml gives it: `family` names the family (`dmd2.families.FAMILIES`) whose own schema
     (its class's `schema`) reads the rest when the experiment is used (`Params.current`), so that loading
-    params.yaml imports no family and a stage imports only its experiment's."""
+    params.yaml imports only the family of the experiment it is loaded for, and a stage only its experiment's."""
 
     model_config = ConfigDict(extra="allow")
     family: str = Field(default_factory=lambda: _families().DEFAULT_FAMILY,
@@ -127,7 +127,11 @@ def _families():
 
 def teacher_schema(family: str) -> type[BaseModel]:
     """The params.yaml schema of the `teacher:` block of a family (its module imported now)."""
-    return _families().family_class(family).schema
+    schema = getattr(_families().family_class(family), "schema", None)
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise ConfigError(f"model family {family!r} declares no params.yaml schema: its class needs `schema`, the "
+                          "pydantic model of its teacher: block")
+    return schema
 
 
 def teacher_schemas() -> dict[str, type[BaseModel]]:
@@ -569,9 +573,10 @@ class Params(Strict):
             raw = exp.teacher.model_dump()
             try:
                 teacher = teacher_schema(exp.teacher.family).model_validate(raw)
-            except ValidationError as err:
-                prefix = ("experiments", name, "teacher", exp.teacher.family)
-                raise ConfigError(_format_errors(err, self._source, prefix)) from None
+            except ValidationError as err:  # its keys' paths as params.yaml spells them (the family: the schema)
+                errors = [{**e, "loc": ("experiments", name, "teacher", *((exp.teacher.family,) if e["loc"] else ()),
+                                        *e["loc"])} for e in err.errors()]
+                raise ConfigError(_format_errors(errors, self._source)) from None
             exp.__dict__["teacher"] = teacher  # no re-validation: the block was checked as a whole
         return exp
 
@@ -600,7 +605,7 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
             model = "teacher"
             path.append(str(part))
         elif model == "teacher":
-            model = teacher_schema(part)  # the family's own schema (`Params.resolve_teacher`'s step)
+            model = teacher_schema(part)  # the family's own schema (the step `Params.current` adds)
         else:
             path.append(str(part))
             field = model.model_fields.get(part) if isinstance(model, type) else None
@@ -611,10 +616,10 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
     return path, model if isinstance(model, type) else None
 
 
-def _format_errors(err: ValidationError, source: str, prefix: tuple[Any, ...] = ()) -> str:
+def _format_errors(err: ValidationError | list[dict[str, Any]], source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        parts, owner = _walk(prefix + tuple(e["loc"]))
+    for e in err if isinstance(err, list) else err.errors():
+        parts, owner = _walk(tuple(e["loc"]))
         path = ".".join(parts) or "<top level>"
         if e["type"] == "extra_forbidden" and parts[-1] in RENAMED:
             lines.append(f"  {path}: {RENAMED[parts[-1]]}")
@@ -622,7 +627,8 @@ def _format_errors(err: ValidationError, source: str, prefix: tuple[Any, ...] = 
             valid = sorted(owner.model_fields) if owner else []
             lines.append(f"  {path}: unknown key{_closest(parts[-1], valid)} (valid keys here: {', '.join(valid)})")
         else:
-            lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"  # a block: its path says it
+            lines.append(f"  {path}: {e['msg']}{got}")
     return "\n".join(lines)
 
 

@@ -205,9 +205,10 @@ class Family(ABC):
         distillation then writes beside it."""
         return False
 
-    def export_student(self, student: Any, student_dir: Path, out_dir: Path) -> None:
+    def export_student(self, student: Any, student_dir: Path, out_dir: Path) -> dict[str, Any]:
         """Write a loaded student (`dmd2.families.Model`) into the new directory `out_dir` in its ecosystem's own
-        format (a diffusers pipeline)."""
+        format (a diffusers pipeline), and return what the export's marker file records beside its timesteps and
+        source: `call`, the keyword arguments that sample it as trained, and anything else a user needs."""
         raise ModelError(f"{student_dir}: students of the {self.name} family have no export format; `dmd2 generate` "
                          "samples them")
 
@@ -298,7 +299,7 @@ class Family(ABC):
 
     @abstractmethod
     def teacher_nfe(self, num_steps: int) -> int:
-        """Network evaluations of `sample_teacher` with `num_steps` steps (without guidance)."""
+        """Network evaluations of `sample_teacher` with `num_steps` steps at the default guidance scale."""
 
     @property
     def default_teacher_steps(self) -> int:

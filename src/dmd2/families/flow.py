@@ -5,13 +5,17 @@
 as in SD3 and Flux (Esser et al. 2024, "Scaling Rectified Flow Transformers"). Time is continuous; DMD2's timestep
 indices i = 0 … N−1 (the generator's 999, the DM loss's 20 … 980) name the points t_i = shift((i + 1)/N) of the
 family's table, where the shift moves time towards noise: shift(s) = m·s / (1 + (m − 1)·s), with m static (SD3:
-3.0) or made from the image's token count (Flux: m = exp(μ), μ linear in the count). The table is diffusers'
-`FlowMatchEulerDiscreteScheduler`'s training table, and the teacher samples with that scheduler.
+3.0) or made from the image's token count (Flux: m = exp(μ), μ linear in the count). With a static shift the table
+is diffusers' `FlowMatchEulerDiscreteScheduler` training table (tested); with Flux's, the same formula with that m,
+the shift diffusers applies when it samples. The teacher samples with that scheduler.
 
 The critic's denoising loss draws its times uniformly over the table, or logit-normally (`schedule.critic_times`),
 the distribution SD3 trains with; the teacher trained here draws logit-normal (or uniform) continuous times. The
-network is a diffusers UNet (the family shares the diffusers family's network, conditions, GAN features and LoRA);
-it takes 1000·t as its timestep, as diffusers' flow pipelines give it.
+network is a diffusers UNet (sharing the diffusers family's network, conditions, GAN features and LoRA) or SD3's
+MM-DiT, `SD3Transformer2DModel`, with the class label one-hot as its pooled and context inputs; either takes N·t as
+its timestep, as diffusers' flow pipelines give it. The transformer's GAN features are the image tokens after its
+middle block, and the later blocks never run: a forward hook ends the forward there by raising (`exit_after_block`),
+tested on one process and under DDP's wrapper around the critic, not under FSDP2, whose root forward it interrupts.
 """
 
 from __future__ import annotations
@@ -72,7 +76,6 @@ class FlowTransformerConfig(Strict):
     num_layers: int = Field(4, ge=1)
     num_attention_heads: int = Field(4, ge=1)
     attention_head_dim: int = Field(16, ge=1)
-    caption_projection_dim: int = Field(64, ge=1, description="width of the context tokens inside the blocks")
     qk_norm: Literal["rms_norm"] | None = None
 
 
@@ -91,8 +94,6 @@ class FlowTeacherConfig(TeacherTraining):
 
     @model_validator(mode="after")
     def _check(self) -> FlowTeacherConfig:
-        if self.unet_class == TRANSFORMER and self.transformer.caption_projection_dim % self.transformer.num_attention_heads:
-            raise ValueError("transformer.caption_projection_dim must be a multiple of num_attention_heads")
         shift = self.schedule.resolution_shift
         if shift is not None and shift.max_seq_len <= shift.base_seq_len:
             raise ValueError("schedule.resolution_shift: max_seq_len must be above base_seq_len")
@@ -126,7 +127,8 @@ def transformer_config(cfg: FlowTransformerConfig, sample_shape: tuple[int, ...]
     return {"sample_size": size, "in_channels": channels, "out_channels": channels, "patch_size": cfg.patch_size,
             "pos_embed_max_size": size // cfg.patch_size, "num_layers": cfg.num_layers,
             "num_attention_heads": cfg.num_attention_heads, "attention_head_dim": cfg.attention_head_dim,
-            "caption_projection_dim": cfg.caption_projection_dim, "joint_attention_dim": labels,
+            # the context stream is as wide as the image stream (SD3's joint attention adds them head by head)
+            "caption_projection_dim": cfg.num_attention_heads * cfg.attention_head_dim, "joint_attention_dim": labels,
             "pooled_projection_dim": labels, "qk_norm": cfg.qk_norm}
 
 
@@ -207,6 +209,8 @@ class FlowFamily(DiffusersFamily):
     def _transformer_inputs(self, cond: Any, n: int, device: torch.device) -> dict[str, torch.Tensor]:
         """The class label (`encode_conditions`' class_labels; none: index 0, the one constant input) one-hot, as
         the transformer's pooled projection and as its one context token."""
+        if not cond and self.num_classes:
+            raise ModelError("this class-conditional transformer needs class labels (got none)")
         labels = cond["class_labels"] if cond else torch.zeros(n, dtype=torch.long, device=device)
         one_hot = F.one_hot(labels, self.config["unet"]["pooled_projection_dim"]).float()
         return {"pooled_projections": one_hot, "encoder_hidden_states": one_hot[:, None, :]}
@@ -228,8 +232,9 @@ class FlowFamily(DiffusersFamily):
         return noise  # pure noise whatever t names (a one-step generator at an earlier t, as SDXL's at 399)
 
     def velocity(self, net: nn.Module, x_t: torch.Tensor, time: torch.Tensor, cond: Any) -> torch.Tensor:
-        """v̂ at continuous times `time` (the network takes 1000·t), float32."""
-        timestep = (time * 1000).to(x_t.dtype).expand(len(x_t))
+        """v̂ at continuous times `time` (the network takes N·t, N = num_train_timesteps, as diffusers' flow
+        pipelines give it), float32."""
+        timestep = (time * self.num_train_timesteps).to(x_t.dtype).expand(len(x_t))
         if not self.is_transformer:
             return self._call(net, x_t, timestep, cond)
         return net(x_t, timestep=timestep, **self._transformer_inputs(cond, len(x_t), x_t.device)).sample.float()
@@ -317,4 +322,5 @@ class FlowFamily(DiffusersFamily):
         return x
 
     def teacher_nfe(self, num_steps: int) -> int:
-        return num_steps
+        guided = self.num_classes and self.default_guidance_scale != 1.0  # two branches per step
+        return num_steps * (2 if guided else 1)
