@@ -190,7 +190,7 @@ class MixtureFlow(FlowFamily):
 
     def __init__(self, shift: float = 3.0):
         super().__init__({"family": "flow", "unet_class": "UNet2DModel", "num_classes": 0, "unet": {},
-                          "schedule": {"num_train_timesteps": 1000, "shift": shift, "critic_times": "uniform"}})
+                          "schedule": {"num_train_timesteps": 1000, "shift": shift}})
 
     @property
     def sample_shape(self):

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from gmm import AnalyticVelocity, GaussianMixture, MixtureFlow
+from gmm import AnalyticVelocity, GaussianMixture, MixtureEDM, MixtureFlow
 from test_dmd2_gmm import sliced_wasserstein
 
-from dmd2.families.flow import FlowFamily, FlowTeacherConfig, logit_normal, resolution_shift, shift_times
+from dmd2.families.base import logit_normal
+from dmd2.families.flow import FlowFamily, FlowTeacherConfig, resolution_shift, shift_times
 
 MIXTURE = GaussianMixture([0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], [0.3, 0.5, 0.4])
 TINY_UNET = {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D"] * 2,
@@ -86,20 +87,39 @@ def test_the_teacher_sampler_draws_the_mixture_from_its_exact_velocity():
     assert family.teacher_nfe(50) == 50
 
 
-def test_the_critic_draws_its_times_uniformly_or_logit_normally():
-    """Uniform over the table by default; logit-normal(0, 1) puts P(|logit s| < logit 0.75) = 0.728 of the draws in
-    the middle half of the table (uniform: 0.5)."""
+@pytest.mark.parametrize("family", [MixtureFlow(1.0), MixtureEDM()], ids=["flow", "edm"])
+def test_the_critic_draws_its_times_uniformly_or_logit_normally(family):
+    """distill.critic_times, any family: uniform over the table by default; logit-normal(0, 1) puts
+    P(|logit s| < logit 0.75) = 0.728 of the draws in the middle half of the table (uniform: 0.5); logit-normal(1, 1)
+    P(s > 1/2) = Φ(1) = 0.841 in its upper half."""
     from dmd2.training import GlobalBatchRandom
 
-    family = MixtureFlow(1.0)
     torch.manual_seed(0)
     uniform = family.critic_timesteps(20000, GlobalBatchRandom(), "cpu")
-    family.config["schedule"].update(critic_times="logit_normal", logit_mean=0.0, logit_std=1.0)
-    shaped = family.critic_timesteps(20000, GlobalBatchRandom(), "cpu")
+    shaped = family.critic_timesteps(20000, GlobalBatchRandom(), "cpu", "logit_normal", (0.0, 1.0))
+    noisier = family.critic_timesteps(20000, GlobalBatchRandom(), "cpu", "logit_normal", (1.0, 1.0))
     for drawn, middle in ((uniform, 0.5), (shaped, 0.728)):
         assert drawn.min() >= 0 and drawn.max() <= 999
         assert ((drawn >= 250) & (drawn < 750)).double().mean().item() == pytest.approx(middle, abs=0.015)
+    assert (noisier >= 500).double().mean().item() == pytest.approx(0.841, abs=0.015)
     assert logit_normal(torch.tensor([0.5]), 0.0, 1.0).item() == pytest.approx(0.5)
+
+
+def test_the_critic_turn_draws_what_distill_critic_times_says():
+    """The setting reaches the critic's loss: with logit-normal(3, 0.5) nearly every timestep the critic trains at is
+    in the table's top tenth (P(s > 0.9) = Φ((3 − ln 9)/0.5) = Φ(1.61) = 0.946; uniform: 0.1)."""
+    from gmm import DirectVelocity
+    from test_dmd2_gmm import MIXTURE as MODES
+
+    from dmd2.critic import Critic
+    from dmd2.training import GlobalBatchRandom
+
+    family, seen = MixtureFlow(1.0), []
+    score = DirectVelocity(MODES)
+    score.register_forward_pre_hook(lambda module, args: seen.append(args[1] / 1000))
+    torch.manual_seed(0)
+    Critic(family, score, None, 1000, GlobalBatchRandom(), "logit_normal", (3.0, 0.5))(torch.randn(4000, 2), None)
+    assert (seen[0] > 0.9).double().mean().item() == pytest.approx(0.946, abs=0.015)
 
 
 TINY_TRANSFORMER = {"unet_class": "SD3Transformer2DModel",

@@ -186,6 +186,10 @@ class DistillConfig(Strict):
     generator_lr: float = Field(2e-5, gt=0, le=1, description="AdamW learning rate of the generator")
     critic_lr: float = Field(2e-5, gt=0, le=1, description="the fake-score critic and GAN head (the original's "
                              "guidance_lr)")
+    critic_times: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="timesteps of the critic's denoising loss over the teacher's table: uniform (the "
+        "original's) or logit-normal (SD3's training distribution; `critic_logit_normal`: the logit's mean and std)")
+    critic_logit_normal: tuple[float, float] = (0.0, 1.0)
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(100, ge=0, description="linear LR warm-up, counted in iterations (the original's 500 "

@@ -73,15 +73,17 @@ def gan_head(feature_shape: tuple[int, ...]) -> nn.Module:
 class Critic(nn.Module):
     """The fake-score network (initialised from the teacher) plus the GAN head that reads its features."""
 
-    def __init__(self, family: Family, score: nn.Module, head: nn.Module | None, gan_max_timestep: int, draw):
+    def __init__(self, family: Family, score: nn.Module, head: nn.Module | None, gan_max_timestep: int, draw,
+                 times: str = "uniform", logit: tuple[float, float] = (0.0, 1.0)):
         super().__init__()
         self.family, self.score, self.head = family, score, head
         self.gan_max_timestep, self.draw = gan_max_timestep, draw
+        self.times, self.logit = times, tuple(logit)  # the denoising loss's time distribution (distill.critic_times)
 
     def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None = None,
                 real_cond: Any = None) -> dict[str, torch.Tensor]:
         """The critic turn's losses on detached generator samples (and, with the GAN, a real batch)."""
-        t = self.family.critic_timesteps(fake.shape[0], self.draw, fake.device)
+        t = self.family.critic_timesteps(fake.shape[0], self.draw, fake.device, self.times, self.logit)
         out = {"loss_fake": self.family.fake_score_loss(self.score, fake, t, cond, self.draw.randn_like(fake))}
         if self.head is not None and real is not None:
             logits_real = self.logits(real, real_cond)

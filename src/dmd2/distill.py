@@ -140,7 +140,8 @@ class DMD2Trainer:
         self.family, self.cfg, self.acc, self.accumulation = family, cfg, accelerator, accumulation
         self.shape = family.sample_shape
         self.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
-        critic = Critic(family, critic_score, gan_head, cfg.gan.diffusion_max_timestep, self.draw)
+        critic = Critic(family, critic_score, gan_head, cfg.gan.diffusion_max_timestep, self.draw, cfg.critic_times,
+                        cfg.critic_logit_normal)
         self.sharded = shards(launch, accelerator.num_processes)
         if cfg.mixed_precision == "bf16":  # the frozen teacher is only ever read under bf16 autocast: half its memory
             teacher = teacher.to(torch.bfloat16)

@@ -39,6 +39,11 @@ FORMAT = "dmd2-denoiser/1"
 ARCHITECTURES = Path(__file__).parents[1] / "architectures"
 
 
+def logit_normal(uniform: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """s = sigmoid(mean + std·z), z the standard normal quantile of `uniform` ∈ (0, 1): logit-normal fractions."""
+    return torch.sigmoid(mean + std * torch.special.ndtri(uniform.clamp(1e-6, 1 - 1e-6)))
+
+
 class ModelError(Dmd2Error, RuntimeError):
     """A model directory is missing, not in the normalised format, or does not match its config."""
 
@@ -265,10 +270,15 @@ class Family(ABC):
         x0_uncond = denoise(self.unconditional(cond))
         return x0_uncond + guidance_scale * (x0 - x0_uncond)
 
-    def critic_timesteps(self, n: int, draw, device: torch.device | str) -> torch.Tensor:
+    def critic_timesteps(self, n: int, draw, device: torch.device | str, times: str = "uniform",
+                         logit: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
         """Timestep indices of the critic's denoising loss (`fake_score_loss`), one per sample, from `draw`
-        (`GlobalBatchRandom`): uniform over the whole table unless the family says otherwise."""
-        return draw.randint(0, self.num_train_timesteps, n, device)
+        (`GlobalBatchRandom`): uniform over the whole table, or `times` "logit_normal": the table's fraction
+        s = sigmoid(mean + std·z) (`logit` = (mean, std)), index ⌈s·N⌉ − 1. A family may draw otherwise."""
+        if times == "uniform":
+            return draw.randint(0, self.num_train_timesteps, n, device)
+        s = logit_normal(draw.rand(n, device), *logit)
+        return (s * self.num_train_timesteps).ceil().long().clamp(1, self.num_train_timesteps) - 1
 
     @abstractmethod
     def fake_score_loss(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, cond: Any,

@@ -9,8 +9,8 @@ family's table, where the shift moves time towards noise: shift(s) = m·s / (1 +
 is diffusers' `FlowMatchEulerDiscreteScheduler` training table (tested); with Flux's, the same formula with that m,
 the shift diffusers applies when it samples. The teacher samples with that scheduler.
 
-The critic's denoising loss draws its times uniformly over the table, or logit-normally (`schedule.critic_times`),
-the distribution SD3 trains with; the teacher trained here draws logit-normal (or uniform) continuous times. The
+The teacher trained here draws logit-normal (SD3's distribution) or uniform continuous times; the critic's denoising
+loss draws indices of the table, uniformly or logit-normally (`distill.critic_times`, any family). The
 network is a diffusers UNet (sharing the diffusers family's network, conditions, GAN features and LoRA) or SD3's
 MM-DiT, `SD3Transformer2DModel`, with the class label one-hot as its pooled and context inputs; either takes N·t as
 its timestep, as diffusers' flow pipelines give it. The transformer's GAN features are the image tokens after its
@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from dmd2.config import Strict, TeacherTraining, to_dict
-from dmd2.families.base import Family, ModelError
+from dmd2.families.base import Family, ModelError, logit_normal
 from dmd2.families.diffusers import DiffusersFamily, DiffusersUNetConfig, decoder_skipped, unet_config
 
 TRANSFORMER = "SD3Transformer2DModel"
@@ -55,11 +55,8 @@ class FlowScheduleConfig(Strict):
                                                      "of `shift`")
     teacher_times: Literal["logit_normal", "uniform"] = Field(
         "logit_normal", description="the teacher's training times (before the shift): logit-normal (SD3) or uniform")
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    critic_times: Literal["uniform", "logit_normal"] = Field(
-        "uniform", description="the critic's denoising-loss timesteps: uniform over the table (as DMD2's other "
-        "families) or logit-normal (logit_mean, logit_std)")
+    logit_mean: float = Field(0.0, description="teacher_times logit_normal: the logit's mean")
+    logit_std: float = Field(1.0, gt=0, description="teacher_times logit_normal: the logit's standard deviation")
 
 
 class FlowSamplerConfig(Strict):
@@ -112,11 +109,6 @@ def resolution_shift(tokens: int, cfg: dict[str, Any]) -> float:
     """Flux's m = exp(μ) for an image of `tokens` 2×2 patches (μ linear in the count between the two anchors)."""
     slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_seq_len"] - cfg["base_seq_len"])
     return math.exp(cfg["base_shift"] + slope * (tokens - cfg["base_seq_len"]))
-
-
-def logit_normal(uniform: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """s = sigmoid(mean + std·z), z the standard normal quantile of `uniform` ∈ (0, 1)."""
-    return torch.sigmoid(mean + std * torch.special.ndtri(uniform.clamp(1e-6, 1 - 1e-6)))
 
 
 def transformer_config(cfg: FlowTransformerConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
@@ -252,13 +244,6 @@ class FlowFamily(DiffusersFamily):
 
     def fake_score_loss(self, net, x0, t, cond, noise):
         return self.flow_loss(net, x0, self.time(t), cond, noise)
-
-    def critic_timesteps(self, n: int, draw, device) -> torch.Tensor:
-        schedule = self.config["schedule"]
-        if schedule.get("critic_times", "uniform") == "uniform":
-            return super().critic_timesteps(n, draw, device)
-        s = logit_normal(draw.rand(n, device), schedule["logit_mean"], schedule["logit_std"])
-        return (s * self.num_train_timesteps).ceil().long().clamp(1, self.num_train_timesteps) - 1
 
     # --------------------------------------------------------------------------------------- GAN head
 
