@@ -77,7 +77,7 @@ def dvc_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str,
 
 @pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm", "mnist-flow", "fashion", "cifar10", "cifar10-edm", "imagenet64",
                                         "sd-tiny", "sdxl-tiny", "sdxl-tiny-1step", "sdv15", "sdxl",
-                                        "sdxl-1step"])
+                                        "sdxl-1step", "sd3-tiny", "flux-tiny"])
 def test_snakemake_and_dvc_describe_the_same_dag(experiment):
     assert_same_dag(snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment), experiment)
 
@@ -335,6 +335,29 @@ def test_the_text_to_image_experiments_run_through_snakemake_and_dvc(tmp_path):
     assert {("student", 1), ("teacher", 16)} <= {(r["model"], r["nfe"]) for r in rows}  # 8 DDIM steps, guided: NFE 16
     index = json.loads((root / "models/sdxl-tiny-1step/student/pipeline/model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["scheduler"][1] == "LCMScheduler"
+
+
+@pytest.mark.integration
+def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
+    """`flux-tiny` (Flux shape, one step, embedded guidance) through Snakemake and `sd3-tiny` (SD3 shape, four steps
+    with backward simulation) through `dvc exp run`, with params.yaml's own blocks: tiny pipelines built offline
+    (`tiny:flux`, `tiny:sd3`), every stage, a report and a diffusers pipeline export with the flow LCM scheduler."""
+    root = project_copy(tmp_path / "flow")
+    out, _ = sh(root, *SNAKEMAKE, "--config", "experiment=flux-tiny")
+    assert snakemake_ran(out) == ALL_STAGES
+    evaluation = json.loads((root / "results/flux-tiny/evaluation.json").read_text())
+    assert evaluation["family"] == "flow_pipeline" and (root / "results/flux-tiny/report.html").exists()
+    rows = {(r["model"], r["nfe"]) for r in evaluation["rows"]}
+    assert {("student", 1), ("teacher", 8)} <= rows  # guidance is an input: one call per step
+    index = json.loads((root / "models/flux-tiny/student/pipeline/model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and index["scheduler"][1] == "FlowMatchLCMScheduler"
+
+    out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=sd3-tiny")
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
+    rows = json.loads((root / "results/sd3-tiny/evaluation.json").read_text())["rows"]
+    assert {("student", 4), ("teacher", 16)} <= {(r["model"], r["nfe"]) for r in rows}  # two-branch guidance
+    index = json.loads((root / "models/sd3-tiny/student/pipeline/model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
 
 
 @pytest.mark.integration

@@ -94,9 +94,11 @@ def sd_student(sd_project):
     return sd_project / "models" / "sd-tiny" / "student"
 
 
-def assert_exported_pipeline_reproduces_generate(student_dir, out_dir, prompts: list[str]) -> None:
+def assert_exported_pipeline_reproduces_generate(student_dir, out_dir, prompts: list[str], flow: str | None = None) -> None:
     """`DiffusionPipeline.from_pretrained(exported)` called as `dmd2 export` says, from `dmd2 generate`'s noise and
-    re-noising generator, makes `dmd2 generate`'s images."""
+    re-noising generator, makes `dmd2 generate`'s images. `flow` "sd3" or "flux": SD3's and Flux's pipelines pass
+    no generator to their scheduler, so re-noising draws from torch's global generator, seeded as the export says;
+    Flux's takes the noise in 2×2 patches."""
     from diffusers import DiffusionPipeline
 
     from dmd2.export import export_pipeline, student_call_arguments
@@ -106,7 +108,12 @@ def assert_exported_pipeline_reproduces_generate(student_dir, out_dir, prompts: 
     pipe = DiffusionPipeline.from_pretrained(out_dir)
     model = load_model(student_dir)
     ours = sample_images(model, len(prompts), seed=0, raw_cond=prompts)  # what `dmd2 generate` writes
-    theirs = pipe(prompts, latents=fixed_noise(len(prompts), model.family.sample_shape, 0),
+    noise = fixed_noise(len(prompts), model.family.sample_shape, 0)
+    if flow == "flux":
+        noise = type(pipe)._pack_latents(noise, *noise.shape)
+    if flow:
+        torch.manual_seed(1)
+    theirs = pipe(prompts, latents=noise,
                   generator=torch.Generator().manual_seed(1), output_type="pt", **student_call_arguments(out_dir)).images
     difference = (to_uint8(theirs * 2 - 1).int() - ours.int()).abs()
     assert difference.max() <= 1 and difference.float().mean() < 0.01  # rounding of float32 arithmetic only

@@ -70,3 +70,43 @@ def clip_tokenizer(directory: str | Path, vocab_size: int = FULL_VOCAB_SIZE, pad
         write_clip_bpe_files(directory, vocab_size)
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=MAX_LENGTH,
                          pad_token=pad_token)
+
+
+# -------------------------------------------------------------------------------------------- a tiny T5 tokenizer
+
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
+_T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def t5_tokenizer(vocab_size: int = 1000, model_max_length: int = 512):
+    """A T5-shaped tokenizer (SentencePiece's unigram model over "▁"-marked pieces, lower-cased, `</s>` after every
+    text, `<pad>` = 0) with a vocabulary made here, for the tiny SD3- and Flux-shaped test pipelines only: T5's own
+    SentencePiece file is not reachable offline. Its pieces are CLIP's most frequent whole words (the order of
+    open_clip's BPE merges), each single character with and without the word marker, and the three special tokens;
+    scores favour whole words, so a known word is one token and any other spells out. Built, not trained: the same
+    vocabulary on every machine. Real pipelines bring their own tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    characters = list(_T5_CHARACTERS)
+    room = vocab_size - len(T5_SPECIAL) - 1 - 2 * len(characters)
+    if room < 0:
+        raise ValueError(f"vocab_size {vocab_size} is too small: the special and character pieces need "
+                         f"{vocab_size - room}")
+    words: list[str] = []
+    for pair in open_clip_merges():
+        token = "".join(pair)
+        if len(words) == room:
+            break
+        if token.endswith("</w>") and token[:-4].isascii() and token[:-4].isalpha() and len(token) > 5:
+            words.append(token[:-4])  # a whole word of two letters or more
+    pieces = ([(token, 0.0) for token in T5_SPECIAL] + [("▁", -5.0)] + [("▁" + c, -8.0) for c in characters]
+              + [(c, -9.0) for c in characters] + [("▁" + w, -1.0 - i / max(len(words), 1)) for i, w in enumerate(words)])
+    model = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIAL.index("<unk>"), byte_fallback=False))
+    model.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", T5_SPECIAL.index("</s>"))])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=model_max_length)

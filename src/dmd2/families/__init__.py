@@ -31,6 +31,7 @@ FAMILIES: dict[str, str | type[Family]] = {
     "diffusers": "dmd2.families.diffusers:DiffusersFamily",
     "stable_diffusion": "dmd2.families.stable_diffusion:StableDiffusionFamily",
     "flow": "dmd2.families.flow:FlowFamily",
+    "flow_pipeline": "dmd2.families.flow_pipeline:FlowPipelineFamily",
 }
 DEFAULT_FAMILY = "edm"  # a `teacher:` block without `family:` (the teachers the pipeline trained before families)
 

@@ -134,13 +134,15 @@ class _EarlyExit(Exception):  # noqa: N818 (a control-flow signal, not an error)
 
 @contextlib.contextmanager
 def exit_after_block(net: nn.Module, index: int):
-    """While inside, the transformer's forward stops after block `index`, raising `_EarlyExit` with the image
-    tokens that block returned (its output is (context, image) tokens)."""
+    """While inside, the transformer's forward stops after block `index` (of its joint blocks, then Flux's
+    single-stream ones), raising `_EarlyExit` with the image tokens that block returned (every block of SD3's and
+    Flux's returns (context, image) tokens)."""
 
     def stop(module, args, output):
         raise _EarlyExit(output[1])
 
-    handle = net.transformer_blocks[index].register_forward_hook(stop)
+    blocks = [*net.transformer_blocks, *getattr(net, "single_transformer_blocks", [])]
+    handle = blocks[index].register_forward_hook(stop)
     try:
         yield
     finally:

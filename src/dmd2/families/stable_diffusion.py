@@ -39,17 +39,18 @@ from dmd2.families.diffusers import (
 PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
 
-def pipeline_kind(path: str | Path) -> str:
-    """The kind of pipeline at `path`, "sd15" or "sdxl", from its model_index.json."""
+def pipeline_kind(path: str | Path, kinds: dict[str, str] = PIPELINES) -> str:
+    """The kind of pipeline at `path`, "sd15" or "sdxl" (or another of `kinds`: class name → kind), from its
+    model_index.json."""
     index = Path(path) / "model_index.json"
     try:
         name = json.loads(index.read_text())["_class_name"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:  # TypeError: a list, not an object
         raise ModelError(f"{index} cannot be read ({type(err).__name__}): {path} is not a diffusers pipeline "
                          "directory") from None
-    if name not in PIPELINES:
-        raise ModelError(f"{index} names {name}; text-to-image distillation supports {', '.join(PIPELINES)}")
-    return PIPELINES[name]
+    if name not in kinds:
+        raise ModelError(f"{index} names {name}; this teacher family reads {', '.join(kinds)}")
+    return kinds[name]
 
 
 class PromptEncoder:
@@ -118,11 +119,13 @@ class PromptEncoder:
 
 
 class LatentCodec:
-    """Images in [-1, 1] ↔ the UNet's latents (VAE latents × `scaling_factor`)."""
+    """Images in [-1, 1] ↔ the denoiser's latents: (VAE latents − `shift_factor`) × `scaling_factor`, the shift
+    factor 0 where the VAE has none (SD1.5, SDXL; SD3's and Flux's have one)."""
 
     def __init__(self, vae: nn.Module):
         self.vae = vae.requires_grad_(False).eval()
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     @classmethod
     def from_pipeline(cls, path: str | Path) -> LatentCodec:
@@ -143,12 +146,16 @@ class LatentCodec:
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels → latents: a sample of the VAE's posterior (as the original's data stage), scaled."""
         dist = self.vae.encode(images.float()).latent_dist
-        return dist.sample(generator=generator) * self.scaling_factor
+        return (dist.sample(generator=generator) - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → pixels in [-1, 1] (not clamped)."""
-        return self.vae.decode(latents.float() / self.scaling_factor).sample
+        return self.differentiable_decode(latents)
+
+    def differentiable_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` with gradients (the regression's LPIPS loss reaches the generator through it)."""
+        return self.vae.decode(latents.float() / self.scaling_factor + self.shift_factor).sample
 
 
 # ------------------------------------------------------------------------------ params.yaml's teacher block
@@ -219,12 +226,16 @@ def pipeline_root(name: str, root: Path = Path(".")) -> Path:
     return resolve_pretrained(name)
 
 
-def pipeline_resolution(path: Path) -> int:
-    """The image size a pipeline's UNet was built for: its latent size × the VAE's downsampling."""
-    unet = json.loads((path / "unet" / "config.json").read_text())
-    vae = json.loads((path / "vae" / "config.json").read_text())
-    size = unet["sample_size"]
-    return (size if isinstance(size, int) else size[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
+def vae_downsampling(path: Path) -> int:
+    """How many pixels a latent of the pipeline at `path` spans per side (2 per VAE block after the first)."""
+    return 2 ** (len(json.loads((path / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+
+
+def pipeline_resolution(path: Path, denoiser: str = "unet") -> int:
+    """The image size a pipeline's denoiser (its `unet` or `transformer` folder) was built for: its latent size ×
+    the VAE's downsampling."""
+    size = json.loads((path / denoiser / "config.json").read_text())["sample_size"]
+    return (size if isinstance(size, int) else size[0]) * vae_downsampling(path)
 
 
 def text_teacher_config(cfg: StableDiffusionTeacherConfig, root: Path = Path(".")) -> dict[str, Any]:
@@ -291,14 +302,20 @@ class StableDiffusionFamily(DiffusersFamily):
 
     rgb_images = True
 
-    @staticmethod
-    def check_data(data_cfg, teacher_cfg, source, root):
-        return check_text_to_image(data_cfg, teacher_cfg, source, root)
+    @classmethod
+    def text_pipeline(cls, teacher_cfg, root: Path) -> tuple[Path, int]:
+        """The teacher's pipeline directory and image size, checked to be one this family reads."""
+        return sd_pipeline(teacher_cfg, root)
 
-    @staticmethod
-    def prepare_data(out_dir, data_cfg, teacher_cfg, checked, splits, root):
+    @classmethod
+    def check_data(cls, data_cfg, teacher_cfg, source, root):
+        return check_text_to_image(data_cfg, source, root, cls.text_pipeline(teacher_cfg, root))
+
+    @classmethod
+    def prepare_data(cls, out_dir, data_cfg, teacher_cfg, checked, splits, root):
         captions, prompts = checked
-        summary = prepare_text_to_image(out_dir, data_cfg, teacher_cfg, captions, splits, root, prompts)
+        summary = prepare_text_to_image(out_dir, data_cfg, cls.text_pipeline(teacher_cfg, root), captions, splits,
+                                        prompts)
         print(f"wrote {out_dir}/{LATENTS_FILE} ({summary['latents']}), {PROMPTS_FILE} ({summary['prompts']}) and "
               f"{EVAL_PROMPTS_FILE} ({summary['eval_prompts']})")
         return summary
@@ -316,8 +333,8 @@ class StableDiffusionFamily(DiffusersFamily):
         return export_pipeline(student, student_dir, out_dir)
 
     def pixel_decoder(self, device):
-        vae, scaling = self.codec.vae.to(device), self.codec.scaling_factor
-        return lambda x: vae.decode(x.float() / scaling).sample
+        self.codec.vae.to(device)
+        return self.codec.differentiable_decode
 
     # ------------------------------------------------------------------------------------------- prompts
 
@@ -376,8 +393,8 @@ class StableDiffusionFamily(DiffusersFamily):
         index = json.loads((self.pipeline_path / "model_index.json").read_text())
         networks = {}
         with torch.device("meta"):
-            for name in ("text_encoder", "text_encoder_2"):
-                if name in index:
+            for name in sorted(k for k in index if k.startswith("text_encoder")):
+                if index[name][1]:
                     cls = getattr(transformers, index[name][1])
                     networks[name] = cls(cls.config_class.from_pretrained(self.pipeline_path / name))
             networks["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(self.pipeline_path / "vae"))
@@ -429,47 +446,53 @@ class StableDiffusionFamily(DiffusersFamily):
 # ------------------------------------------------------------------------------------ the data stage
 
 
-def check_resolution(cfg, teacher_cfg, root: Path) -> Path:
-    """The teacher pipeline's directory, after checking that it makes images of `data.resolution`."""
+def sd_pipeline(teacher_cfg, root: Path) -> tuple[Path, int]:
+    """The teacher pipeline's directory (an SD1.5/SDXL pipeline folder, or a clear error) and its image size."""
+    pipeline = pipeline_root(teacher_cfg.pretrained, root)
+    pipeline_kind(pipeline)
+    return pipeline, pipeline_resolution(pipeline)
+
+
+def check_resolution(cfg, pipeline: Path, size: int) -> Path:
+    """`pipeline`, after checking that its images (`size` px) are `data.resolution`'s."""
     from dmd2.data import DataError
 
-    pipeline = pipeline_root(teacher_cfg.pretrained, root)
-    pipeline_kind(pipeline)  # a diffusers SD1.5/SDXL pipeline folder, or a clear error
-    size = pipeline_resolution(pipeline)
     if cfg.resolution != size:
         raise DataError(f"data.resolution is {cfg.resolution}, but the teacher pipeline {pipeline} makes {size}px "
                         f"images; set data.resolution: {size}")
     return pipeline
 
 
-def check_text_to_image(cfg, teacher_cfg, source, root: Path) -> tuple[list[str], tuple | None]:
+def check_text_to_image(cfg, source, root: Path, pipeline: tuple[Path, int]) -> tuple[list[str], tuple | None]:
     """Everything the text-to-image outputs need, checked before the data stage writes anything: the pipeline's
-    resolution, every image's caption and the training prompts. Returns (captions, training prompts)."""
+    resolution (`pipeline`: its directory and image size), every image's caption and the training prompts. Returns
+    (captions, training prompts)."""
     from dmd2.latents import source_captions, training_prompts
 
-    check_resolution(cfg, teacher_cfg, root)
+    check_resolution(cfg, *pipeline)
     return source_captions(cfg, source.labels, source.class_names, root), training_prompts(cfg, root)
 
 
-def prepare_text_to_image(out_dir: Path, cfg, teacher_cfg, captions: list[str], splits: dict[str, Any],
-                          root: Path, prompts: tuple[list[str], dict[str, Any]] | None = None) -> dict[str, Any]:
+def prepare_text_to_image(out_dir: Path, cfg, pipeline: tuple[Path, int], captions: list[str], splits: dict[str, Any],
+                          prompts: tuple[list[str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """latents.lmdb (the training images through the teacher pipeline's VAE, with their captions), prompts.lmdb and
-    eval_prompts.lmdb, beside the image LMDBs `dmd2.data.prepare` wrote into `out_dir`; `prompts` from
-    `training_prompts`."""
+    eval_prompts.lmdb, beside the image LMDBs `dmd2.data.prepare` wrote into `out_dir`; `pipeline` as
+    `check_text_to_image` takes it, `prompts` from `training_prompts`."""
     import hashlib
 
     from dmd2.data import LMDBImageDataset
     from dmd2.latents import encode_split, weights_digest, write_latents_lmdb
     from dmd2.prompts import write_prompts_lmdb
 
-    pipeline = check_resolution(cfg, teacher_cfg, root)
+    pipeline = check_resolution(cfg, *pipeline)
     train_captions = [captions[i] for i in splits["train"]]
     train = LMDBImageDataset(out_dir / "train.lmdb")
-    latents = encode_split(train, LatentCodec.from_pipeline(pipeline), cfg.seed)
+    codec = LatentCodec.from_pipeline(pipeline)
+    latents = encode_split(train, codec, cfg.seed)
     vae = pipeline / "vae"
     meta = {"split": "train", "source": train.meta["source"], "source_sha256": train.meta["source_sha256"],
-            "pipeline": str(pipeline), "vae_sha256": weights_digest(vae),
-            "scaling_factor": float(json.loads((vae / "config.json").read_text()).get("scaling_factor", 0.18215))}
+            "pipeline": str(pipeline), "vae_sha256": weights_digest(vae), "scaling_factor": codec.scaling_factor,
+            "shift_factor": codec.shift_factor}
     write_latents_lmdb(out_dir / LATENTS_FILE, latents, train_captions, meta)
     if prompts is None:
         prompts = (train_captions, {"split": "train", "source": "the training images' captions",
