@@ -77,7 +77,7 @@ def dvc_stages(workdir: Path = REPO, experiment: str | None = None) -> dict[str,
 
 @pytest.mark.parametrize("experiment", ["mnist", "mnist-ddpm", "mnist-flow", "fashion", "cifar10", "cifar10-edm", "imagenet64",
                                         "sd-tiny", "sdxl-tiny", "sdxl-tiny-1step", "sdv15", "sdxl",
-                                        "sdxl-1step", "sd3-tiny", "flux-tiny"])
+                                        "sdxl-1step", "sd3-tiny", "flux-tiny", "sd35", "flux"])
 def test_snakemake_and_dvc_describe_the_same_dag(experiment):
     assert_same_dag(snakemake_stages(experiment=experiment), dvc_stages(experiment=experiment), experiment)
 
