@@ -129,3 +129,24 @@ def test_a_lora_student_of_an_sd3_shaped_teacher_adapts_only_the_transformer_s_p
                   **student_call_arguments(exported)).images
     difference = (to_uint8(theirs * 2 - 1).int() - sample_images(student, 2, seed=0, raw_cond=prompts).int()).abs()
     assert difference.max() <= 2 and difference.float().mean() < 0.05
+
+
+@pytest.mark.parametrize("experiment, transformer, t5", [("sd35", 8_056_627_520, "text_encoder_3"),
+                                                          ("flux", 11_901_408_320, "text_encoder_2")])
+def test_the_published_flow_pipelines_are_sized_from_their_configs_on_the_meta_device(experiment, transformer, t5):
+    """`dmd2 memory` sizes SD3.5 Large and FLUX.1-dev from the configs in src/dmd2/architectures (no download): the
+    transformers' and T5-XXL's parameter counts are the published models' (8.1 B, 11.9 B; 4.76 B)."""
+    from pathlib import Path
+
+    from dmd2.config import load_params
+    from dmd2.families import family_for
+    from dmd2.memory import teacher_config
+
+    exp = load_params(REPO / "params.yaml", [], experiment).current(experiment)
+    family = family_for(teacher_config(exp, Path("/nonexistent"), REPO))
+    with torch.device("meta"):
+        net = family.build_network()
+    frozen = family.frozen_networks()
+    assert sum(p.numel() for p in net.parameters()) == transformer
+    assert sum(p.numel() for p in frozen[t5].parameters()) == 4_762_310_656
+    assert family.sample_shape == (16, exp.data.resolution // 8, exp.data.resolution // 8)

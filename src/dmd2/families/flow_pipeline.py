@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from dmd2.config import Strict, to_dict
-from dmd2.families.base import ModelError
+from dmd2.families.base import ARCHITECTURES, ModelError
 from dmd2.families.diffusers import check_reference, pretrained_architecture, pretrained_reference
 from dmd2.families.flow import FlowFamily, FlowSamplerConfig, _EarlyExit, exit_after_block
 from dmd2.families.stable_diffusion import (
@@ -43,6 +43,9 @@ from dmd2.families.stable_diffusion import (
 )
 
 PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+# The published pipelines by hub id → the copy of their config files in ARCHITECTURES (`architecture_config`)
+PUBLISHED = {"stabilityai/stable-diffusion-3.5-large": "stable-diffusion-3.5-large",
+             "black-forest-labs/FLUX.1-dev": "FLUX.1-dev"}
 TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 FLUX_DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px through FLUX.1's VAE
 # The attention and feed-forward projections of the joint (and Flux's single-stream) blocks, as diffusers' SD3 and
@@ -69,9 +72,11 @@ class FlowPipelineTeacherConfig(Strict):
     sampler: FlowSamplerConfig = Field(default_factory=FlowSamplerConfig)
 
 
-def flow_pipeline(cfg: FlowPipelineTeacherConfig, root: Path = Path(".")) -> tuple[Path, str, int]:
-    """The teacher's pipeline directory, its kind ("sd3" or "flux") and the image size distilled at."""
-    path = pipeline_root(cfg.pretrained, root)
+def flow_pipeline(cfg: FlowPipelineTeacherConfig, root: Path = Path("."),
+                  path: Path | None = None) -> tuple[Path, str, int]:
+    """The teacher's pipeline directory (`path`, else where `teacher.pretrained` resolves), its kind ("sd3" or
+    "flux") and the image size distilled at."""
+    path = path or pipeline_root(cfg.pretrained, root)
     kind = pipeline_kind(path, PIPELINES)
     down = vae_downsampling(path)
     if cfg.resolution is not None:
@@ -86,9 +91,10 @@ def flow_pipeline(cfg: FlowPipelineTeacherConfig, root: Path = Path(".")) -> tup
     return path, kind, size
 
 
-def architecture(cfg: FlowPipelineTeacherConfig, root: Path = Path(".")) -> dict[str, Any]:
-    """The teacher's config.json without its weights' reference: from the pipeline's config files alone."""
-    path, kind, size = flow_pipeline(cfg, root)
+def architecture(cfg: FlowPipelineTeacherConfig, root: Path = Path("."), path: Path | None = None) -> dict[str, Any]:
+    """The teacher's config.json without its weights' reference: from the pipeline's config files alone (those at
+    `path`, else the teacher's)."""
+    path, kind, size = flow_pipeline(cfg, root, path)
     transformer, scheduler = pretrained_architecture(path, "transformer")
     vae = json.loads((path / "vae" / "config.json").read_text())
     latent = size // vae_downsampling(path)
@@ -174,7 +180,10 @@ class FlowPipelineFamily(FlowFamily, StableDiffusionFamily):
 
     @staticmethod
     def architecture_config(cfg, root):
-        return architecture(cfg, root)
+        """`architecture` of the published pipeline's config files (`PUBLISHED`), else of the teacher's downloaded
+        or tiny pipeline."""
+        published = PUBLISHED.get(cfg.pretrained)
+        return architecture(cfg, root, ARCHITECTURES / published if published else None)
 
     @classmethod
     def text_pipeline(cls, teacher_cfg, root):
