@@ -342,6 +342,10 @@ def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
     """`flux-tiny` (Flux shape, one step, embedded guidance) through Snakemake and `sd3-tiny` (SD3 shape, four steps
     with backward simulation) through `dvc exp run`, with params.yaml's own blocks: tiny pipelines built offline
     (`tiny:flux`, `tiny:sd3`), every stage, a report and a diffusers pipeline export with the flow LCM scheduler."""
+    from test_text_to_image import assert_exported_pipeline_reproduces_generate
+
+    from dmd2.latents import LatentDataset
+
     root = project_copy(tmp_path / "flow")
     out, _ = sh(root, *SNAKEMAKE, "--config", "experiment=flux-tiny")
     assert snakemake_ran(out) == ALL_STAGES
@@ -351,6 +355,10 @@ def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
     assert {("student", 1), ("teacher", 8)} <= rows  # guidance is an input: one call per step
     index = json.loads((root / "models/flux-tiny/student/pipeline/model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline" and index["scheduler"][1] == "FlowMatchLCMScheduler"
+    assert LatentDataset(root / "data/flux-tiny/latents.lmdb").meta["shift_factor"] == 0.1159  # the tiny VAE's
+    log = [json.loads(line) for line in (root / "models/flux-tiny/student/metrics.jsonl").read_text().splitlines()]
+    gan = [r["loss_gan_generator"] for r in log if "loss_dm" in r]
+    assert gan and all(abs(v) < 1e6 for v in gan)  # the token GAN head ran on every generator turn
 
     out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=sd3-tiny")
     assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
@@ -358,6 +366,13 @@ def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
     assert {("student", 4), ("teacher", 16)} <= {(r["model"], r["nfe"]) for r in rows}  # two-branch guidance
     index = json.loads((root / "models/sd3-tiny/student/pipeline/model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
+
+    # the exported pipelines make `dmd2 generate`'s images: Flux's one step from packed noise, SD3's four steps
+    # re-noised from torch's global generator as the export says
+    prompts = ["a handwritten digit 3", "a red cat"]
+    for experiment, shape in (("flux-tiny", "flux"), ("sd3-tiny", "sd3")):
+        assert_exported_pipeline_reproduces_generate(root / "models" / experiment / "student",
+                                                     tmp_path / f"{experiment}-exported", prompts, flow=shape)
 
 
 @pytest.mark.integration

@@ -1,9 +1,9 @@
 """Text-to-image rectified flow through the real stages: tiny SD3- and Flux-shaped pipelines (CLIP and T5 encoders,
 a 16-channel VAE with a shift factor, SD3's MM-DiT and Flux's packed transformer with embedded guidance) as
-teachers, MNIST digits captioned by their class as the real data. prepare-data → teacher → distill → evaluate, then
-the exported pipeline against `dmd2 generate`."""
+teachers, MNIST digits captioned by their class as the real data. The whole DAG of `sd3-tiny` and `flux-tiny`, and
+their exports against `dmd2 generate`, run in tests/test_dag.py; here: the tokenizer, the latents' shift factor, a
+LoRA student, and the published pipelines' sizes."""
 
-import json
 
 import pytest
 import torch
@@ -14,7 +14,6 @@ from tiny import run
 
 from dmd2.families import load_model
 from dmd2.families.stable_diffusion import LatentCodec
-from dmd2.latents import LatentDataset
 from dmd2.text import t5_tokenizer
 from dmd2.tiny_pipelines import tiny_pipeline
 
@@ -33,17 +32,6 @@ def flow_project(root, experiment: str, **overrides) -> None:
         block[stage] = {**block.get(stage, {}), **values}
     params["experiment"] = experiment
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture(scope="module", params=list(KINDS))
-def flow_student(request, tmp_path_factory):
-    """(project root, experiment) after prepare-data, teacher, distill (4 iterations, GAN on) and evaluate."""
-    experiment = request.param
-    root = tmp_path_factory.mktemp(experiment)
-    flow_project(root, experiment)
-    for stage in ("prepare-data", "teacher", "distill", "fid-reference", "evaluate"):
-        run(root, stage)
-    return root, experiment
 
 
 def test_the_tiny_t5_tokenizer_is_built_the_same_everywhere_and_spells_out_unknown_words():
@@ -70,29 +58,6 @@ def test_latents_carry_the_vae_s_shift_factor(kind, tmp_path):
     # what the pipelines do before decoding: latents / scaling + shift
     torch.testing.assert_close(codec.decode(latents),
                                vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample)
-
-
-@pytest.mark.slow
-def test_a_flow_pipeline_student_is_distilled_evaluated_and_exported(flow_student, tmp_path):
-    root, experiment = flow_student
-    data = root / "data" / experiment
-    assert LatentDataset(data / "latents.lmdb").meta["shift_factor"] != 0
-    student = load_model(root / "models" / experiment / "student", data_dir=data)
-    family = student.family
-    assert family.name == "flow_pipeline" and family.sample_shape == (16, 16, 16)
-    records = [json.loads(line) for line in (root / "models" / experiment / "student" / "metrics.jsonl").open()]
-    assert all(torch.isfinite(torch.tensor(r["loss_gan_generator"])) for r in records if "loss_dm" in r)
-    rows = json.loads((root / "results" / experiment / "evaluation.json").read_text())["rows"]
-    assert {row["nfe"] for row in rows if row["model"] == "student"} == {len(student.timesteps)}
-    prompts = ["a handwritten digit 3", "a red cat"]
-    if family.kind == "sd3":
-        assert student.timesteps == [999, 749, 499, 249]  # re-noised by the exported scheduler as by generate
-        assert_exported_pipeline_reproduces_generate(root / "models" / experiment / "student",
-                                                     tmp_path / "exported", prompts, flow="sd3")
-    else:
-        assert family.embeds_guidance and student.timesteps == [999]
-        assert_exported_pipeline_reproduces_generate(root / "models" / experiment / "student",
-                                                     tmp_path / "exported", prompts, flow="flux")
 
 
 @pytest.mark.slow
