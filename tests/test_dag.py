@@ -339,7 +339,7 @@ def test_the_text_to_image_experiments_run_through_snakemake_and_dvc(tmp_path):
 
 @pytest.mark.integration
 def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
-    """`flux-tiny` (Flux shape, one step, embedded guidance) through Snakemake and `sd3-tiny` (SD3 shape, four steps
+    """`flux-tiny` (Flux shape, two steps, embedded guidance) through Snakemake and `sd3-tiny` (SD3 shape, four steps
     with backward simulation) through `dvc exp run`, with params.yaml's own blocks: tiny pipelines built offline
     (`tiny:flux`, `tiny:sd3`), every stage, a report and a diffusers pipeline export with the flow LCM scheduler."""
     from test_text_to_image import assert_exported_pipeline_reproduces_generate
@@ -352,7 +352,7 @@ def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
     evaluation = json.loads((root / "results/flux-tiny/evaluation.json").read_text())
     assert evaluation["family"] == "flow_pipeline" and (root / "results/flux-tiny/report.html").exists()
     rows = {(r["model"], r["nfe"]) for r in evaluation["rows"]}
-    assert {("student", 1), ("teacher", 8)} <= rows  # guidance is an input: one call per step
+    assert {("student", 2), ("teacher", 8)} <= rows  # guidance is an input: one call per step
     index = json.loads((root / "models/flux-tiny/student/pipeline/model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline" and index["scheduler"][1] == "FlowMatchLCMScheduler"
     assert LatentDataset(root / "data/flux-tiny/latents.lmdb").meta["shift_factor"] == 0.1159  # the tiny VAE's
@@ -367,8 +367,8 @@ def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
     index = json.loads((root / "models/sd3-tiny/student/pipeline/model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
 
-    # the exported pipelines make `dmd2 generate`'s images: Flux's one step from packed noise, SD3's four steps
-    # re-noised from torch's global generator as the export says
+    # the exported pipelines make `dmd2 generate`'s images, re-noised from torch's global generator as the export
+    # says: Flux's two steps from noise in 2×2-patch tokens, SD3's four
     prompts = ["a handwritten digit 3", "a red cat"]
     for experiment, shape in (("flux-tiny", "flux"), ("sd3-tiny", "sd3")):
         assert_exported_pipeline_reproduces_generate(root / "models" / experiment / "student",

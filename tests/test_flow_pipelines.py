@@ -115,3 +115,35 @@ def test_the_published_flow_pipelines_are_sized_from_their_configs_on_the_meta_d
     assert sum(p.numel() for p in net.parameters()) == transformer
     assert sum(p.numel() for p in frozen[t5].parameters()) == 4_762_310_656
     assert family.sample_shape == (16, exp.data.resolution // 8, exp.data.resolution // 8)
+
+
+@pytest.mark.integration
+def test_a_sharded_run_with_the_early_exit_gan_head_matches_one_process(tmp_path):
+    """The flow recipes' shape on 2 CPU processes: FSDP2 shards the transformer block by block, with gradient
+    checkpointing, while the GAN head's features end the critic's forward inside it (`exit_after_block`); generator,
+    critic and head all trained. The student lands where one process lands."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from test_distributed import PARAM_RTOL, distill_subprocess, fsdp
+
+    distill = {**SHRINK["distill"], "denoising_timesteps": [999], "backward_simulation": False,
+               "gradient_checkpointing": True}
+    one = tmp_path / "one"
+    flow_project(one, "sd3-tiny", distill=distill)
+    for stage in ("prepare-data", "teacher", "distill"):
+        run(one, stage)
+    two = tmp_path / "two"
+    shutil.copytree(one / "data", two / "data")
+    flow_project(two, "sd3-tiny", distill=distill, launch=fsdp()["launch"])
+    run(two, "teacher")
+    distill_subprocess(two)
+
+    def student(root):
+        return load_file(root / "models/sd3-tiny/student/model.safetensors")
+
+    a, b = student(one), student(two)
+    difference = torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)) / torch.sqrt(sum((a[k] ** 2).sum() for k in a))
+    assert difference < PARAM_RTOL, f"sharded student differs from one process's by {difference:.2e}"
+    teacher = load_model(one / "models/sd3-tiny/teacher").net.state_dict()
+    assert any(not torch.equal(a[k], teacher[k]) for k in a)  # it trained

@@ -105,3 +105,10 @@ def test_a_lora_student_trains_only_its_adapter_and_loads_into_a_stock_pipeline(
         plain = UNet2DConditionModel.from_pretrained(path, subfolder="unet")(latents, t, **cond).sample
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(plain, ours)  # the adapter changed the output
+
+
+def test_the_cli_offers_every_tiny_pipeline_kind():
+    from dmd2.cli import tiny_pipeline as command
+    from dmd2.tiny_pipelines import KINDS
+
+    assert list(command.params[0].type.choices) == list(KINDS)

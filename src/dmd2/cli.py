@@ -420,13 +420,13 @@ def memory(ctx: StageContext, gpus: int | None, gpu_memory: float) -> None:
 
 
 @main.command("tiny-pipeline")
-@click.argument("kind", type=click.Choice(["sd15", "sdxl"]))
+@click.argument("kind", type=click.Choice(["sd15", "sdxl", "sd3", "flux"]))  # dmd2.tiny_pipelines.KINDS
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.option("--resolution", default=32, show_default=True, help="Image size in pixels (latents are half of it).")
 @click.option("--seed", default=0, show_default=True)
 def tiny_pipeline(kind: str, output_dir: str, resolution: int, seed: int) -> None:
-    """Write a tiny random SD1.5- or SDXL-shaped diffusers pipeline (offline): a stand-in teacher for trying the
-    text-to-image path without the real weights."""
+    """Write a tiny random SD1.5-, SDXL-, SD3- or Flux-shaped diffusers pipeline (offline): a stand-in teacher for
+    trying the text-to-image path without the real weights."""
     from dmd2.tiny_pipelines import tiny_pipeline as build
 
     click.echo(f"{kind} tiny pipeline written to {build(kind, output_dir, resolution, seed)}")

@@ -3,8 +3,8 @@ the data stage (a latent family's `prepare_data`) so that distillation never run
 
 The latents LMDB has the image LMDBs' meta record, checksums and checks (`dmd2.data`):
     __meta__        JSON: schema_version, kind "latents", count, latent_shape, latent_dtype, scaling_factor,
-                    pipeline, split, source, source_sha256
-    latent/{i:08d}  raw float16 bytes, C×h×w (the VAE posterior's sample × scaling_factor)
+                    shift_factor, pipeline, split, source, source_sha256
+    latent/{i:08d}  raw float16 bytes, C×h×w ((the VAE posterior's sample − shift_factor) × scaling_factor)
     prompt/{i:08d}  the image's caption, UTF-8
     crc/{i:08d}     CRC-32 of the latent and caption bytes
 

@@ -314,12 +314,12 @@ def pixel_decoder(cfg: RegressionConfig, family: Family, dev: torch.device,
 
     folder = _decoder_folder(cfg.decoder, root)
     vae = AutoencoderTiny.from_pretrained(folder, torch_dtype=torch.float32).to(dev)
-    scaling = float(vae.config.scaling_factor)
+    scaling, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
     if vae.config.latent_channels != family.sample_shape[0]:
         raise ModelError(f"regression.decoder {folder} decodes {vae.config.latent_channels}-channel latents, but "
                          f"the teacher's have {family.sample_shape[0]}: use the tiny VAE made for this pipeline")
     vae.requires_grad_(False).eval()
-    return lambda x: vae.decode(x.float() / scaling).sample
+    return lambda x: vae.decode(x.float() / scaling + shift).sample  # as the pipelines undo their latents' scaling
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -47,7 +47,7 @@ def sample(model: Model, noise: torch.Tensor, raw_cond: Any, num_steps: int | No
     cond = model.family.encode_conditions(raw_cond, device)
     if model.is_student:
         def fresh(x0: torch.Tensor) -> torch.Tensor:
-            return torch.randn(x0.shape, generator=generator).to(x0.device)
+            return model.family.draw_noise(tuple(x0.shape), generator).to(x0.device)
 
         x0 = few_step_sample(model.family, model.net, noise, cond, model.timesteps, fresh)
     else:

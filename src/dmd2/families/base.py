@@ -242,6 +242,11 @@ class Family(ABC):
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t: a clean sample noised to timestep t (forward process)."""
 
+    def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        """Unit Gaussian noise of `shape` (a batch of samples) from `generator`, as the family's exported pipeline
+        draws it when it re-noises between a student's steps (so `dmd2 generate` and the export agree)."""
+        return torch.randn(shape, generator=generator)
+
     @abstractmethod
     def generator_input(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The generator's input at timestep t made from unit Gaussian noise alone (no clean sample)."""

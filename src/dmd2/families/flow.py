@@ -15,7 +15,8 @@ network is a diffusers UNet (sharing the diffusers family's network, conditions,
 MM-DiT, `SD3Transformer2DModel`, with the class label one-hot as its pooled and context inputs; either takes N·t as
 its timestep, as diffusers' flow pipelines give it. The transformer's GAN features are the image tokens after its
 middle block, and the later blocks never run: a forward hook ends the forward there by raising (`exit_after_block`),
-tested on one process and under DDP's wrapper around the critic, not under FSDP2, whose root forward it interrupts.
+tested on one process, under DDP's wrapper around the critic, and under FSDP2 with gradient checkpointing (two
+sharded processes land where one does: `tests/test_flow_pipelines.py`).
 """
 
 from __future__ import annotations
@@ -287,13 +288,18 @@ class FlowFamily(DiffusersFamily):
 
     def scheduler(self, num_steps: int):
         """diffusers' FlowMatchEulerDiscreteScheduler on this family's table, set to `num_steps` steps (a
-        resolution-dependent shift as Flux's pipeline sets it: dynamic shifting with μ = ln m)."""
+        resolution-dependent shift as Flux's pipeline sets it: its sigmas linspace(1, 1/n, n), dynamically shifted
+        with μ = ln m)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         dynamic = self.config["schedule"].get("resolution_shift") is not None
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift,
                                                     use_dynamic_shifting=dynamic)
-        scheduler.set_timesteps(num_steps, mu=math.log(self.shift) if dynamic else None)
+        if dynamic:
+            scheduler.set_timesteps(sigmas=[1 - i * (1 - 1 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)],
+                                    mu=math.log(self.shift))
+        else:
+            scheduler.set_timesteps(num_steps)
         return scheduler
 
     @torch.no_grad()

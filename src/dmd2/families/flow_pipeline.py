@@ -31,9 +31,9 @@ from pydantic import Field
 from torch import nn
 
 from dmd2.config import Strict, to_dict
-from dmd2.families.base import ARCHITECTURES, ModelError
+from dmd2.families.base import ARCHITECTURES, Family, ModelError
 from dmd2.families.diffusers import check_reference, pretrained_architecture, pretrained_reference
-from dmd2.families.flow import FlowFamily, FlowSamplerConfig, _EarlyExit, exit_after_block
+from dmd2.families.flow import FlowFamily, FlowSamplerConfig
 from dmd2.families.stable_diffusion import (
     StableDiffusionFamily,
     pipeline_kind,
@@ -48,8 +48,8 @@ PUBLISHED = {"stabilityai/stable-diffusion-3.5-large": "stable-diffusion-3.5-lar
              "black-forest-labs/FLUX.1-dev": "FLUX.1-dev"}
 TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 FLUX_DEFAULT_LATENT_SIZE = 128  # FluxPipeline's default_sample_size: 1024 px through FLUX.1's VAE
-# The attention and feed-forward projections of the joint (and Flux's single-stream) blocks, as diffusers' SD3 and
-# Flux LoRA training scripts adapt them
+# The attention and feed-forward projections of the joint blocks (the targets of diffusers' SD3 and Flux LoRA
+# training scripts), and the MLP input of Flux's single-stream blocks
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
 
@@ -192,11 +192,7 @@ class FlowPipelineFamily(FlowFamily, StableDiffusionFamily):
 
     def __init__(self, config: dict[str, Any]):
         FlowFamily.__init__(self, config)  # the flow's time table (its shift needs `sample_shape`, below)
-        self._encoder: PipelinePrompts | None = None
-        self._encoder_device: torch.device | None = None
-        self._encoder_dtype: torch.dtype | None = None
-        self._codec = None
-        self._prompts = self._eval_prompts = self._eval_labels = None
+        self._start_text_to_image()
 
     @property
     def kind(self) -> str:
@@ -230,21 +226,16 @@ class FlowPipelineFamily(FlowFamily, StableDiffusionFamily):
     def load_network(self, model_dir: Path) -> nn.Module:
         ref = self.config.get("pretrained")
         if ref is None:  # a student: its own weights
-            return super(StableDiffusionFamily, self).load_network(model_dir)
+            return Family.load_network(self, model_dir)
         check_reference(ref)
         return self._transformer_class().from_pretrained(ref["path"], subfolder=ref.get("subfolder"))
 
     # ---------------------------------------------------------------------------------------- prompts
 
-    def prompt_encoder(self, device: torch.device | str) -> PipelinePrompts:
-        device = torch.device(device)
-        if self._encoder is None:
-            text = self.config["text"]
-            guidance = text["embedded_guidance"] if self.embeds_guidance else None
-            self._encoder = PipelinePrompts(self.pipeline_path, self.kind, text["max_sequence_length"], guidance)
-        if self._encoder_device != device:
-            self._encoder, self._encoder_device = self._encoder.to(device, self._encoder_dtype), device
-        return self._encoder
+    def new_prompt_encoder(self) -> PipelinePrompts:
+        text = self.config["text"]
+        guidance = text["embedded_guidance"] if self.embeds_guidance else None
+        return PipelinePrompts(self.pipeline_path, self.kind, text["max_sequence_length"], guidance)
 
     def guided(self, denoise, cond, guidance_scale):
         """Two-branch classifier-free guidance (SD3); a guidance-embedding transformer (Flux-dev) instead receives
@@ -287,17 +278,17 @@ class FlowPipelineFamily(FlowFamily, StableDiffusionFamily):
         out = net(hidden_states=tokens, timestep=time.to(x_t.dtype).expand(n), guidance=cond.get("guidance"),
                   pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
                   txt_ids=text_ids, img_ids=image_ids).sample
-        down = vae_downsampling(self.pipeline_path)
-        return FluxPipeline._unpack_latents(out, height * down, width * down, down).float()
+        return FluxPipeline._unpack_latents(out, height, width, 1).float()  # sizes in latents: a factor of 1
 
-    def gan_features(self, net, x_t, t, cond):
-        """The image tokens after the middle block; the blocks after it never run."""
-        try:
-            with exit_after_block(net, self.gan_block):
-                self.velocity(net, x_t, self.time(t), cond)
-        except _EarlyExit as exit:
-            return exit.tokens
-        raise ModelError(f"the transformer's block {self.gan_block} never ran")
+    def draw_noise(self, shape, generator):
+        """Flux's pipeline draws its re-noising noise in 2×2-patch tokens: the same numbers, unpacked."""
+        if self.kind != "flux":
+            return super().draw_noise(shape, generator)
+        from diffusers import FluxPipeline
+
+        n, channels, height, width = shape
+        tokens = torch.randn((n, (height // 2) * (width // 2), channels * 4), generator=generator)
+        return FluxPipeline._unpack_latents(tokens, height, width, 1)
 
     @property
     def gan_block(self) -> int:

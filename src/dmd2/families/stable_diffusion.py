@@ -49,7 +49,8 @@ def pipeline_kind(path: str | Path, kinds: dict[str, str] = PIPELINES) -> str:
         raise ModelError(f"{index} cannot be read ({type(err).__name__}): {path} is not a diffusers pipeline "
                          "directory") from None
     if name not in kinds:
-        raise ModelError(f"{index} names {name}; this teacher family reads {', '.join(kinds)}")
+        hint = " (SD3 and Flux pipelines: teacher.family flow_pipeline)" if kinds is PIPELINES else ""
+        raise ModelError(f"{index} names {name}; this teacher family reads {', '.join(kinds)}{hint}")
     return kinds[name]
 
 
@@ -194,8 +195,8 @@ PUBLISHED = {"stabilityai/stable-diffusion-xl-base-1.0": "stable-diffusion-xl-ba
 
 
 def tiny_pipeline_dir(name: str) -> Path:
-    """`tiny:sd15` / `tiny:sdxl`: the tiny random 32 px pipeline of that shape (`dmd2.tiny_pipelines`), built once
-    (seed 0) into $DMD2_CACHE/tiny-pipelines (default ~/.cache/dmd2), the way a hub id resolves to the hub cache."""
+    """`tiny:<kind>` (sd15, sdxl, sd3, flux): the tiny random 32 px pipeline of that shape (`dmd2.tiny_pipelines`),
+    built once (seed 0) into $DMD2_CACHE/tiny-pipelines (default ~/.cache/dmd2), the way a hub id resolves to the hub cache."""
     import os
     import shutil
 
@@ -217,7 +218,7 @@ def tiny_pipeline_dir(name: str) -> Path:
 
 def pipeline_root(name: str, root: Path = Path(".")) -> Path:
     """The local directory of `teacher.pretrained`: a path (relative to the project root), a hub id in the local
-    hub cache, or `tiny:sd15` / `tiny:sdxl`."""
+    hub cache, or `tiny:<kind>`."""
     if name.startswith(TINY_PREFIX):
         return tiny_pipeline_dir(name)
     local = Path(name).expanduser()
@@ -280,6 +281,10 @@ class StableDiffusionFamily(DiffusersFamily):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
+        self._start_text_to_image()
+
+    def _start_text_to_image(self) -> None:
+        """The prompt encoder, codec and prompts, all loaded on first use."""
         self._encoder: PromptEncoder | None = None
         self._encoder_device: torch.device | None = None
         self._encoder_dtype: torch.dtype | None = None  # None: as stored (float32)
@@ -377,11 +382,14 @@ class StableDiffusionFamily(DiffusersFamily):
         columns = min(8, len(self._eval_prompts))
         return self._eval_prompts[:columns] * rows, columns
 
+    def new_prompt_encoder(self) -> PromptEncoder:
+        return PromptEncoder.from_pipeline(self.pipeline_path, (self.resolution, self.resolution))
+
     def prompt_encoder(self, device: torch.device | str) -> PromptEncoder:
         """The pipeline's tokenizers and frozen text encoders (loaded once, moved where the samples are)."""
         device = torch.device(device)
         if self._encoder is None:
-            self._encoder = PromptEncoder.from_pipeline(self.pipeline_path, (self.resolution, self.resolution))
+            self._encoder = self.new_prompt_encoder()
         if self._encoder_device != device:
             self._encoder, self._encoder_device = self._encoder.to(device, self._encoder_dtype), device
         return self._encoder
