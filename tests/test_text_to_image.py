@@ -278,7 +278,8 @@ def test_bad_text_to_image_data_settings_are_named_before_anything_is_written(tm
 
     text_project(tmp_path, "sd-tiny")
     assert "is not a diffusers pipeline directory" in teacher_fails(str(tmp_path / "models"))
-    assert "is not a tiny pipeline (tiny:sd15 or tiny:sdxl)" in teacher_fails("tiny:sd3")
+    assert "is not a tiny pipeline (tiny:sd15 or tiny:sdxl or tiny:sd3 or tiny:flux)" in teacher_fails("tiny:sd4")
+    assert "(SD3 and Flux pipelines: teacher.family flow_pipeline)" in teacher_fails("tiny:sd3")
     assert not (tmp_path / "data" / "sd-tiny").exists()
 
 
