@@ -42,6 +42,12 @@ def test_the_resolution_dependent_shift_is_flux_s():
     assert family.shift == pytest.approx(math.exp(calculate_shift(1024)))
     sampler = family.scheduler(4)
     assert sampler.sigmas[0] == 1.0 and sampler.sigmas[-1] == 0.0
+    # the sigmas FluxPipeline sets for 4 steps at 1024 tokens: linspace(1, 1/4, 4) shifted with μ = calculate_shift
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flux = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    flux.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=calculate_shift(1024))
+    torch.testing.assert_close(sampler.sigmas, flux.sigmas, rtol=1e-6, atol=1e-7)
 
 
 def test_noising_and_the_x0_conversion_by_hand():

@@ -25,6 +25,7 @@ import contextlib
 import math
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -296,8 +297,7 @@ class FlowFamily(DiffusersFamily):
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift,
                                                     use_dynamic_shifting=dynamic)
         if dynamic:
-            scheduler.set_timesteps(sigmas=[1 - i * (1 - 1 / num_steps) / max(num_steps - 1, 1) for i in range(num_steps)],
-                                    mu=math.log(self.shift))
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=math.log(self.shift))
         else:
             scheduler.set_timesteps(num_steps)
         return scheduler

@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from dmd2.config import Strict, to_dict
-from dmd2.families.base import ARCHITECTURES, Family, ModelError
+from dmd2.families.base import Family, ModelError
 from dmd2.families.diffusers import check_reference, pretrained_architecture, pretrained_reference
 from dmd2.families.flow import FlowFamily, FlowSamplerConfig
 from dmd2.families.stable_diffusion import (
@@ -159,31 +159,21 @@ class PipelinePrompts:
         return {key: value.expand(len(states), *value.shape[1:]) for key, value in self._empty.items()}
 
 
-class FlowPipelineFamily(FlowFamily, StableDiffusionFamily):
-    """Text-to-image rectified flow (SD3/SD3.5, Flux): prompts in, VAE latents out."""
+class FlowPipelineFamily(StableDiffusionFamily, FlowFamily):
+    """Text-to-image rectified flow (SD3/SD3.5, Flux): prompts in, VAE latents out. Where both bases define a
+    method, Stable Diffusion's is the one: the teacher is a recorded pipeline, never trained (`teacher_config`,
+    `import_teacher`, `teacher_loss`); the flow's formulas come from `FlowFamily`, which Stable Diffusion does not
+    define (its noise and sampler are `DiffusersFamily`'s, after `FlowFamily` in the resolution order)."""
 
     schema = FlowPipelineTeacherConfig  # its `teacher:` block in params.yaml
     name, sampler_name = "flow_pipeline", "Euler"
     lora_targets = LORA_TARGETS
-    teacher_loss = StableDiffusionFamily.teacher_loss  # pretrained only
+    published = PUBLISHED
+    recorded_config = staticmethod(teacher_config)
 
     @staticmethod
-    def teacher_config(cfg, sample_shape, num_classes):
-        return teacher_config(cfg)
-
-    @staticmethod
-    def import_teacher(cfg, sample_shape, num_classes, root):
-        config = teacher_config(cfg, root)
-        print(f"teacher: recorded the {config['pipeline']['kind']} pipeline {cfg.pretrained} "
-              f"({config['pipeline']['path']}) by reference")
-        return {**config, "source": {"type": "pretrained", "name": cfg.pretrained}}, None
-
-    @staticmethod
-    def architecture_config(cfg, root):
-        """`architecture` of the published pipeline's config files (`PUBLISHED`), else of the teacher's downloaded
-        or tiny pipeline."""
-        published = PUBLISHED.get(cfg.pretrained)
-        return architecture(cfg, root, ARCHITECTURES / published if published else None)
+    def pipeline_architecture(cfg, path):
+        return architecture(cfg, path=path)
 
     @classmethod
     def text_pipeline(cls, teacher_cfg, root):

@@ -260,24 +260,36 @@ class StableDiffusionFamily(DiffusersFamily):
 
     schema = StableDiffusionTeacherConfig  # its `teacher:` block in params.yaml
     name, sampler_name = "stable_diffusion", "DDIM"
+    published = PUBLISHED  # hub id → the copy of its config files in ARCHITECTURES
 
     @staticmethod
-    def teacher_config(cfg, sample_shape, num_classes):
-        return text_teacher_config(cfg)
+    def recorded_config(cfg, root: Path = Path(".")) -> dict[str, Any]:
+        """The teacher's config.json: its pipeline's architecture and its denoiser's weights by reference."""
+        return text_teacher_config(cfg, root)
 
     @staticmethod
-    def import_teacher(cfg, sample_shape, num_classes, root):
-        config = text_teacher_config(cfg, root)
+    def pipeline_architecture(cfg, path: Path) -> dict[str, Any]:
+        """`recorded_config` without the weights' reference, from the config files of the pipeline at `path`."""
+        return text_architecture_config(cfg, path)
+
+    @classmethod
+    def teacher_config(cls, cfg, sample_shape, num_classes):
+        return cls.recorded_config(cfg)
+
+    @classmethod
+    def import_teacher(cls, cfg, sample_shape, num_classes, root):
+        config = cls.recorded_config(cfg, root)
         print(f"teacher: recorded the {config['pipeline']['kind']} pipeline {cfg.pretrained} "
               f"({config['pipeline']['path']}) by reference")
         return {**config, "source": {"type": "pretrained", "name": cfg.pretrained}}, None
 
-    @staticmethod
-    def architecture_config(cfg, root):
-        """`text_architecture_config` of the published pipeline's config files (`PUBLISHED`), else of the teacher's
+    @classmethod
+    def architecture_config(cls, cfg, root):
+        """`pipeline_architecture` of the published pipeline's config files (`published`), else of the teacher's
         downloaded or tiny pipeline."""
-        published = PUBLISHED.get(cfg.pretrained)
-        return text_architecture_config(cfg, ARCHITECTURES / published if published else pipeline_root(cfg.pretrained, root))
+        published = cls.published.get(cfg.pretrained)
+        return cls.pipeline_architecture(cfg, ARCHITECTURES / published if published
+                                         else pipeline_root(cfg.pretrained, root))
 
     def __init__(self, config: dict[str, Any]):
         super().__init__(config)
