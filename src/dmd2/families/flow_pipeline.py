@@ -77,7 +77,7 @@ def flow_pipeline(cfg: FlowPipelineTeacherConfig, root: Path = Path("."),
     """The teacher's pipeline directory (`path`, else where `teacher.pretrained` resolves), its kind ("sd3" or
     "flux") and the image size distilled at."""
     path = path or pipeline_root(cfg.pretrained, root)
-    kind = pipeline_kind(path, PIPELINES)
+    kind = pipeline_kind(path, PIPELINES, "SD1.5 and SDXL pipelines: teacher.family stable_diffusion")
     down = vae_downsampling(path)
     if cfg.resolution is not None:
         size = cfg.resolution

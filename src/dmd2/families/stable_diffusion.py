@@ -39,9 +39,12 @@ from dmd2.families.diffusers import (
 PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
 
-def pipeline_kind(path: str | Path, kinds: dict[str, str] = PIPELINES) -> str:
+SD3_AND_FLUX = "SD3 and Flux pipelines: teacher.family flow_pipeline"
+
+
+def pipeline_kind(path: str | Path, kinds: dict[str, str] = PIPELINES, others: str = SD3_AND_FLUX) -> str:
     """The kind of pipeline at `path`, "sd15" or "sdxl" (or another of `kinds`: class name → kind), from its
-    model_index.json."""
+    model_index.json; `others` says which family reads other pipelines."""
     index = Path(path) / "model_index.json"
     try:
         name = json.loads(index.read_text())["_class_name"]
@@ -49,8 +52,7 @@ def pipeline_kind(path: str | Path, kinds: dict[str, str] = PIPELINES) -> str:
         raise ModelError(f"{index} cannot be read ({type(err).__name__}): {path} is not a diffusers pipeline "
                          "directory") from None
     if name not in kinds:
-        hint = " (SD3 and Flux pipelines: teacher.family flow_pipeline)" if kinds is PIPELINES else ""
-        raise ModelError(f"{index} names {name}; this teacher family reads {', '.join(kinds)}{hint}")
+        raise ModelError(f"{index} names {name}; this teacher family reads {', '.join(kinds)} ({others})")
     return kinds[name]
 
 
