@@ -15,8 +15,8 @@ network is a diffusers UNet (sharing the diffusers family's network, conditions,
 MM-DiT, `SD3Transformer2DModel`, with the class label one-hot as its pooled and context inputs; either takes N·t as
 its timestep, as diffusers' flow pipelines give it. The transformer's GAN features are the image tokens after its
 middle block, and the later blocks never run: a forward hook ends the forward there by raising (`exit_after_block`),
-tested on one process, under DDP's wrapper around the critic, and under FSDP2 with gradient checkpointing (two
-sharded processes land where one does: `tests/test_flow_pipelines.py`).
+tested on one process (`tests/test_flow.py`) and under FSDP2 with gradient checkpointing (two sharded processes
+land where one does: `tests/test_flow_pipelines.py`); not yet under DDP.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ data stage, VAE latents as samples, a diffusers pipeline as the export).
   as FLUX.1-dev's default and NVIDIA FastGen's DMD2 recipe); the DM loss's teacher receives
   `distill.real_guidance_scale` in its place when that is not 1, and the teacher's sampler its guidance_scale.
 
-Prompts are encoded by the pipeline's own `encode_prompt`, so the conditions are the pipeline's to the bit. The
+Prompts are encoded by the pipeline's own `encode_prompt`, so the conditions are the pipeline's. The
 GAN head reads the image tokens after the middle block (double- and single-stream blocks counted together for
 Flux); the later blocks never run. LoRA adapts the attention and feed-forward projections of every block.
 The student exports as the teacher's pipeline with its transformer and a `FlowMatchLCMScheduler` (shift 1; the
