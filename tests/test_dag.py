@@ -87,19 +87,21 @@ def assert_same_dag(smk: dict[str, dict], dvc: dict[str, dict], experiment: str,
     from dmd2.stage import stage_code
 
     family = load_params(workdir / "params.yaml", experiment=experiment).current(experiment).teacher.family
-    assert sorted(smk) == sorted(dvc)
+    assert sorted(smk) == sorted(set(dvc) - {"code"})  # DVC's `code` stage writes the manifests below
+    assert dvc["code"]["outs"] == [f"configs/{experiment}/code"]
     for name in smk:
         # DVC's command reads the experiment from params.yaml (no params.yaml value reaches its shell); Snakemake's
         # names it, as `--config experiment=…` may differ from params.yaml
         assert smk[name]["cmd"] == dvc[name]["cmd"] + f" --experiment {experiment}", name
-        # code: Snakemake's rule depends on the experiment's family's files only, DVC's stage on every family's
+        # code: Snakemake's rule depends on the experiment's family's files only; DVC's stage on its manifest of
+        # the same files (dmd2.stage.code_manifest)
         own = stage_code(name, workdir, [family])
-        if own:
-            assert [f for f in smk[name]["deps"] if f.startswith("src/")] == own, name
-            assert set(own) <= set(dvc[name]["deps"]), name
-            assert not any("families/" in f and f not in own for f in smk[name]["deps"]), name
+        manifest = f"configs/{experiment}/code/{name}.json"
+        assert [f for f in smk[name]["deps"] if f.startswith("src/")] == own, name
+        assert not any("families/" in f and f not in own for f in smk[name]["deps"]), name
+        assert not any(f.startswith("src/") for f in dvc[name]["deps"]) and manifest in dvc[name]["deps"], name
         strip = {**smk[name], "cmd": None, "deps": [f for f in smk[name]["deps"] if not f.startswith("src/")]}
-        assert strip == {**dvc[name], "cmd": None, "deps": [f for f in dvc[name]["deps"] if not f.startswith("src/")]}
+        assert strip == {**dvc[name], "cmd": None, "deps": [f for f in dvc[name]["deps"] if f != manifest]}
 
 
 def test_every_stage_depends_on_the_package_code_it_runs():
@@ -108,13 +110,43 @@ def test_every_stage_depends_on_the_package_code_it_runs():
     from dmd2.stage import STAGE_MODULES, stage_code
 
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    every = sorted(set().union(*(stage_code(stage, REPO) for stage in STAGE_MODULES)))
+    assert dvc["code"]["deps"] == every, f"dvc.yaml's code stage should list {every}"
     for stage in STAGE_MODULES:
-        listed = sorted(d for d in dvc[stage].get("deps", []) if isinstance(d, str) and d.startswith("src/"))
-        assert listed == stage_code(stage, REPO), f"{stage}: dvc.yaml should list {stage_code(stage, REPO)}"
+        assert f"configs/${{experiment}}/code/{stage}.json" in dvc[stage]["deps"], stage
     assert "src/dmd2/losses.py" in stage_code("distill", REPO)
     assert "src/dmd2/losses.py" not in stage_code("teacher", REPO) + stage_code("prepare_data", REPO)
     assert "src/dmd2/families/edm.py" in stage_code("evaluate", REPO)
 
+
+
+def test_code_manifests_hash_the_files_each_stage_runs_for_the_experiment_s_family(tmp_path):
+    """What DVC's `code` stage writes: per stage, the hashes of stage_code's files for the family. Editing a file
+    rewrites the manifests of the stages that run it; another family's file, or nothing changed, rewrites none."""
+    from dmd2.paths import ExperimentPaths
+    from dmd2.stage import STAGE_MODULES, stage_code, write_code_manifests
+
+    shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    paths = ExperimentPaths("mnist", tmp_path)
+
+    def contents() -> dict[str, str]:
+        return {stage: paths.code_manifest(stage).read_text() for stage in STAGE_MODULES}
+
+    assert write_code_manifests(paths, "edm") == [paths.code_manifest(stage) for stage in STAGE_MODULES]
+    for stage in STAGE_MODULES:
+        manifest = json.loads(paths.code_manifest(stage).read_text())
+        assert sorted(manifest["files"]) == stage_code(stage, tmp_path, ["edm"]) and manifest["family"] == "edm"
+    before, mtimes = contents(), {s: paths.code_manifest(s).stat().st_mtime_ns for s in STAGE_MODULES}
+    (tmp_path / "src/dmd2/families/flow.py").write_text("# another family's module\n")
+    write_code_manifests(paths, "edm")
+    assert contents() == before and {s: paths.code_manifest(s).stat().st_mtime_ns for s in STAGE_MODULES} == mtimes
+    (tmp_path / "src/dmd2/losses.py").write_text("# the losses, edited\n")
+    write_code_manifests(paths, "edm")
+    changed = {stage for stage, text in contents().items() if text != before[stage]}
+    assert changed == {stage for stage in STAGE_MODULES if "src/dmd2/losses.py" in stage_code(stage, tmp_path, ["edm"])}
+    assert "distill" in changed and "teacher" not in changed
+    write_code_manifests(paths, "flow")  # another family: its own files
+    assert "src/dmd2/families/flow.py" in json.loads(paths.code_manifest("teacher").read_text())["files"]
 
 def test_dvc_reruns_each_stage_on_the_blocks_it_reads():
     """dvc.yaml's `params:` are dmd2.stage.STAGE_PARAMS (the Snakefile builds its rules' `params:` from the map, and
@@ -122,7 +154,8 @@ def test_dvc_reruns_each_stage_on_the_blocks_it_reads():
     from dmd2.stage import STAGE_PARAMS
 
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert sorted(dvc) == sorted(STAGE_PARAMS)
+    assert sorted(dvc) == sorted([*STAGE_PARAMS, "code"])
+    assert dvc["code"]["params"] == ["${experiment}.teacher.family"]  # the family picks the manifests' files
     for stage, blocks in STAGE_PARAMS.items():
         assert dvc[stage]["params"] == [f"${{experiment}}.{b}" if b else "${experiment}" for b in blocks], stage
 
@@ -191,6 +224,7 @@ def change_distill_steps(root: Path) -> None:
 SNAKEMAKE = ("snakemake", "--cores", "2", "--workflow-profile", "workflow/profiles/default")
 ALL_STAGES = {"prepare_data", "teacher", "regression", "launch_config", "distill", "fid_reference", "evaluate",
               "report"}
+DVC_STAGES = ALL_STAGES | {"code"}  # DVC's own: it writes the code manifests (dmd2.stage.write_code_manifests)
 DOWNSTREAM_OF_DISTILL = {"distill", "evaluate", "report"}
 
 
@@ -245,7 +279,7 @@ def test_at_a_terminal_each_stage_s_output_is_shown_and_logged_and_dvc_records_w
     shown = at_a_terminal(root, *SNAKEMAKE, "data/mnist")
     logged = (root / "logs/mnist/prepare_data.log").read_text()
     assert "wrote data/mnist/train.lmdb" in logged and "wrote data/mnist/train.lmdb" in shown
-    assert "dvc.lock records this run (prepare_data)" in shown
+    assert "dvc.lock records this run (code, prepare_data)" in shown
     status, _ = sh(root, "dvc", "status", "prepare_data")
     assert "up to date" in status, status
 
@@ -328,7 +362,7 @@ def test_the_text_to_image_experiments_run_through_snakemake_and_dvc(tmp_path):
     assert (root / "models/sd-tiny/student/pipeline/model_index.json").exists()
 
     out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=sdxl-tiny-1step")
-    assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == DVC_STAGES
     regression = json.loads((root / "models/sdxl-tiny-1step/regression/config.json").read_text())
     assert regression["generator"]["timesteps"] == [399] and regression["source"]["type"] == "regression"
     rows = json.loads((root / "results/sdxl-tiny-1step/evaluation.json").read_text())["rows"]
@@ -361,7 +395,7 @@ def test_the_flow_pipeline_experiments_run_through_snakemake_and_dvc(tmp_path):
     assert gan and all(abs(v) < 1e6 for v in gan)  # the token GAN head ran on every generator turn
 
     out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=sd3-tiny")
-    assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == DVC_STAGES
     rows = json.loads((root / "results/sd3-tiny/evaluation.json").read_text())["rows"]
     assert {("student", 4), ("teacher", 16)} <= {(r["model"], r["nfe"]) for r in rows}  # two-branch guidance
     index = json.loads((root / "models/sd3-tiny/student/pipeline/model_index.json").read_text())
@@ -382,7 +416,7 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
     root = project_copy(tmp_path / "dvc")
     out, _ = sh(root, "dvc", "repro")
     ran = set(re.findall(r"Running stage '(\w+)'", out))
-    assert ran == ALL_STAGES
+    assert ran == DVC_STAGES
     shown, _ = sh(root, "dvc", "metrics", "show")
     assert "results/mnist/metrics.json" in shown and "student.fid" in shown and "fid_difference" in shown
     assert max(map(len, shown.splitlines())) < 400, shown  # the headline, not every evaluation row (was 1,471)
@@ -397,6 +431,24 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
 
     out, seconds = sh(root, "dvc", "repro")
     assert "up to date" in out and not re.findall(r"Running stage", out) and seconds < 15, (seconds, out)
+
+    # code, by family: editing another family's module rewrites no manifest of this experiment, so only the `code`
+    # stage reruns; editing the losses changes the manifests of the stages that run them, and DVC then names those
+    from dmd2.stage import stage_code
+
+    originals = {f: (root / f).read_text() for f in ("src/dmd2/families/flow.py", "src/dmd2/losses.py")}
+    (root / "src/dmd2/families/flow.py").write_text(originals["src/dmd2/families/flow.py"] + "# an edit\n")
+    out, _ = sh(root, "dvc", "repro")
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == {"code"}, out[-2000:]
+    (root / "src/dmd2/losses.py").write_text(originals["src/dmd2/losses.py"] + "# an edit\n")
+    sh(root, "dvc", "repro", "--single-item", "code")
+    status, _ = sh(root, "dvc", "status")
+    readers = {stage for stage in ALL_STAGES if "src/dmd2/losses.py" in stage_code(stage, root, ["edm"])}
+    assert "distill" in readers and "teacher" not in readers
+    assert set(re.findall(r"^(\w+):$", status, re.M)) == readers, status
+    for file, text in originals.items():
+        (root / file).write_text(text)
+    sh(root, "dvc", "repro", "--single-item", "code")
 
     # a typo in params.yaml: the stage refuses the file, and DVC deletes none of its outputs first (persist)
     good = (root / "params.yaml").read_text()
@@ -445,7 +497,7 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
 
     # the second embedded experiment, selected the DVC way
     out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=mnist-ddpm")
-    assert set(re.findall(r"Running stage '(\w+)'", out)) == ALL_STAGES
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == DVC_STAGES
     assert json.loads((root / "results/mnist-ddpm/evaluation.json").read_text())["family"] == "diffusers"
 
 

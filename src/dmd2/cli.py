@@ -307,6 +307,18 @@ def launch_config(ctx: StageContext) -> None:
     click.echo(f"wrote {write_launch_config(ctx.exp.launch, ctx.paths.launch_config)}")
 
 
+@main.command("code-manifests")
+@_common
+def code_manifests(ctx: StageContext) -> None:
+    """Write configs/<exp>/code/<stage>.json: the hashes of the package files each stage runs for this experiment's
+    family. DVC's `code` stage; the other stages depend on their own manifest, so editing another family's module
+    reruns nothing of this experiment."""
+    from dmd2.stage import write_code_manifests
+
+    written = write_code_manifests(ctx.paths, ctx.exp.teacher.family)
+    click.echo(f"wrote {len(written)} code manifests under {written[0].parent}")
+
+
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 

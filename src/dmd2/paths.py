@@ -30,6 +30,10 @@ class ExperimentPaths:
     def launch_config(self) -> Path:
         return self.root / "configs" / self.experiment / "accelerate.yaml"
 
+    def code_manifest(self, stage: str) -> Path:
+        """The hashes of the package files `stage` runs for this experiment (`dmd2.stage.write_code_manifests`)."""
+        return self.root / "configs" / self.experiment / "code" / f"{stage}.json"
+
     @property
     def teacher(self) -> Path:
         return self.root / "models" / self.experiment / "teacher"

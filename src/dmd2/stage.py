@@ -7,7 +7,9 @@ into the stage's `stage.json` (wall time and hardware added), the one place stag
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +116,30 @@ def _dmd2_imports(file: Path) -> list[str]:
             found += [".".join(a.name.split(".")[1:]) for a in node.names if a.name.split(".")[0] == "dmd2"]
     parents = [".".join(name.split(".")[:i]) for name in found for i in range(1, name.count(".") + 1)]
     return [n for n in found + parents if n]
+
+
+def code_manifest(stage: str, root: str | Path, family: str) -> dict[str, Any]:
+    """The sha256 of every package file `stage` runs for an experiment of `family` (`stage_code`)."""
+    files = stage_code(stage, root, [family])
+    return {"stage": stage, "family": family,
+            "files": {f: hashlib.sha256((Path(root) / f).read_bytes()).hexdigest() for f in files}}
+
+
+def write_code_manifests(paths: ExperimentPaths, family: str) -> list[Path]:
+    """configs/<exp>/code/<stage>.json for every stage: DVC's code dependencies, by family.
+
+    dvc.yaml cannot choose files by the experiment's family (it resolves no nested `${…}`), so its `code` stage
+    writes these and every other stage depends on its own manifest: editing another family's module rewrites no
+    manifest of this experiment and reruns nothing else. A manifest whose content is unchanged is left untouched.
+    (Snakemake's rules take the same files directly, `stage_code`.)"""
+    written = []
+    for stage in STAGE_MODULES:
+        path = paths.code_manifest(stage)
+        text = json.dumps(code_manifest(stage, paths.root, family), indent=1) + "\n"
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        written.append(path)
+    return written

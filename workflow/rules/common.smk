@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 from dmd2.config import ConfigError, check_experiment_name, parse_params
 from dmd2.slurm import snakemake_resources
 from dmd2.paths import ExperimentPaths
-from dmd2.stage import STAGE_PARAMS, stage_code, stage_settings
+from dmd2.stage import STAGE_PARAMS, stage_code, stage_settings, write_code_manifests
 
 
 def _changed_beyond_experiment():
@@ -86,7 +86,8 @@ def code(stage):
     """The package files a stage runs: inputs, so that editing e.g. the losses reruns distillation
     (dmd2.stage.stage_code follows the stage's imports). Of the families, only the experiment's own files: editing
     another family reruns nothing here. dvc.yaml cannot pick files by the experiment's family (DVC resolves no
-    nested `${…}`), so it lists every family's (tests/test_dag.py checks both)."""
+    nested `${…}`): its stages depend on the same files through the manifests its `code` stage writes
+    (dmd2.stage.write_code_manifests; tests/test_dag.py checks both)."""
     return stage_code(stage, workflow.basedir, [PARAMS.current(EXP).teacher.family])
 
 
@@ -121,6 +122,9 @@ def record_in_dvc_lock():
     built = sorted({job.rule.name for job in workflow.dag.jobs} - {"all"})
     if not built:
         return
+    # DVC's stages depend on their code manifests (its `code` stage; Snakemake's rules read the files directly)
+    write_code_manifests(ExperimentPaths(EXP, Path(".")), PARAMS.current(EXP).teacher.family)
+    built = ["code", *built]
     done = subprocess.run(["dvc", "commit", "--force", *built], capture_output=True, text=True)
     if done.returncode == 0:
         print(f"dvc.lock records this run ({', '.join(built)}): `dvc status` and `dvc repro` agree with Snakemake")
