@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from gmm import MixtureDiffusers, MixtureEDM
 
+from dmd2.families.base import uniform_timesteps_up_to
 from dmd2.losses import (
     distribution_matching_loss,
     dm_step_range,
     gan_critic_loss,
     gan_generator_loss,
-    uniform_timesteps_up_to,
 )
 
 

@@ -100,7 +100,22 @@ class ToyFamily(Family):
         return self.sigmas.to(t.device)[t.long()]
 
     def add_noise(self, x0, noise, t):
+        ToyFamily.noised_at.update(t.tolist())
         return x0 + self.sigma(t).reshape(-1, 1, 1, 1) * noise
+
+    # The loop's time draws are the family's: this one draws each at one timestep of its own, so the test can see
+    # that the DM loss and the GAN noise at theirs (add_noise) and the critic's loss at its own (fake_score_loss).
+    noised_at: set[int] = set()
+    critic_at: set[int] = set()
+
+    def dm_timesteps(self, n, draw, device, low, high, cap=None):
+        return torch.full((n,), 500, device=device)
+
+    def gan_timesteps(self, n, draw, device, high):
+        return torch.full((n,), 7, device=device)
+
+    def critic_timesteps(self, n, draw, device, times="uniform", logit=(0.0, 1.0)):
+        return torch.full((n,), 300, device=device)
 
     def generator_input(self, noise, t):
         return self.sigma(t).reshape(-1, 1, 1, 1) * noise
@@ -120,6 +135,7 @@ class ToyFamily(Family):
         return (weight.reshape(-1, 1, 1, 1) * (pred - x0.float()) ** 2).mean()
 
     def fake_score_loss(self, net, x0, t, cond, noise):
+        ToyFamily.critic_at.update(t.tolist())
         return self._loss(net, x0, self.sigma(t), cond, noise)
 
     def gan_features(self, net, x_t, t, cond):
@@ -150,7 +166,8 @@ class ToyFamily(Family):
 @pytest.mark.slow
 def test_a_family_defined_outside_the_package_runs_every_stage(tmp_path, monkeypatch):
     """Registered from here, `family: toy` goes through prepare-data → teacher → distill (with the GAN head on its
-    features) → fid-reference → evaluate → report; nothing in src/dmd2 names it."""
+    features, and the DM, critic and GAN times drawn by the family) → fid-reference → evaluate → report; nothing in
+    src/dmd2 names it."""
     assert "toy" not in FAMILIES
     monkeypatch.setitem(FAMILIES, "toy", ToyFamily)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -159,7 +176,11 @@ def test_a_family_defined_outside_the_package_runs_every_stage(tmp_path, monkeyp
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"experiment": "toy", "toy": block}, sort_keys=False))
 
     for stage in ("prepare-data", "teacher", "distill", "fid-reference", "evaluate", "report"):
+        ToyFamily.noised_at.clear()
+        ToyFamily.critic_at.clear()
         run(tmp_path, stage)
+        if stage == "distill":  # one step from noise: nothing else is noised
+            assert ToyFamily.noised_at == {500, 7} and ToyFamily.critic_at == {300}
 
     student = json.loads((tmp_path / "models/toy/student/config.json").read_text())
     assert student["family"] == "toy" and student["kind"] == "student"

@@ -93,7 +93,8 @@ class Critic(nn.Module):
         return out
 
     def logits(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
-        """Diffusion-GAN: noise at t ~ U{0 … gan_max_timestep − 1}, classify the critic's features there."""
-        t = self.draw.randint(0, self.gan_max_timestep, x.shape[0], x.device)
+        """Diffusion-GAN: noise at the family's GAN timesteps (by default t ~ U{0 … gan_max_timestep − 1}), classify
+        the critic's features there."""
+        t = self.family.gan_timesteps(x.shape[0], self.draw, x.device, self.gan_max_timestep)
         x_t = self.family.add_noise(x, self.draw.randn_like(x), t)
         return self.head(self.family.gan_features(self.score, x_t, t, cond))

@@ -45,7 +45,7 @@ from dmd2.critic import Critic, gan_head
 from dmd2.data import DataError, RandomBatches, open_split, read_meta
 from dmd2.errors import TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
-from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss, uniform_timesteps_up_to
+from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss
 from dmd2.paths import ExperimentPaths
 from dmd2.regression import start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
@@ -260,11 +260,11 @@ class DMD2Trainer:
         """The DM loss's noise level per sample: U{min … max step}; with `dm_noise_below_input`, an output the
         generator made from a noisy input at t (not the first step, whose input is pure noise) draws at most t."""
         low, high = self.dm_range
-        if not self.cfg.dm_noise_below_input:
-            return self.draw.randint(low, high + 1, len(t_in), t_in.device)
-        from_noise = t_in == self.cfg.denoising_timesteps[0]
-        cap = torch.where(from_noise, torch.full_like(t_in, high), t_in.clamp(max=high))
-        return uniform_timesteps_up_to(self.draw.rand(len(t_in), t_in.device), low, cap)
+        cap = None
+        if self.cfg.dm_noise_below_input:
+            from_noise = t_in == self.cfg.denoising_timesteps[0]
+            cap = torch.where(from_noise, torch.full_like(t_in, high), t_in)
+        return self.family.dm_timesteps(len(t_in), self.draw, t_in.device, low, high, cap)
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,12 +17,6 @@ def uniform_timesteps(n: int, low: int, high: int, generator: torch.Generator | 
     return torch.randint(low, high + 1, (n,), generator=generator)
 
 
-def uniform_timesteps_up_to(uniform: torch.Tensor, low: int, high: torch.Tensor) -> torch.Tensor:
-    """t ~ U{low, …, high_i} per sample (each of its high_i − low + 1 values equally likely), from draws in [0, 1)."""
-    high = high.clamp(min=low)
-    return (low + (uniform * (high - low + 1)).floor().long()).clamp(max=high)
-
-
 def dm_step_range(num_train_timesteps: int, min_percent: float, max_percent: float) -> tuple[int, int]:
     """The DM loss's timestep range: int(0.02·1000)=20 … int(0.98·1000)=980 by default."""
     return int(min_percent * num_train_timesteps), int(max_percent * num_train_timesteps)

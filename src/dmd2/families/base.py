@@ -13,8 +13,9 @@ means its module and a line in `FAMILIES` (or `register_family`); nothing outsid
 
 Timesteps are indices t ∈ {0, …, num_train_timesteps − 1} into the family's own noise table, higher = noisier
 (EDM's Karras σ, a DDPM schedule's ᾱ, a flow's continuous time t ∈ (0, 1]): DMD2's step ranges (20…980, the
-generator's 999 or [999, 749, 499, 249]) mean the same thing whatever the family. What the loop draws, the family
-may shape (`critic_timesteps`: a flow critic's logit-normal times).
+generator's 999 or [999, 749, 499, 249]) mean the same thing whatever the family. The family draws the times the
+loop uses (`dm_timesteps`, `critic_timesteps`, `gan_timesteps`): by default the original's uniform draws, with
+logit-normal times for the critic as an option.
 Conditions come in two forms: *raw* conditions (integer class labels, −1 = no label; prompts later) that data
 and samplers hand around, and *encoded* conditions (`encode_conditions`) that the networks take.
 """
@@ -37,6 +38,12 @@ FORMAT = "dmd2-denoiser/1"
 # Config-only copies (no weights) of the published architectures of the paper's downloaded teachers, so that their
 # recipes can be estimated (`dmd2 memory`) before anything is downloaded; each family knows its own.
 ARCHITECTURES = Path(__file__).parents[1] / "architectures"
+
+
+def uniform_timesteps_up_to(uniform: torch.Tensor, low: int, high: torch.Tensor) -> torch.Tensor:
+    """t ~ U{low, …, high_i} per sample (each of its high_i − low + 1 values equally likely), from draws in [0, 1)."""
+    high = high.clamp(min=low)
+    return (low + (uniform * (high - low + 1)).floor().long()).clamp(max=high)
 
 
 def logit_normal(uniform: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -274,6 +281,20 @@ class Family(ABC):
                              "are): set distill.real_guidance_scale and the sampler's guidance_scale to 1")
         x0_uncond = denoise(self.unconditional(cond))
         return x0_uncond + guidance_scale * (x0 - x0_uncond)
+
+    def dm_timesteps(self, n: int, draw, device: torch.device | str, low: int, high: int,
+                     cap: torch.Tensor | None = None) -> torch.Tensor:
+        """Timestep indices of the DM loss's noise, one per sample, from `draw` (`GlobalBatchRandom`): uniform over
+        {low, …, high} (DMD2's 20…980), or with a per-sample `cap` (`distill.dm_noise_below_input`) over
+        {low, …, min(cap_i, high)}. A family may draw otherwise."""
+        if cap is None:
+            return draw.randint(low, high + 1, n, device)
+        return uniform_timesteps_up_to(draw.rand(n, device), low, cap.clamp(max=high))
+
+    def gan_timesteps(self, n: int, draw, device: torch.device | str, high: int) -> torch.Tensor:
+        """Timestep indices at which the diffusion-GAN head sees real and generated samples: uniform over
+        {0, …, high − 1} (`distill.gan.diffusion_max_timestep`). A family may draw otherwise."""
+        return draw.randint(0, high, n, device)
 
     def critic_timesteps(self, n: int, draw, device: torch.device | str, times: str = "uniform",
                          logit: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
