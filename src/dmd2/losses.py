@@ -12,11 +12,6 @@ from torch import nn
 from dmd2.families import Family
 
 
-def uniform_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ U{low, …, high} (both ends included), one per sample."""
-    return torch.randint(low, high + 1, (n,), generator=generator)
-
-
 def dm_step_range(num_train_timesteps: int, min_percent: float, max_percent: float) -> tuple[int, int]:
     """The DM loss's timestep range: int(0.02·1000)=20 … int(0.98·1000)=980 by default."""
     return int(min_percent * num_train_timesteps), int(max_percent * num_train_timesteps)
