@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dmd2.atomic import staging_path
 from dmd2.config import ExperimentConfig, Params, to_dict
 from dmd2.paths import ExperimentPaths
 
@@ -138,7 +139,7 @@ def write_code_manifests(paths: ExperimentPaths, family: str) -> list[Path]:
         text = json.dumps(code_manifest(stage, paths.root, family), indent=1) + "\n"
         if not path.exists() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = staging_path(path)
             tmp.write_text(text)
             os.replace(tmp, path)
         written.append(path)
