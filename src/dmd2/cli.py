@@ -312,7 +312,7 @@ def launch_config(ctx: StageContext) -> None:
 def code_manifests(ctx: StageContext) -> None:
     """Write configs/<exp>/code/<stage>.json: the hashes of the package files each stage runs for this experiment's
     family. DVC's `code` stage; the other stages depend on their own manifest, so editing another family's module
-    reruns nothing of this experiment."""
+    reruns this command alone and nothing else of the experiment."""
     from dmd2.stage import write_code_manifests
 
     written = write_code_manifests(ctx.paths, ctx.exp.teacher.family)
