@@ -494,8 +494,11 @@ def test_readme_dvc_commands_work_in_a_fresh_clone(tmp_path):
     dag, _ = sh(root, "dvc", "dag", "--md")
     for stage in ALL_STAGES:
         assert stage in dag
-    # another experiment selected the DVC way (`dvc exp run -S experiment=…`): the text-to-image and flow DAG tests
-    # run sdxl-tiny-1step and sd3-tiny so, and mnist-ddpm's whole DAG runs in the diffusers Snakemake test
+
+    # the second embedded experiment, selected the DVC way
+    out, _ = sh(root, "dvc", "exp", "run", "-S", "experiment=mnist-ddpm")
+    assert set(re.findall(r"Running stage '(\w+)'", out)) == DVC_STAGES
+    assert json.loads((root / "results/mnist-ddpm/evaluation.json").read_text())["family"] == "diffusers"
 
 
 @pytest.mark.integration
