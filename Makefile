@@ -20,8 +20,10 @@ run: env
 
 # `make test` changes nothing outside the checkout and the cache; the tests that need system packages skip and say
 # which. `make system-deps` (root + apt-get, asked for explicitly; CI runs it) installs them: chromium, Slurm, munge.
+# one pytest-xdist worker per core (at most 4: each holds its own tiny projects); tests that share a module's
+# fixtures or one local Slurm cluster carry an xdist_group mark and run on one worker
 test: env
-	WANDB_MODE=offline pytest
+	WANDB_MODE=offline pytest -n auto --maxprocesses 4 --dist loadgroup
 
 system-deps:
 	envs/system-packages.sh

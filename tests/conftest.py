@@ -11,6 +11,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# pytest-xdist's workers (`make test` starts one per core) share the cores: each worker's torch, and the stages it
+# starts, get their share instead of all of them each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (gmm.py, …)
 

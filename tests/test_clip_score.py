@@ -9,6 +9,8 @@ from PIL import Image
 from dmd2.clip_score import center_crop_resize, clip_score, clip_similarities, load_clip
 from dmd2.config import CLIPConfig
 
+pytestmark = pytest.mark.xdist_group("tiny_clip")
+
 TINY = "dmd2-tiny-clip-test"
 TINY_CFG = {
     "embed_dim": 32,

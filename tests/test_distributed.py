@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import TINY_REGRESSION, fresh_copy, run, run_dir, write_tiny_params
+from tiny import TINY_REGRESSION, fresh_copy, run, run_dir, worker_port, write_tiny_params
 from torch.distributed.checkpoint import FileSystemReader
 
 from dmd2.checkpoint import checkpoint_step, latest_checkpoint, load_training_state
+
+pytestmark = pytest.mark.xdist_group("distributed")  # one worker builds the module's fixtures once
 
 PARAM_RTOL, LOSS_RTOL = 1e-4, 1e-3
 TWO_PROCESSES = {"launch": {"distributed": "ddp", "processes_per_machine": 2}}
@@ -34,11 +36,13 @@ def fsdp(strategy: str = "FULL_SHARD") -> dict:
 
 def distill_subprocess(root: Path, stages: tuple[str, ...] = ("launch-config", "distill"),
                        env: dict[str, str] | None = None) -> str:
-    """The stages as their own processes, on one thread each (`env`: more variables); their output."""
+    """The stages as their own processes, on one thread each (`env`: more variables), rendezvousing on this test
+    worker's own port; their output."""
     env, output = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, ""
+    port = ["--set", f"launch.main_process_port={worker_port()}"]
     for stage in stages:
         proc = subprocess.run([sys.executable, "-m", "dmd2.cli", stage, "--params", str(root / "params.yaml"),
-                               "--root", str(root)], capture_output=True, text=True, env=env, timeout=600)
+                               "--root", str(root), *port], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         output += proc.stdout + proc.stderr
     return output
@@ -257,8 +261,9 @@ def test_a_non_finite_value_on_one_rank_stops_every_rank_at_the_same_iteration(p
     outputs = []
     for stage in ("launch-config", "distill"):
         proc = subprocess.Popen([sys.executable, "-m", "dmd2.cli", stage, "--params", str(root / "params.yaml"),
-                                 "--root", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True)
+                                 "--root", str(root), "--set", f"launch.main_process_port={worker_port()}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
         try:
             outputs.append(proc.communicate(timeout=240)[0])
         except subprocess.TimeoutExpired:

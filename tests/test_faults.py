@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny import fresh_copy, run, run_dir, start_stage, stop_mid_run, write_tiny_params
+from tiny import fresh_copy, run, run_dir, start_stage, stop_mid_run, worker_port, write_tiny_params
 
 from dmd2.checkpoint import list_checkpoints, load_training_state, run_lock
 from dmd2.cli import main
@@ -395,7 +395,7 @@ rank = dist.get_rank()
 print(rank, all_ranks_agree(ok=rank == 0), all_ranks_agree(ok=True), flush=True)
 dist.destroy_process_group()
 """
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(worker_port(31)), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
                               text=True) for r in range(2)]
     outputs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)

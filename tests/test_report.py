@@ -18,7 +18,7 @@ from dmd2.paths import ExperimentPaths
 from dmd2.stage import StageContext
 from dmd2.tracking import read_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_pipeline")]
 
 
 @pytest.fixture(scope="module")

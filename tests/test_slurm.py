@@ -45,6 +45,7 @@ SNAKEMAKE = ["timeout", "-s", "KILL", "900", "snakemake", "--profile", "slurm", 
              "--seconds-between-status-checks", "2"]
 
 pytestmark = [
+    pytest.mark.xdist_group("local_slurm"),
     pytest.mark.integration,
     pytest.mark.skipif(shutil.which("slurmctld") is None, reason="Slurm is not installed (envs/system-packages.sh)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the local Slurm cluster runs its daemons as root"),

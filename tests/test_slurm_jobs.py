@@ -17,7 +17,7 @@ from test_dag import project_copy, snakemake_stages
 from dmd2.config import load_params
 from dmd2.launch import launcher_command
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm_jobs")]
 
 # the cluster a new user meets: sbatch records and refuses; sinfo lists a default partition; no accounting (sacct)
 STUBS = {

@@ -4,6 +4,8 @@ import pytest
 
 from dmd2.text import FULL_VOCAB_SIZE, clip_tokenizer
 
+pytestmark = pytest.mark.xdist_group("tokenizer")
+
 PROMPTS = ["a photo of a cat", "A photo of a Cat, 2024! naïve café 😀", "an astronaut riding a horse on the moon",
            "  spaces\tand\nnewlines  ", "x" * 300]
 

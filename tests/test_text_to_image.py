@@ -22,6 +22,8 @@ from dmd2.prompts import PromptDataset
 from dmd2.tiny_pipelines import tiny_pipeline
 from dmd2.training import GlobalBatchRandom
 
+pytestmark = pytest.mark.xdist_group("text_to_image")
+
 SHRINK = {"distill": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
           "eval": {"num_samples": 20, "batch_size": 10, "teacher_steps": [2], "grid_per_class": 2,
                    "latency_repeats": 1, "classifier": {"width": 8, "feature_dim": 16, "steps": 10, "batch_size": 32}}}

@@ -8,6 +8,8 @@ from click.testing import CliRunner
 from dmd2.cli import main
 from dmd2.families.stable_diffusion import LatentCodec, PromptEncoder, pipeline_kind
 
+pytestmark = pytest.mark.xdist_group("tiny_pipelines")
+
 PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 

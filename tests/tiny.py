@@ -53,11 +53,21 @@ def write_tiny_params(directory: Path, experiment: str = "mnist", **overrides: d
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name in ("mnist", "mnist-ddpm", "mnist-flow"):
         params[name] = merge(params[name], tiny_block(name))
+        params[name]["launch"]["main_process_port"] = worker_port()
     params["experiment"] = experiment
     params[experiment] = merge(params[experiment], overrides)
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def worker_port(offset: int = 0) -> int:
+    """A TCP port of this test process's own: pytest-xdist runs the suite in several worker processes at once (gw0,
+    gw1, …), and two of them rendezvousing 2-process runs on one port would meet each other (or fail to bind).
+    gw0 (and a run without xdist) gets 29500 + offset, gw1 29600 + offset, … (local Slurm jobs take 29500 + their
+    job id, below 29600 in a test's short-lived cluster)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return 29500 + 100 * int(worker.removeprefix("gw")) + offset
 
 
 def run(root: Path, *args: str) -> None:
