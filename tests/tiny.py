@@ -64,8 +64,9 @@ def write_tiny_params(directory: Path, experiment: str = "mnist", **overrides: d
 def worker_port(offset: int = 0) -> int:
     """A TCP port of this test process's own: pytest-xdist runs the suite in several worker processes at once (gw0,
     gw1, …), and two of them rendezvousing 2-process runs on one port would meet each other (or fail to bind).
-    gw0 (and a run without xdist) gets 29500 + offset, gw1 29600 + offset, … (local Slurm jobs take 29500 + their
-    job id, below 29600 in a test's short-lived cluster)."""
+    gw0 (and a run without xdist) gets 29500 + offset, gw1 29600 + offset, … write_tiny_params makes it the tiny
+    experiments' launch.main_process_port, to which Slurm jobs add their job id (a test cluster runs far fewer
+    than 100 jobs)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     return 29500 + 100 * int(worker.removeprefix("gw")) + offset
 
