@@ -111,6 +111,27 @@ def test_the_critic_draws_its_times_uniformly_or_logit_normally(family):
     assert logit_normal(torch.tensor([0.5]), 0.0, 1.0).item() == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("family", [MixtureFlow(1.0), MixtureEDM()], ids=["flow", "edm"])
+def test_the_dm_loss_draws_its_noise_uniformly_or_logit_normally_within_its_range(family):
+    """distill.dm_times, any family: uniform over {20 … 980} by default; logit-normal(0, 1) over the same range puts
+    0.728 of the draws in its middle half (P(|z| < logit 0.75 = 1.0986) = 0.728; uniform: 0.5) and about 0.8 % below
+    index 100 (P(s < 80/961) = Φ(logit 0.0832) = Φ(−2.40) = 0.0082; uniform: 8.3 %); with a per-sample cap
+    (dm_noise_below_input) the same fractions of {20 … cap}."""
+    from dmd2.training import GlobalBatchRandom
+
+    torch.manual_seed(0)
+    uniform = family.dm_timesteps(20000, GlobalBatchRandom(), "cpu", 20, 980)
+    shaped = family.dm_timesteps(20000, GlobalBatchRandom(), "cpu", 20, 980, None, "logit_normal", (0.0, 1.0))
+    capped = family.dm_timesteps(20000, GlobalBatchRandom(), "cpu", 20, 980, torch.full((20000,), 499),
+                                 "logit_normal", (0.0, 1.0))
+    for drawn, middle, low in ((uniform, 0.5, 0.083), (shaped, 0.728, 0.0082)):
+        assert drawn.min() >= 20 and drawn.max() <= 980
+        assert ((drawn >= 260) & (drawn < 740)).double().mean().item() == pytest.approx(middle, abs=0.015)
+        assert (drawn < 100).double().mean().item() == pytest.approx(low, abs=0.006)
+    assert capped.min() >= 20 and capped.max() <= 499
+    assert ((capped >= 140) & (capped < 380)).double().mean().item() == pytest.approx(0.728, abs=0.015)
+
+
 def test_the_critic_turn_draws_what_distill_critic_times_says():
     """The setting reaches the critic's loss: with logit-normal(3, 0.5) nearly every timestep the critic trains at is
     in the table's top tenth (P(s > 0.9) = Φ((3 − ln 9)/0.5) = Φ(1.61) = 0.946; uniform: 0.1)."""

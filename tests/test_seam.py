@@ -108,7 +108,7 @@ class ToyFamily(Family):
     noised_at: set[int] = set()
     critic_at: set[int] = set()
 
-    def dm_timesteps(self, n, draw, device, low, high, cap=None):
+    def dm_timesteps(self, n, draw, device, low, high, cap=None, times="uniform", logit=(0.0, 1.0)):
         return torch.full((n,), 500, device=device)
 
     def gan_timesteps(self, n, draw, device, high):

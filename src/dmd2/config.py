@@ -190,6 +190,10 @@ class DistillConfig(Strict):
         "uniform", description="timesteps of the critic's denoising loss over the teacher's table: uniform (the "
         "original's) or logit-normal (SD3's training distribution; `critic_logit_normal`: the logit's mean and std)")
     critic_logit_normal: tuple[float, float] = (0.0, 1.0)
+    dm_times: Literal["uniform", "logit_normal"] = Field(
+        "uniform", description="noise levels of the DM loss over {min … max step}: uniform (the original's) or "
+        "logit-normal over that range (`dm_logit_normal`: the logit's mean and std), fewer draws at its ends")
+    dm_logit_normal: tuple[float, float] = (0.0, 1.0)
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(100, ge=0, description="linear LR warm-up, counted in iterations (the original's 500 "

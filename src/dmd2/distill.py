@@ -264,7 +264,8 @@ class DMD2Trainer:
         if self.cfg.dm_noise_below_input:
             from_noise = t_in == self.cfg.denoising_timesteps[0]
             cap = torch.where(from_noise, torch.full_like(t_in, high), t_in)
-        return self.family.dm_timesteps(len(t_in), self.draw, t_in.device, low, high, cap)
+        return self.family.dm_timesteps(len(t_in), self.draw, t_in.device, low, high, cap, self.cfg.dm_times,
+                                        self.cfg.dm_logit_normal)
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -450,7 +451,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
 
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
 # fingerprint, so a run started before the key was added still resumes.
-KEYS_ADDED_LATER = {"dm_noise_below_input": False}
+KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0]}
 
 
 def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool) -> Path:

@@ -15,7 +15,7 @@ Timesteps are indices t ∈ {0, …, num_train_timesteps − 1} into the family'
 (EDM's Karras σ, a DDPM schedule's ᾱ, a flow's continuous time t ∈ (0, 1]): DMD2's step ranges (20…980, the
 generator's 999 or [999, 749, 499, 249]) mean the same thing whatever the family. The family draws the times the
 loop uses (`dm_timesteps`, `critic_timesteps`, `gan_timesteps`): by default the original's uniform draws, with
-logit-normal times for the critic as an option.
+logit-normal times for the critic and the DM loss as options.
 Conditions come in two forms: *raw* conditions (integer class labels, −1 = no label; prompts later) that data
 and samplers hand around, and *encoded* conditions (`encode_conditions`) that the networks take.
 """
@@ -283,13 +283,19 @@ class Family(ABC):
         return x0_uncond + guidance_scale * (x0 - x0_uncond)
 
     def dm_timesteps(self, n: int, draw, device: torch.device | str, low: int, high: int,
-                     cap: torch.Tensor | None = None) -> torch.Tensor:
+                     cap: torch.Tensor | None = None, times: str = "uniform",
+                     logit: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
         """Timestep indices of the DM loss's noise, one per sample, from `draw` (`GlobalBatchRandom`): uniform over
         {low, …, high} (DMD2's 20…980), or with a per-sample `cap` (`distill.dm_noise_below_input`) over
-        {low, …, min(cap_i, high)}. A family may draw otherwise."""
-        if cap is None:
+        {low, …, min(cap_i, high)}; `times` "logit_normal" (`distill.dm_times`) puts the same range's fraction at
+        s = sigmoid(mean + std·z) instead of uniform. A family may draw otherwise."""
+        high_per_sample = torch.full((n,), high, device=device) if cap is None else cap.clamp(max=high)
+        if times == "uniform" and cap is None:
             return draw.randint(low, high + 1, n, device)
-        return uniform_timesteps_up_to(draw.rand(n, device), low, cap.clamp(max=high))
+        fraction = draw.rand(n, device)
+        if times == "logit_normal":
+            fraction = logit_normal(fraction, *logit)
+        return uniform_timesteps_up_to(fraction, low, high_per_sample)
 
     def gan_timesteps(self, n: int, draw, device: torch.device | str, high: int) -> torch.Tensor:
         """Timestep indices at which the diffusion-GAN head sees real and generated samples: uniform over
