@@ -72,6 +72,9 @@ def test_invalid_values_are_rejected():
         DistillConfig(denoising_timesteps=[249, 999])
     with pytest.raises(ValueError, match="min_step_percent"):
         DistillConfig(min_step_percent=0.9, max_step_percent=0.1)
+    for key in ("critic_logit_normal", "dm_logit_normal"):
+        with pytest.raises(ValueError, match=f"{key} is \\[mean, std\\].*std must be > 0"):
+            DistillConfig(**{key: (0.0, 0.0)})  # a constant time, or (negative) a mirrored one: never meant
     with pytest.raises(ValueError, match=r"slurm.distill.runtime_minutes \(5\) must exceed slurm.stop_before_limit"):
         SlurmConfig(distill={"runtime_minutes": 5})  # every run of the job would stop after one iteration
     with pytest.raises(ValueError, match=r"gpus: 1 is not a setting of this job.*launch.gpus_per_machine GPUs"):

@@ -243,6 +243,9 @@ class DistillConfig(Strict):
                              "bounds them from above: below its num_train_timesteps, 1000 for EDM and SD)")
         if sorted(self.denoising_timesteps, reverse=True) != self.denoising_timesteps:
             raise ValueError("denoising_timesteps must be in decreasing order, e.g. [999, 749, 499, 249]")
+        for key in ("critic_logit_normal", "dm_logit_normal"):
+            if getattr(self, key)[1] <= 0:
+                raise ValueError(f"{key} is [mean, std] of the logit: its std must be > 0, e.g. [0.0, 1.0]")
         return self
 
 

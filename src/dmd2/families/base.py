@@ -289,9 +289,9 @@ class Family(ABC):
         {low, …, high} (DMD2's 20…980), or with a per-sample `cap` (`distill.dm_noise_below_input`) over
         {low, …, min(cap_i, high)}; `times` "logit_normal" (`distill.dm_times`) puts the same range's fraction at
         s = sigmoid(mean + std·z) instead of uniform. A family may draw otherwise."""
-        high_per_sample = torch.full((n,), high, device=device) if cap is None else cap.clamp(max=high)
         if times == "uniform" and cap is None:
-            return draw.randint(low, high + 1, n, device)
+            return draw.randint(low, high + 1, n, device)  # the original's draw: runs from before the option repeat
+        high_per_sample = torch.full((n,), high, device=device) if cap is None else cap.clamp(max=high)
         fraction = draw.rand(n, device)
         if times == "logit_normal":
             fraction = logit_normal(fraction, *logit)
