@@ -206,10 +206,6 @@ class DistillConfig(Strict):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the generator's weights, "
                              "updated after each generator step; the student (and each checkpoint's, the FID curve's "
                              "and the sample grids') is the average. 0 = off, the original's choice")
-    critic_ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the critic's score "
-                                    "network, updated after each critic step; the DM loss reads the average instead "
-                                    "of the latest weights (the critic's own losses still train the latest). 0 = off, "
-                                    "the original's choice (docs/tuning.md section 9)")
     dfake_gen_update_ratio: int = Field(5, ge=1, description="generator updates every N iterations")
     min_step_percent: float = Field(0.02, ge=0, le=1)
     max_step_percent: float = Field(0.98, ge=0, le=1)

@@ -150,10 +150,7 @@ class DMD2Trainer:
         # the generator's weight average: a frozen copy, sharded like the generator so its shards line up
         self.generator_ema = (_to(copy.deepcopy(generator).requires_grad_(False).eval(), accelerator.device)
                               if cfg.ema_decay > 0 else None)
-        # the critic score's weight average, which the DM loss reads (distill.critic_ema_decay): sharded alike
-        self.critic_score_ema = (_to(copy.deepcopy(critic_score).requires_grad_(False).eval(), accelerator.device)
-                                 if cfg.critic_ema_decay > 0 else None)
-        self._average_views = self._critic_average_views = None  # see _update_average
+        self._average_views = None  # see _update_average
         # fsdp.activation_checkpointing asks for the same thing as distill.gradient_checkpointing: honour either
         if cfg.gradient_checkpointing or (self.sharded and launch.fsdp.activation_checkpointing):
             for net in (generator, critic_score):
@@ -161,8 +158,7 @@ class DMD2Trainer:
         if self.sharded:
             # Shard before building the optimisers, so that they hold (and checkpoint) only this rank's shards.
             mesh = device_mesh(launch, accelerator.num_processes, accelerator.device.type)
-            copies = [net for net in (generator, critic_score, self.teacher, self.generator_ema, self.critic_score_ema)
-                      if net is not None]
+            copies = [net for net in (generator, critic_score, self.teacher, self.generator_ema) if net is not None]
             for net in [*copies, gan_head]:
                 if net is not None:
                     shard(_to(net, accelerator.device), launch.fsdp, mesh)
@@ -232,17 +228,6 @@ class DMD2Trainer:
         if self._average_views is None:
             self._average_views = (self.generator_ema.state_dict(), self.generator_module.state_dict())
         ema_update_(*self._average_views, warmed_up_decay(self.cfg.ema_decay, updates))
-
-    def _update_critic_average(self, updates: int) -> None:
-        """The critic score's weight average takes this update (views kept as in `_update_average`)."""
-        if self._critic_average_views is None:
-            self._critic_average_views = (self.critic_score_ema.state_dict(), self.critic_module.score.state_dict())
-        ema_update_(*self._critic_average_views, warmed_up_decay(self.cfg.critic_ema_decay, updates))
-
-    @property
-    def dm_fake_score(self) -> nn.Module:
-        """The fake score the DM loss reads: the critic score's weight average if there is one, else its weights."""
-        return self.critic_score_ema if self.critic_score_ema is not None else self.critic_module.score
 
     def _full(self, n: int, t: int) -> torch.Tensor:
         return torch.full((n,), t, dtype=torch.long, device=self.acc.device)
@@ -319,8 +304,6 @@ class DMD2Trainer:
         metrics["grad_norm_critic"] = clip_gradients(self.opt_c, cfg.max_grad_norm)
         self.opt_c.step()
         self.opt_c.zero_grad(set_to_none=True)
-        if self.critic_score_ema is not None:
-            self._update_critic_average(step)  # the critic steps every iteration: `step` updates before this one
         self.sched_c.step()
         metrics.update(lr_generator=self.sched_g.get_last_lr()[0], lr_critic=self.sched_c.get_last_lr()[0])
         return metrics
@@ -338,7 +321,7 @@ class DMD2Trainer:
                 critic = self.critic_module
                 t_dm = self.dm_timesteps(t_in)
                 with self._autocast():
-                    loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, self.dm_fake_score, x, cond,
+                    loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x, cond,
                                                                    t_dm, self.draw.randn_like(x),
                                                                    cfg.real_guidance_scale, cfg.fake_score_fp32)
                     loss_g = cfg.dm_loss_weight * loss_dm
@@ -386,12 +369,10 @@ class DMD2Trainer:
     # ---------------------------------------------------------------------------------------------- state
 
     def training_parts(self) -> TrainingParts:
-        """What `save_training_state` writes: each trained model with its optimiser (and the weight averages)."""
+        """What `save_training_state` writes: each trained model with its optimiser (and the generator's average)."""
         parts = {"generator": (self.generator_module, self.opt_g), "critic": (self.critic_module, self.opt_c)}
         if self.generator_ema is not None:
             parts["generator_ema"] = (self.generator_ema, None)
-        if self.critic_score_ema is not None:
-            parts["critic_score_ema"] = (self.critic_score_ema, None)
         return parts
 
     def scheduler_states(self) -> dict[str, Any]:
@@ -470,8 +451,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
 
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
 # fingerprint, so a run started before the key was added still resumes.
-KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0],
-                    "critic_ema_decay": 0.0}
+KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0]}
 
 
 def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool) -> Path:

@@ -161,7 +161,6 @@ def estimate(exp: ExperimentConfig, config: dict[str, Any], processes: int | Non
         "generator": _count(generator) * 4 / group,
         "generator average": _count(generator) * 4 / group if cfg.ema_decay > 0 else 0,
         "critic and GAN head": (_count(critic) + _count(head)) * 4 / group,
-        "critic average": _count(critic) * 4 / group if cfg.critic_ema_decay > 0 else 0,
         "AdamW moments": 8 * trained / group,
         **{name: count * (2 if bf16 and name.startswith("text") else 4) for name, count in frozen.items()},
     }
