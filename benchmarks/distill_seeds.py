@@ -8,7 +8,10 @@ A setting is `NAME` (the experiment as it is) or `NAME=KEY=VALUE[,KEY=VALUE...]`
 directory whose experiment already has its data, teacher and FID reference (`snakemake models/mnist/fid_reference`
 or a default run). Each (setting, seed) runs the real `dmd2 distill` and `dmd2 evaluate` in its own directory under
 `--workdir`, which links to the project's inputs, so the project itself is not touched; `--parallel` runs that many
-at once (on a GPU, several small runs share it well). Every finished run appends a line to `--workdir/runs.jsonl`
+at once (on a GPU, several small runs share it well). A setting with `regression.enabled=true` runs the regression
+stage first. The project's finished teacher pairs (`work/<exp>/regression/pairs/run-*`, for the regression stage or
+`distill.regression_weight`) are linked into every run rather than sampled again in each; pairs with other settings
+are sampled in the run's own directory. Every finished run appends a line to `--workdir/runs.jsonl`
 and prints it; the summary at the end gives, per setting, the mean ± standard deviation over seeds of the student's
 proxy FID and of its paired difference to the teacher, the class accuracy, and the mean FID-versus-iteration curve.
 Prints figures; asserts nothing.
@@ -27,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 INPUTS = ("data", "models/{e}/teacher", "models/{e}/fid_reference")
+PAIRS = "work/{e}/regression/pairs"  # the project's finished teacher pairs, linked: sampled once for every run
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:
@@ -37,7 +41,8 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
 def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list[str], seed: int) -> dict:
     """Distill and evaluate one (setting, seed) in its own directory; return its figures."""
     run_dir = workdir / f"{name}-seed{seed}"
-    for relative in INPUTS:
+    pair_runs = [p.parent.relative_to(project) for p in (project / PAIRS.format(e=experiment)).glob("run-*/pairs.lmdb")]
+    for relative in (*INPUTS, *map(str, pair_runs)):
         link = run_dir / relative.format(e=experiment)
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
@@ -48,7 +53,8 @@ def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list
     options += [f"--set={s}" for s in [*sets, f"distill.seed={seed}"]]
     cli = [sys.executable, "-c", "from dmd2.cli import main; main()"]
     with open(run_dir / "log.txt", "w") as log:
-        for stage in ("distill", "evaluate"):
+        regressed = any(re.fullmatch(r"regression\.enabled=(true|True|1)", s) for s in sets)
+        for stage in ("regression", "distill", "evaluate") if regressed else ("distill", "evaluate"):
             if subprocess.run([*cli, stage, *options], stdout=log, stderr=subprocess.STDOUT, cwd=run_dir).returncode:
                 last = (run_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
                 raise RuntimeError(f"{name} seed {seed}: {stage} failed ({last[0]}); its log: {run_dir / 'log.txt'}")

@@ -274,3 +274,38 @@ def test_the_distillation_run_covers_the_prompts_and_the_real_data(prepared, tmp
     images, labels = train.all_uint8()
     write_lmdb(paths.data / "train.lmdb", images, labels, {**train.meta, "source_sha256": "another source"})
     assert distill_run_directory(paths, cfg, regressed=False) not in {first, with_prompts}
+
+
+@pytest.mark.slow
+def test_the_regression_term_is_the_mse_to_the_teachers_pairs_and_resumes_identically(prepared, tmp_path):
+    """`distill.regression_weight` (DMD's regression loss): on each generator turn the first step's output from a
+    batch of pairs' noise, against the teacher's samples from that noise; its logged value at the first turn is the
+    MSE computed here by hand from the untrained generator (the teacher), and a run split at a checkpoint draws the
+    same pair batches (their position is training state) and ends with the same student."""
+    from dmd2.data import RandomBatches
+    from dmd2.families import load_model
+    from dmd2.regression import PairDataset
+
+    settings = {"regression_weight": 0.5}
+    pairs = {"num_pairs": 12, "pair_batch_size": 4, "teacher_steps": 2, "loss": "mse"}
+    one_go = fresh_copy(prepared, tmp_path / "a", distill=settings, regression=pairs)
+    run(one_go, "distill")
+    log = read_jsonl(run_dir(one_go, "distill") / "metrics.jsonl")
+    assert all("loss_regression" in record for record in log)
+
+    (lmdb,) = (one_go / "work/mnist/regression/pairs").glob("run-*/pairs.lmdb")
+    teacher = load_model(one_go / "models/mnist/teacher")
+    family = teacher.family
+    target, noise, labels = RandomBatches(PairDataset(lmdb, family.sample_shape), 8, seed=0).next()  # distill.seed
+    t = torch.full((8,), 999)
+    with torch.no_grad():
+        x = family.predict_x0(teacher.net, family.generator_input(noise, t), t, family.encode_conditions(labels, "cpu"))
+    expected = torch.nn.functional.mse_loss(x, target.float()).item()
+    assert log[0]["loss_regression"] == pytest.approx(expected, rel=1e-4)
+    assert log[0]["loss_generator"] == pytest.approx(log[0]["loss_dm"] + 0.5 * expected, rel=1e-4)
+
+    split = fresh_copy(prepared, tmp_path / "b", distill={**settings, "steps": 3}, regression=pairs)
+    run(split, "distill")
+    write_tiny_params(split, distill=settings, regression=pairs)  # steps back to 6: resume from ckpt 3
+    run(split, "distill")
+    assert_identical(student_weights(one_go), student_weights(split))

@@ -221,6 +221,10 @@ class DistillConfig(Strict):
                                        "later step is matched only on what its input leaves open; off = the "
                                        "original's full range for every step (docs/tuning.md section 7)")
     gan: GANConfig = Field(default_factory=GANConfig)
+    regression_weight: float = Field(0.0, ge=0, description="DMD's regression loss during distillation (λ_reg; DMD "
+                                     "used 0.25, DMD2 dropped it: 0): every generator turn adds this weight times "
+                                     "`regression.loss` between the first step's output and the teacher's sample on "
+                                     "a batch of `regression:`'s noise-sample pairs, made once and cached")
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     mixed_precision: NoOr("bf16") = Field("no", description="bf16: autocast every network call, and keep the frozen "
                                           "teacher's weights in bf16 (trained networks keep float32 weights)")

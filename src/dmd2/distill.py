@@ -47,7 +47,7 @@ from dmd2.errors import TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
 from dmd2.losses import distribution_matching_loss, dm_step_range, gan_generator_loss
 from dmd2.paths import ExperimentPaths
-from dmd2.regression import start_weights
+from dmd2.regression import PairDataset, loss_function, make_pairs, start_weights
 from dmd2.sampling import few_step_sample, fixed_noise, grid_conditions, save_grid, to_uint8
 from dmd2.sharding import device_mesh, fill_from_rank0, full_weights, shard, shards
 from dmd2.stage import StageContext
@@ -72,12 +72,16 @@ DISTILL_PROGRESS_KEYS = {"steps", "checkpoint_every", "keep_last", "log_every", 
 @dataclass
 class Batch:
     """What one iteration needs besides noise: its size, encoded conditions (or None) and, with the GAN or
-    forward-noised multi-step training, a real batch with its own conditions."""
+    forward-noised multi-step training, a real batch with its own conditions; with `distill.regression_weight`, on
+    generator turns, a batch of the teacher's pairs (its samples, their noise, their conditions)."""
 
     size: int
     cond: Any = None
     real: torch.Tensor | None = None
     real_cond: Any = None
+    pair_target: torch.Tensor | None = None
+    pair_noise: torch.Tensor | None = None
+    pair_cond: Any = None
 
     def split(self, count: int) -> list[Batch]:
         """`count` micro-batches of equal size, in order (every tensor with the batch's rows is cut alike)."""
@@ -94,8 +98,8 @@ class Batch:
                 return type(value)(value[start : start + n])
             return value
 
-        return [Batch(n, rows(self.cond, i * n), rows(self.real, i * n), rows(self.real_cond, i * n))
-                for i in range(count)]
+        fields = (self.cond, self.real, self.real_cond, self.pair_target, self.pair_noise, self.pair_cond)
+        return [Batch(n, *(rows(value, i * n) for value in fields)) for i in range(count)]
 
 
 def new_generator(family: Family, teacher: nn.Module, cfg: DistillConfig,
@@ -186,6 +190,7 @@ class DMD2Trainer:
         self.sched_g = warmup_schedule(self.opt_g, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
         self.sched_c = warmup_schedule(self.opt_c, cfg.warmup_steps, cfg.lr_scheduler, cfg.steps)
         self.dm_range = dm_step_range(family.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
+        self.regression_loss = None  # (generator samples, teacher samples) → loss: set with the pairs (run_distill)
 
     # ---------------------------------------------------------------------------------------------- pieces
 
@@ -329,10 +334,22 @@ class DMD2Trainer:
                         loss_gan_g = gan_generator_loss(critic.logits(x, cond))
                         loss_g = loss_g + cfg.gan.gen_weight * loss_gan_g
                         metrics["loss_gan_generator"] = loss_gan_g.item()
+                if part.pair_target is not None:
+                    loss_reg = self._regression_term(part)
+                    loss_g = loss_g + cfg.regression_weight * loss_reg
+                    metrics["loss_regression"] = loss_reg.item()
                 self._check_finite({"loss_generator": loss_g, **dm_stats}, "generator", step)
                 self.acc.backward(self._share(loss_g))
                 metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
         return x.detach(), cond, metrics
+
+    def _regression_term(self, part: Batch) -> torch.Tensor:
+        """DMD's regression loss on one micro-batch of teacher pairs: the generator's first step from each pair's
+        noise against the teacher's sample from the same noise (a second forward pass, under the same sync)."""
+        t = self._full(len(part.pair_noise), self.cfg.denoising_timesteps[0])
+        with self._autocast():
+            x = self.family.predict_x0(self.generator, self.family.generator_input(part.pair_noise, t), t, part.pair_cond)
+        return self.regression_loss(x.float(), part.pair_target)
 
     def _critic_pass(self, step: int, part: Batch, x: torch.Tensor, cond: Any) -> dict[str, float]:
         """The critic's losses on one micro-batch of generated (and real) samples, and their backward."""
@@ -440,36 +457,65 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
                           generator_weights, accumulation)
     del teacher_weights, generator_weights  # rank 0's full copies: the shards hold the weights now
 
+    pairs = _regression_pairs(ctx, trainer, acc) if cfg.regression_weight > 0 else None
+
     run_dir = None
     if acc.is_main_process:  # rank 0 hashes the teacher (gigabytes for SDXL) and tells the others
-        run_dir = distill_run_directory(paths, cfg, regressed=start is not None)
+        run_dir = distill_run_directory(paths, cfg, regressed=start is not None,
+                                        pairs=_pair_settings(ctx, pairs) if pairs is not None else None)
     run_dir = broadcast_object_list([run_dir])[0]
     with one_writer(run_dir, acc):
-        step, elapsed = _resume(trainer, real, run_dir / "checkpoints", resume_from, cfg.steps, acc)
-        return _train(ctx, trainer, teacher, real, run_dir, step, elapsed, per_rank)
+        step, elapsed = _resume(trainer, real, pairs, run_dir / "checkpoints", resume_from, cfg.steps, acc)
+        return _train(ctx, trainer, teacher, real, pairs, run_dir, step, elapsed, per_rank)
+
+
+def _regression_pairs(ctx: StageContext, trainer: DMD2Trainer, acc: Accelerator) -> RandomBatches:
+    """The teacher's noise-sample pairs for the regression term (`regression:`'s pair settings; sampled once by a
+    full-precision copy of the teacher, then reused from work/<exp>/regression/pairs), as endless batches; sets the
+    trainer's loss (`regression.loss`)."""
+    exp, paths = ctx.exp, ctx.paths
+    teacher = load_model(paths.teacher, acc.device, data_dir=paths.data)
+    lmdb_path = make_pairs(ctx, teacher, acc)
+    del teacher
+    trainer.regression_loss = loss_function(exp.regression, trainer.family, acc.device, paths.root)
+    dataset = PairDataset(lmdb_path, trainer.family.sample_shape)
+    return RandomBatches(dataset, exp.distill.batch_size, exp.distill.seed, rank=acc.process_index,
+                         world=acc.num_processes)
+
+
+def _pair_settings(ctx: StageContext, pairs: RandomBatches) -> dict[str, Any]:
+    """What the regression term adds to a run's identity: which pairs (their run directory) and the loss."""
+    cfg = ctx.exp.regression
+    return {"run": pairs.dataset.samples.path.parent.name, "loss": cfg.loss,
+            **({"lpips": to_dict(cfg.lpips), "decoder": cfg.decoder} if cfg.loss == "lpips" else {})}
 
 
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
 # fingerprint, so a run started before the key was added still resumes.
-KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0]}
+KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0],
+                    "regression_weight": 0.0}
 
 
-def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool) -> Path:
+def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool,
+                          pairs: dict[str, Any] | None = None) -> Path:
     """The run directory for these settings and inputs: the teacher's files, the regressed generator (when
-    distillation starts from one), the prompts the generator draws and the real data's source (the GAN's and
-    forward-noised training's batches). Any of them changed is a new run beside the old one."""
+    distillation starts from one), the prompts the generator draws, the real data's source (the GAN's and
+    forward-noised training's batches) and the regression term's pairs and loss. Any of them changed is a new run
+    beside the old one."""
     inputs = [paths.teacher / "config.json", paths.teacher / "model.safetensors", paths.data / "prompts.lmdb" / "data.mdb"]
     if regressed:
         inputs.append(paths.regression / "model.safetensors")
     train = paths.data / "train.lmdb"
     data = read_meta(train) if (train / "data.mdb").exists() else None
     settings = {k: v for k, v in to_dict(cfg).items() if KEYS_ADDED_LATER.get(k, object()) != v}
+    if pairs is not None:
+        settings["regression_pairs"] = pairs
     return run_directory(paths.work("distill"), {**settings, "data": data},
                          progress_keys(DISTILL_PROGRESS_KEYS, cfg.lr_scheduler), [f for f in inputs if f.exists()])
 
 
-def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: RandomBatches | None, run_dir: Path,
-           step: int, elapsed: float, per_rank: int) -> dict[str, Any]:
+def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: RandomBatches | None,
+           pairs: RandomBatches | None, run_dir: Path, step: int, elapsed: float, per_rank: int) -> dict[str, Any]:
     """The loop from `step` to `distill.steps`, with logging, sample grids and checkpoints; writes the student."""
     from dmd2.tracking import MetricsLog, Wandb, progress, tracking_config
 
@@ -489,7 +535,7 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
         t0, last_generator = time.time(), {}
 
         def checkpoint(step: int) -> Path:
-            ckpt = _save(trainer, acc, ckpt_dir, step, real, elapsed + time.time() - t0, cfg.keep_last,
+            ckpt = _save(trainer, acc, ckpt_dir, step, real, pairs, elapsed + time.time() - t0, cfg.keep_last,
                          student_config(teacher.config, cfg.denoising_timesteps, {**source, "iterations": step},
                                         _lora(cfg)),
                          writer)
@@ -503,6 +549,10 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
             if real is not None:
                 x_real, y_real = real.next()
                 batch.real, batch.real_cond = x_real.to(acc.device), family.encode_conditions(y_real, acc.device)
+            if pairs is not None and step % cfg.dfake_gen_update_ratio == 0:  # generator turns only
+                target, noise, raw = pairs.next()
+                batch.pair_target, batch.pair_noise = target.to(acc.device), noise.to(acc.device)
+                batch.pair_cond = family.encode_conditions(raw, acc.device)
             metrics = trainer.train_step(step, batch)
             if "loss_dm" in metrics:  # generator turns are every N-th iteration; log their latest values
                 last_generator = {k: v for k, v in metrics.items() if k not in ("loss_fake", "loss_critic")}
@@ -561,8 +611,8 @@ def _lora(cfg: DistillConfig) -> dict[str, Any] | None:
     return {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "file": LORA_FILE} if cfg.lora.enabled else None
 
 
-def _resume(trainer: DMD2Trainer, real: RandomBatches | None, ckpt_dir: Path, resume_from: Path | None,
-            steps: int, acc: Accelerator) -> tuple[int, float]:
+def _resume(trainer: DMD2Trainer, real: RandomBatches | None, pairs: RandomBatches | None, ckpt_dir: Path,
+            resume_from: Path | None, steps: int, acc: Accelerator) -> tuple[int, float]:
     """Load the explicit checkpoint, or the newest one that loads (a corrupt newer one is moved aside); returns
     (iteration, training seconds so far); (0, 0) for a fresh run."""
 
@@ -573,6 +623,8 @@ def _resume(trainer: DMD2Trainer, real: RandomBatches | None, ckpt_dir: Path, re
         set_rng_state(state["rng"])  # one stream for all ranks (GlobalBatchRandom), whatever their number
         if real is not None:
             real.load_state_dict(state["data"])
+        if pairs is not None:
+            pairs.load_state_dict(state["pairs"])
         return meta["step"], meta.get("train_seconds", 0.0)
 
     resume_from = resume_from or checkpoint_at_or_refuse(ckpt_dir, steps, "distill.steps")
@@ -636,7 +688,8 @@ def _mean_over_ranks(metrics: dict[str, float], acc: Accelerator) -> dict[str, f
 
 
 def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, real: RandomBatches | None,
-          train_seconds: float, keep_last: int, student: dict[str, Any], writer: BackgroundWriter) -> Path:
+          pairs: RandomBatches | None, train_seconds: float, keep_last: int, student: dict[str, Any],
+          writer: BackgroundWriter) -> Path:
     """Every rank writes its shards of the models and optimisers (sharded runs); rank 0 adds the full generator
     as a student model directory (`student/`, for `evaluate-folder`) and the rest, which every rank holds
     identically (RNG, data position, schedulers), and commits. Rank 0's part is a snapshot written and committed
@@ -654,7 +707,8 @@ def _save(trainer: DMD2Trainer, acc: Accelerator, ckpt_dir: Path, step: int, rea
         weights = {k: v.to("cpu", copy=True) for k, v in weights.items()}  # training goes on updating the originals
         adapter = {k: v.to("cpu", copy=True) for k, v in adapter.items()} if adapter is not None else None
         state = {"schedulers": trainer.scheduler_states(), "rng": rng_state(),
-                 "data": real.state_dict() if real is not None else {}}
+                 "data": real.state_dict() if real is not None else {},
+                 "pairs": pairs.state_dict() if pairs is not None else {}}
         meta = {"train_seconds": train_seconds, "num_processes": acc.num_processes, "sharded": trainer.sharded}
 
         def write_and_commit() -> None:

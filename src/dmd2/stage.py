@@ -42,7 +42,7 @@ STAGE_MODULES = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_con
 # The Snakemake rules' `params:` and dvc.yaml's `params:` name the same blocks (tests/test_dag.py checks both), and
 # `dmd2 <stage> --help` lists their keys.
 STAGE_PARAMS = {"prepare_data": ("data",), "teacher": ("teacher",), "launch_config": ("launch",),
-                "regression": ("regression",), "distill": ("distill",),
+                "regression": ("regression",), "distill": ("distill", "regression"),
                 "fid_reference": ("eval.classifier", "eval.fid", "eval.coco"), "evaluate": ("eval",), "report": ("",)}
 
 
