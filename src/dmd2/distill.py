@@ -474,10 +474,11 @@ def _regression_pairs(ctx: StageContext, trainer: DMD2Trainer, acc: Accelerator)
     full-precision copy of the teacher, then reused from work/<exp>/regression/pairs), as endless batches; sets the
     trainer's loss (`regression.loss`)."""
     exp, paths = ctx.exp, ctx.paths
+    # the loss first: missing LPIPS weights or decoder are reported before any teacher sampling
+    trainer.regression_loss = loss_function(exp.regression, trainer.family, acc.device, paths.root)
     teacher = load_model(paths.teacher, acc.device, data_dir=paths.data)
     lmdb_path = make_pairs(ctx, teacher, acc)
     del teacher
-    trainer.regression_loss = loss_function(exp.regression, trainer.family, acc.device, paths.root)
     dataset = PairDataset(lmdb_path, trainer.family.sample_shape)
     return RandomBatches(dataset, exp.distill.batch_size, exp.distill.seed, rank=acc.process_index,
                          world=acc.num_processes)
