@@ -282,6 +282,10 @@ class DMD2Trainer:
 
     # ---------------------------------------------------------------------------------------------- the step
 
+    def generator_turn(self, step: int) -> bool:
+        """Whether iteration `step` updates the generator (every dfake_gen_update_ratio-th; the critic every one)."""
+        return step % self.cfg.dfake_gen_update_ratio == 0
+
     def train_step(self, step: int, batch: Batch) -> dict[str, float]:
         """One iteration on this rank's share of the global batch, cut into `accumulation` micro-batches. On a
         generator turn (every dfake_gen_update_ratio-th iteration) each micro-batch's generator loss, divided by
@@ -289,7 +293,7 @@ class DMD2Trainer:
         same on the generated samples, detached, then the critic steps once. Both schedulers step once. With one
         micro-batch this is the whole batch at once; with several, the same up to float summation order."""
         cfg, parts = self.cfg, batch.split(self.accumulation)
-        compute_generator = step % cfg.dfake_gen_update_ratio == 0
+        compute_generator = self.generator_turn(step)
         if compute_generator:
             self._critic_trainable(False)  # the generator turn updates the generator only
         passes = over_micro_batches(self.draw, parts, lambda part: self._generator_pass(step, part, compute_generator))
@@ -471,14 +475,12 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
 
 def _regression_pairs(ctx: StageContext, trainer: DMD2Trainer, acc: Accelerator) -> RandomBatches:
     """The teacher's noise-sample pairs for the regression term (`regression:`'s pair settings; sampled once by a
-    full-precision copy of the teacher, then reused from work/<exp>/regression/pairs), as endless batches; sets the
-    trainer's loss (`regression.loss`)."""
+    full-precision copy of the teacher, loaded only then, and reused from work/<exp>/regression/pairs), as endless
+    batches; sets the trainer's loss (`regression.loss`)."""
     exp, paths = ctx.exp, ctx.paths
     # the loss first: missing LPIPS weights or decoder are reported before any teacher sampling
     trainer.regression_loss = loss_function(exp.regression, trainer.family, acc.device, paths.root)
-    teacher = load_model(paths.teacher, acc.device, data_dir=paths.data)
-    lmdb_path = make_pairs(ctx, teacher, acc)
-    del teacher
+    lmdb_path = make_pairs(ctx, lambda: load_model(paths.teacher, acc.device, data_dir=paths.data), acc)
     dataset = PairDataset(lmdb_path, trainer.family.sample_shape)
     return RandomBatches(dataset, exp.distill.batch_size, exp.distill.seed, rank=acc.process_index,
                          world=acc.num_processes)
@@ -550,7 +552,7 @@ def _train(ctx: StageContext, trainer: DMD2Trainer, teacher: Model, real: Random
             if real is not None:
                 x_real, y_real = real.next()
                 batch.real, batch.real_cond = x_real.to(acc.device), family.encode_conditions(y_real, acc.device)
-            if pairs is not None and step % cfg.dfake_gen_update_ratio == 0:  # generator turns only
+            if pairs is not None and trainer.generator_turn(step):  # the term is a generator loss
                 target, noise, raw = pairs.next()
                 batch.pair_target, batch.pair_noise = target.to(acc.device), noise.to(acc.device)
                 batch.pair_cond = family.encode_conditions(raw, acc.device)

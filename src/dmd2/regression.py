@@ -137,10 +137,11 @@ def pair_noise(seed: int, indices, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def make_pairs(ctx: StageContext, teacher: Model, acc: Accelerator | None = None) -> Path:
+def make_pairs(ctx: StageContext, teacher: Model | Callable[[], Model], acc: Accelerator | None = None) -> Path:
     """The pairs LMDB for these settings unless it already exists: the pair batches dealt out to the ranks in turn,
     each kept as a file in the run directory when done (so an interrupted run resumes at the next unfinished one,
-    with any number of ranks), then gathered into one LMDB by rank 0."""
+    with any number of ranks), then gathered into one LMDB by rank 0. `teacher` may be a function that loads it,
+    called only when there is something to sample."""
     cfg, paths = ctx.exp.regression, ctx.paths
     acc = acc or Accelerator(cpu=not torch.cuda.is_available())
     run_dir = None
@@ -154,6 +155,7 @@ def make_pairs(ctx: StageContext, teacher: Model, acc: Accelerator | None = None
     if (lmdb_path / "data.mdb").exists():
         acc.print(f"regression pairs: reusing {lmdb_path}")
         return lmdb_path
+    teacher = teacher if isinstance(teacher, Model) else teacher()
     family = teacher.family
     steps = cfg.teacher_steps or family.default_teacher_steps
     guidance = family.default_guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
