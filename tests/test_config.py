@@ -25,6 +25,13 @@ def test_repository_params_are_valid():
         assert params.current(name).teacher.family
 
 
+def test_no_recipe_uses_the_regression_term():
+    """README and docs/differences.md say `distill.regression_weight` is 0 in every recipe (DMD2's choice)."""
+    params = load_params(REPO / "params.yaml")
+    assert {name: params.current(name).distill.regression_weight for name in params.experiments} == \
+        {name: 0.0 for name in params.experiments}
+
+
 def raw_params():
     return yaml.safe_load((REPO / "params.yaml").read_text())
 

@@ -221,8 +221,8 @@ class DistillConfig(Strict):
                                        "later step is matched only on what its input leaves open; off = the "
                                        "original's full range for every step (docs/tuning.md section 7)")
     gan: GANConfig = Field(default_factory=GANConfig)
-    regression_weight: float = Field(0.0, ge=0, description="DMD's regression loss during distillation (λ_reg; DMD "
-                                     "used 0.25, DMD2 dropped it: 0): every generator turn adds this weight times "
+    regression_weight: float = Field(0.0, ge=0, description="DMD's regression loss during distillation (its λ_reg; "
+                                     "DMD2 dropped the term: 0): every generator turn adds this weight times "
                                      "`regression.loss` between the first step's output and the teacher's sample on "
                                      "a batch of `regression:`'s noise-sample pairs, made once and cached")
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
