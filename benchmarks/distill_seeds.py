@@ -8,8 +8,9 @@ A setting is `NAME` (the experiment as it is) or `NAME=KEY=VALUE[,KEY=VALUE...]`
 directory whose experiment already has its data, teacher and FID reference (`snakemake models/mnist/fid_reference`
 or a default run). Each (setting, seed) runs the real `dmd2 distill` and `dmd2 evaluate` in its own directory under
 `--workdir`, which links to the project's inputs, so the project itself is not touched; `--parallel` runs that many
-at once (on a GPU, several small runs share it well). A setting with `regression.enabled=true` runs the regression
-stage first. The project's finished teacher pairs (`work/<exp>/regression/pairs/run-*`, for the regression stage or
+at once (on a GPU, several small runs share it well). A setting whose parameters enable `regression` (the
+experiment's own, as `fashion`'s, or `regression.enabled=true`) runs the regression stage first. The project's
+finished teacher pairs (`work/<exp>/regression/pairs/run-*`, for the regression stage or
 `distill.regression_weight`) are linked into every run rather than sampled again in each; pairs with other settings
 are sampled in the run's own directory. Every finished run appends a line to `--workdir/runs.jsonl`
 and prints it; the summary at the end gives, per setting, the mean ± standard deviation over seeds of the student's
@@ -28,6 +29,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from dmd2.config import load_params
 
 INPUTS = ("data", "models/{e}/teacher", "models/{e}/fid_reference")
 PAIRS = "work/{e}/regression/pairs"  # the project's finished teacher pairs, linked: sampled once for every run
@@ -53,7 +56,7 @@ def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list
     options += [f"--set={s}" for s in [*sets, f"distill.seed={seed}"]]
     cli = [sys.executable, "-c", "from dmd2.cli import main; main()"]
     with open(run_dir / "log.txt", "w") as log:
-        regressed = any(re.fullmatch(r"regression\.enabled=(true|True|1)", s) for s in sets)
+        regressed = load_params(params, sets, experiment).current(experiment).regression.enabled
         for stage in ("regression", "distill", "evaluate") if regressed else ("distill", "evaluate"):
             if subprocess.run([*cli, stage, *options], stdout=log, stderr=subprocess.STDOUT, cwd=run_dir).returncode:
                 last = (run_dir / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
