@@ -30,7 +30,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dmd2.config import load_params
+from dmd2.config import ConfigError, load_params
 
 INPUTS = ("data", "models/{e}/teacher", "models/{e}/fid_reference")
 PAIRS = "work/{e}/regression/pairs"  # the project's finished teacher pairs, linked: sampled once for every run
@@ -113,8 +113,13 @@ def main() -> None:
         if not (args.project / relative.format(e=args.experiment)).exists():
             raise SystemExit(f"{args.project / relative.format(e=args.experiment)} is missing: run the experiment's "
                              f"data, teacher and fid-reference stages in {args.project} first")
-    args.workdir.mkdir(parents=True, exist_ok=True)
     jobs = [(*parse_setting(s), seed) for s in args.settings for seed in args.seeds]
+    for name, sets, _ in jobs:  # a misspelt key fails now, not after the other settings' runs
+        try:
+            load_params(args.project / "params.yaml", sets, args.experiment)
+        except ConfigError as err:
+            raise SystemExit(f"setting {name}: {err}") from None
+    args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
 
