@@ -113,13 +113,14 @@ def main() -> None:
         if not (args.project / relative.format(e=args.experiment)).exists():
             raise SystemExit(f"{args.project / relative.format(e=args.experiment)} is missing: run the experiment's "
                              f"data, teacher and fid-reference stages in {args.project} first")
-    jobs = [(*parse_setting(s), seed) for s in args.settings for seed in args.seeds]
-    for name, sets, _ in jobs:  # a misspelt key fails now, not after the other settings' runs
+    settings = [parse_setting(s) for s in args.settings]
+    for name, sets in settings:  # a misspelt key fails now, not after the other settings' runs
         try:
             load_params(args.project / "params.yaml", sets, args.experiment)
         except ConfigError as err:
             raise SystemExit(f"setting {name}: {err}") from None
     args.workdir.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, sets, seed) for name, sets in settings for seed in args.seeds]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
 
