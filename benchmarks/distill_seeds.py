@@ -11,8 +11,11 @@ or a default run). Each (setting, seed) runs the real `dmd2 distill` and `dmd2 e
 at once (on a GPU, several small runs share it well). A setting whose parameters enable `regression` (the
 experiment's own, as `fashion`'s, or `regression.enabled=true`) runs the regression stage first. The project's
 finished teacher pairs (`work/<exp>/regression/pairs/run-*`, for the regression stage or
-`distill.regression_weight`) are linked into every run rather than sampled again in each; pairs with other settings
-are sampled in the run's own directory. Every finished run appends a line to `--workdir/runs.jsonl`
+`distill.regression_weight`) are linked into every run rather than sampled again in each, and its regression runs
+(`work/<exp>/regression/train/run-*`) are copied into every run (the stage resumes a run with its settings, so the
+seeds of a setting regress once, in the project, not once each; copied because the stage locks and writes its run
+directory); pairs or regression settings that differ from the project's are sampled and trained in the run's own
+directory. Every finished run appends a line to `--workdir/runs.jsonl`
 and prints it; the summary at the end gives, per setting, the mean ± standard deviation over seeds of the student's
 proxy FID and of its paired difference to the teacher, the class accuracy, and the mean FID-versus-iteration curve.
 Prints figures; asserts nothing.
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +38,7 @@ from dmd2.config import ConfigError, load_params
 
 INPUTS = ("data", "models/{e}/teacher", "models/{e}/fid_reference")
 PAIRS = "work/{e}/regression/pairs"  # the project's finished teacher pairs, linked: sampled once for every run
+REGRESSIONS = "work/{e}/regression/train"  # the project's regression runs, copied: the stage resumes a matching one
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:
@@ -50,6 +55,10 @@ def run_one(project: Path, workdir: Path, experiment: str, name: str, sets: list
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to((project / relative.format(e=experiment)).resolve())
+    for regression in (project / REGRESSIONS.format(e=experiment)).glob("run-*"):
+        copy = run_dir / regression.relative_to(project)
+        if not copy.exists():
+            shutil.copytree(regression, copy, ignore=shutil.ignore_patterns("LOCK"))
     params = run_dir / "params.yaml"
     params.write_text((project / "params.yaml").read_text())
     options = ["--experiment", experiment, "--params", str(params), "--root", str(run_dir)]

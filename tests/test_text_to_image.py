@@ -526,6 +526,7 @@ def test_distillation_starts_from_the_regressed_generator_and_a_regression_run_r
 
     from dmd2.config import load_params
     from dmd2.distill import new_generator
+    from dmd2.families import ModelError
     from dmd2.paths import ExperimentPaths
     from dmd2.regression import start_weights
     from dmd2.stage import StageContext
@@ -558,6 +559,13 @@ def test_distillation_starts_from_the_regressed_generator_and_a_regression_run_r
     generator = new_generator(teacher.family, copy.deepcopy(teacher.net), params.current().distill, start_weights(ctx))
     for key, value in generator.state_dict().items():
         assert torch.equal(value, a[key])
+    # a multi-step student from the same first timestep starts from the same weights; another first timestep is refused
+    two_step = load_params(straight / "params.yaml", ["distill.denoising_timesteps=[399, 199]"])
+    weights = start_weights(StageContext(two_step, "sdxl-tiny", ExperimentPaths("sdxl-tiny", straight)))
+    assert all(torch.equal(weights[k], a[k]) for k in a)
+    other = load_params(straight / "params.yaml", ["distill.denoising_timesteps=[999, 499]"])
+    with pytest.raises(ModelError, match=r"pre-trained at t = \[399\].*starts at 999.*dmd2 regression"):
+        start_weights(StageContext(other, "sdxl-tiny", ExperimentPaths("sdxl-tiny", straight)))
 
 
 def test_clip_score_rows_compare_each_sample_with_its_own_prompt(sd_project, sd_student, tmp_path):

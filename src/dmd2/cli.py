@@ -245,7 +245,7 @@ def teacher(ctx: StageContext, resume_from_checkpoint: str | None) -> None:
 @main.command(cls=_Stage, reads="regression")
 @_common
 def regression(ctx: StageContext) -> None:
-    """Pre-train a one-step generator on teacher ODE pairs (regression.enabled; the SDXL one-step recipe); writes
+    """Pre-train the generator's first step on teacher ODE pairs (regression.enabled; the SDXL one-step recipe); writes
     models/<exp>/regression/. Pairs and checkpoints are kept in work/<exp>/regression/; rerun to resume."""
     if not ctx.exp.regression.enabled:  # the usual case: a record that says so, without importing torch
         folder = ctx.paths.regression

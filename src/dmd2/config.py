@@ -330,10 +330,10 @@ class LPIPSConfig(Strict):
 
 
 class RegressionConfig(Strict):
-    """Regression pre-training of a one-step generator on teacher ODE pairs (the SDXL one-step recipe: 10k pairs,
+    """Regression pre-training of the generator's first step on teacher ODE pairs (the SDXL one-step recipe: 10k pairs,
     LPIPS, lr 1e-5, 2k iterations); distillation then starts from it."""
 
-    enabled: bool = Field(False, description="pre-train the generator before distillation (one-step students)")
+    enabled: bool = Field(False, description="pre-train the generator's first step before distillation")
     num_pairs: int = Field(10000, ge=1, description="teacher noise-sample pairs to generate")
     pair_batch_size: int = Field(16, ge=1, description="teacher samples a process generates at once")
     teacher_steps: int | None = Field(None, ge=1, description="the teacher sampler's steps for the pairs "

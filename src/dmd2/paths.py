@@ -44,7 +44,7 @@ class ExperimentPaths:
 
     @property
     def regression(self) -> Path:
-        """The one-step generator pre-trained on teacher pairs (`regression.enabled`)."""
+        """The generator pre-trained on teacher pairs at its first step (`regression.enabled`)."""
         return self.root / "models" / self.experiment / "regression"
 
     @property

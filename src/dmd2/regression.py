@@ -1,10 +1,13 @@
-"""Regression pre-training of a one-step generator on teacher ODE pairs (method notes §2.8; the SDXL one-step recipe).
+"""Regression pre-training of a generator's first step on teacher ODE pairs (method notes §2.8; the SDXL one-step
+recipe).
 
 The SDXL one-step student conditions on t = 399 rather than 999, and starts not from the teacher's weights but from
 a short regression: the teacher's own deterministic sampler maps noise z to a sample x = ODE(z) (with its
 guidance), for `regression.num_pairs` noises; the generator G(z, t) then learns to reproduce x from z in one call,
 with LPIPS between the decoded images (the original: LPIPS-VGG with average pooling, both sides decoded by the tiny
-VAE). With `regression.enabled`, distillation starts its generator from the result.
+VAE). With `regression.enabled`, distillation starts its generator from the result. The pairs train the step from
+pure noise, distill.denoising_timesteps[0]; a multi-step student's later steps share the weights (our extension: the
+original pre-trains one-step students only).
 
 The stage runs as `launch:`'s processes, as distillation does (`dmd2 regression` starts them), and has two
 halves, each resumable by running the same command again:
@@ -18,8 +21,8 @@ halves, each resumable by running the same command again:
           the global batch, each rank regressing its share (cut into `regression.micro_batch` passes) under DDP,
           or sharded with FSDP2 (`launch.distributed: fsdp`); gradients are averaged once per step, so any launch
           shape trains the same generator up to floating-point reduction order.
-Output: models/<exp>/regression/, the generator in the normalised format (a student at distill's one timestep,
-so `dmd2 generate` samples it). Disabled, `dmd2 regression` writes only a stage.json that says so.
+Output: models/<exp>/regression/, the generator in the normalised format (a one-step student at distill's first
+timestep, so `dmd2 generate` samples it). Disabled, `dmd2 regression` writes only a stage.json that says so.
 """
 
 from __future__ import annotations
@@ -112,12 +115,10 @@ def run_regression(ctx: StageContext, accelerator: Accelerator | None = None) ->
 
 
 def regression_timestep(ctx: StageContext) -> int:
-    """The generator's one timestep (distill.denoising_timesteps), refused for multi-step or LoRA students."""
+    """The timestep of the generator's first step, the one from pure noise (distill.denoising_timesteps[0]): the pairs
+    teach that step. A multi-step student's later steps share its weights, so they start from the regressed copy too
+    and distillation trains them as it does from the teacher. Refused for LoRA students."""
     distill = ctx.exp.distill
-    if len(distill.denoising_timesteps) != 1:
-        raise ConfigError(f"regression.enabled pre-trains a one-step generator, but distill.denoising_timesteps is "
-                          f"{distill.denoising_timesteps}: set one timestep (the SDXL recipe: [399]) or "
-                          "regression.enabled: false")
     if distill.lora.enabled:
         raise ConfigError("regression.enabled changes every weight of the generator, but distill.lora trains adapters "
                           "on the teacher's weights: turn one of them off")
@@ -478,13 +479,13 @@ def start_weights(ctx: StageContext) -> dict[str, torch.Tensor] | None:
     (the teacher's)."""
     if not ctx.exp.regression.enabled:
         return None
-    regression_timestep(ctx)
+    first = regression_timestep(ctx)
     folder = ctx.paths.regression
     if not (folder / "model.safetensors").exists():
         raise ModelError(f"regression.enabled, but {folder} holds no pre-trained generator: run `dmd2 regression` "
                          "first (snakemake and dvc do this for you)")
     model = load_model(folder)
-    if model.timesteps != list(ctx.exp.distill.denoising_timesteps):
-        raise ModelError(f"{folder} was pre-trained at t = {model.timesteps}, but distill.denoising_timesteps is "
-                         f"{ctx.exp.distill.denoising_timesteps}: rerun `dmd2 regression`")
+    if model.timesteps != [first]:
+        raise ModelError(f"{folder} was pre-trained at t = {model.timesteps}, but distill.denoising_timesteps starts at "
+                         f"{first}: rerun `dmd2 regression`")
     return model.net.state_dict()
