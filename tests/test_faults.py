@@ -461,6 +461,37 @@ def test_multi_step_training_without_backward_simulation_noises_real_samples_to_
         assert torch.equal(x_in[i:i + 1], expected)  # pure noise at the top step, the real sample noised below it
 
 
+def test_backward_simulation_draws_one_step_per_batch_or_one_per_sample():
+    """distill.step_per_sample: each sample's input is the student's own roll-out to the step it drew (the batch
+    rolled out through every step with the same draws); off, the whole batch shares one step."""
+    from dmd2.sampling import few_step_sample
+
+    steps = [999, 499, 249]
+    trainer, _ = _tiny_trainer(denoising_timesteps=steps, step_per_sample=True)
+    family, net, n = trainer.family, trainer.generator, 8
+    torch.manual_seed(3)
+    x_in, t = trainer.generator_input(n, None)
+    torch.manual_seed(3)  # the same draws, in the same order: the noise, the steps, each roll-out's re-noising
+    z = trainer.draw.randn(n, (1, 8, 8), "cpu")
+    k = trainer.draw.randint(0, len(steps), n, "cpu")
+    renoise = [trainer.draw.randn(n, (1, 8, 8), "cpu") for _ in steps[1:]]
+    assert torch.equal(t, torch.tensor(steps)[k]) and len(set(t.tolist())) == 3  # all three steps in one batch
+    with torch.no_grad():
+        for i, step in enumerate(k.tolist()):
+            if step == 0:
+                expected = family.generator_input(z[i:i + 1], t[i:i + 1])
+            else:
+                draws = iter([r[i:i + 1] for r in renoise])
+                x0 = few_step_sample(family, net, z[i:i + 1], None, steps[:step], lambda x, d=draws: next(d))
+                expected = family.add_noise(x0, renoise[step - 1][i:i + 1], t[i:i + 1])
+            torch.testing.assert_close(x_in[i:i + 1], expected, rtol=1e-5, atol=1e-5)
+
+    shared, _ = _tiny_trainer(denoising_timesteps=steps)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        assert len(set(shared.generator_input(n, None)[1].tolist())) == 1
+
+
 def test_distillation_starts_the_generator_as_the_teacher_and_leaves_the_teacher_untouched(prepared, tmp_path,
                                                                                             monkeypatch):
     import dmd2.distill

@@ -216,6 +216,9 @@ class DistillConfig(Strict):
         default_factory=lambda: [999], description="generator timesteps; [999] = 1 step, [999,749,499,249] = 4 steps"
     )
     backward_simulation: bool = Field(True, description="multi-step: train on the student's own roll-outs")
+    step_per_sample: bool = Field(False, description="multi-step with backward simulation: every sample of a batch "
+                                  "draws its own step, so the critic sees all steps' outputs in every batch; off = "
+                                  "one step for the whole batch each iteration")
     dm_noise_below_input: bool = Field(False, description="multi-step: the DM loss of an output made from a noisy "
                                        "input at t (every step after the first) draws its noise at or below t, so a "
                                        "later step is matched only on what its input leaves open; off = the "

@@ -247,6 +247,8 @@ class DMD2Trainer:
         if self.cfg.backward_simulation:
             # Backward simulation: roll the current student out for k steps from pure noise (no grad) and train at
             # step k, so training inputs come from the student's own distribution, as at inference.
+            if self.cfg.step_per_sample:
+                return self._rolled_out_per_sample(z, cond)
             k = self._same_on_all_ranks(int(torch.randint(len(steps), (1,))))
             if k == 0:
                 return family.generator_input(z, self._full(n, steps[0])), self._full(n, steps[0])
@@ -260,6 +262,22 @@ class DMD2Trainer:
         x_t = family.add_noise(real, self.draw.randn_like(real), t)
         pure = (t == steps[0]).reshape(-1, *[1] * len(self.shape))
         return torch.where(pure, family.generator_input(z, t), x_t), t
+
+    def _rolled_out_per_sample(self, z: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward simulation with a step drawn per sample: the whole batch is rolled out through every step (the
+        same number of network calls on every rank, as sharded training needs) and each sample keeps its input at
+        its own step."""
+        steps, family, n = self.cfg.denoising_timesteps, self.family, len(z)
+        k = self.draw.randint(0, len(steps), n, self.acc.device)
+        x_t = family.generator_input(z, self._full(n, steps[0]))
+        chosen = x_t.clone()
+        with torch.no_grad(), self._autocast():
+            for j in range(1, len(steps)):
+                x0 = family.predict_x0(self.generator, x_t, self._full(n, steps[j - 1]), cond).float()
+                x_t = family.add_noise(x0, self.draw.randn_like(x0), self._full(n, steps[j]))
+                here = (k == j).reshape(-1, *[1] * (x_t.dim() - 1))
+                chosen = torch.where(here, x_t, chosen)
+        return chosen, torch.tensor(steps, device=self.acc.device)[k]
 
     def dm_timesteps(self, t_in: torch.Tensor) -> torch.Tensor:
         """The DM loss's noise level per sample: U{min … max step}; with `dm_noise_below_input`, an output the
@@ -496,7 +514,7 @@ def _pair_settings(ctx: StageContext, pairs: RandomBatches) -> dict[str, Any]:
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
 # fingerprint, so a run started before the key was added still resumes.
 KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0],
-                    "regression_weight": 0.0}
+                    "regression_weight": 0.0, "step_per_sample": False}
 
 
 def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool,
