@@ -217,7 +217,7 @@ class DistillConfig(Strict):
     )
     backward_simulation: bool = Field(True, description="multi-step: train on the student's own roll-outs")
     step_per_sample: bool = Field(False, description="multi-step with backward simulation: every sample of a batch "
-                                  "draws its own step, so the critic sees all steps' outputs in every batch; off = "
+                                  "draws its own step, so every batch mixes the steps' outputs for the critic; off = "
                                   "one step for the whole batch each iteration")
     dm_noise_below_input: bool = Field(False, description="multi-step: the DM loss of an output made from a noisy "
                                        "input at t (every step after the first) draws its noise at or below t, so a "
