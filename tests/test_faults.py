@@ -469,6 +469,15 @@ def test_backward_simulation_draws_one_step_per_batch_or_one_per_sample():
     steps = [999, 499, 249]
     trainer, _ = _tiny_trainer(denoising_timesteps=steps, step_per_sample=True)
     family, net, n = trainer.family, trainer.generator, 8
+    calls, predict, drawn = [], family.predict_x0, set()
+    family.predict_x0 = lambda *args, **kwargs: calls.append(1) or predict(*args, **kwargs)
+    for seed in range(10):  # one sample a batch: some batches draw only the first step, some only the last
+        torch.manual_seed(seed)
+        drawn.add(int(trainer.generator_input(1, None)[1]))
+        assert len(calls) == len(steps) - 1  # every step rolled out, whatever the draws: the same calls on every rank
+        calls.clear()
+    family.predict_x0 = predict
+    assert drawn == set(steps)
     torch.manual_seed(3)
     x_in, t = trainer.generator_input(n, None)
     torch.manual_seed(3)  # the same draws, in the same order: the noise, the steps, each roll-out's re-noising
