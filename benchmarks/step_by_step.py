@@ -1,5 +1,7 @@
-"""Where a few-step student gains or loses quality: score the x0 after each of its steps, and each later step on its
-own, fed real held-out images noised to that step's level.
+"""Where a few-step student gains or loses quality: score the x0 after each of its steps, the steps' outputs mixed
+(sample i from step i mod N: what one critic for all steps learns), and each later step on its own, fed real
+held-out images noised to that step's level. A mixture that scores well above every step alone is the sign of
+one critic matching the mixture rather than each step (`distill.critic_per_step`; docs/tuning.md section 14).
 
     python benchmarks/step_by_step.py --project . --experiment mnist \\
         --checkpoint work/mnist/distill/run-<fingerprint>/checkpoints/ckpt-0002400
@@ -66,11 +68,16 @@ def main() -> None:
     labels = family.balanced_labels(n)
     cond = family.encode_conditions(family.balanced_conditions(n), "cpu")
     x_t = family.generator_input(fixed_noise(n, family.sample_shape, exp.eval.seed), at(steps[0], n))
+    outputs = []
     for i, t in enumerate(steps):
         x0 = family.predict_x0(net, x_t, at(t, n), cond).float()
+        outputs.append(x0)
         print(json.dumps({"chain_step": i + 1, "t": t, **scores(ref, family, x0, labels)}))
         if i + 1 < len(steps):
             x_t = family.add_noise(x0, torch.randn(x0.shape, generator=renoise), at(steps[i + 1], n))
+    if len(steps) > 1:
+        mixed = torch.stack(outputs)[torch.arange(n) % len(steps), torch.arange(n)]
+        print(json.dumps({"steps_mixed": True, **scores(ref, family, mixed, labels)}))
 
     real, real_labels = real_images(paths, exp.data.resolution, n)
     real_cond = family.encode_conditions(real_labels, "cpu")

@@ -691,3 +691,54 @@ def test_a_slurm_jobs_time_left_is_read_in_seconds(text, seconds):
 
     assert parse_time_left(text + "\n") == seconds
 
+
+
+def test_a_critic_per_step_trains_on_and_judges_only_its_steps_rows():
+    """distill.critic_per_step: row i of the global batch is step i mod N (every micro-batch holds each step alike);
+    the rows of step j train critic j alone, and only critic j scores them in the generator's losses."""
+    from dmd2.config import ConfigError, DistillConfig
+    from dmd2.distill import _check_step_blocks
+
+    steps = [999, 499]
+    trainer, _ = _tiny_trainer(denoising_timesteps=steps, critic_per_step=True)
+    critics = trainer.critic_module.critics
+    assert len(critics) == 2 and critics[0].score is not critics[1].score and critics[0].head is not critics[1].head
+    _, t = trainer.generator_input(4, None)
+    assert t.tolist() == [999, 499, 999, 499]
+    with trainer.draw.micro_batch(1, 2):  # the second of two micro-batches of 2: global rows 2 and 3
+        assert trainer.generator_input(2, None)[1].tolist() == [999, 499]
+    rows = trainer.step_of(t)
+    family = trainer.family
+    cond = family.encode_conditions(torch.tensor([0, 1, 2, 0]), "cpu")
+    real, x = torch.rand(4, 1, 8, 8) * 2 - 1, torch.rand(4, 1, 8, 8) * 2 - 1
+
+    def critic_grads(fake: torch.Tensor) -> list[torch.Tensor]:
+        trainer.critic_module.zero_grad()
+        torch.manual_seed(0)
+        out = trainer.critic_module(fake, cond, real, cond, rows)
+        (out["loss_fake"] + out["loss_gan_critic"]).backward()
+        return [torch.cat([p.grad.flatten() for p in c.parameters()]) for c in critics]
+
+    before = critic_grads(x)
+    after = critic_grads(torch.where((rows == 1).reshape(-1, 1, 1, 1), -x, x))  # step 1's rows changed
+    assert torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])
+
+    def generator_grads() -> torch.Tensor:
+        sample = x.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        loss_dm, _, loss_gan = trainer._generator_losses(sample, cond, t)
+        (loss_dm + loss_gan).backward()
+        return sample.grad
+
+    before = generator_grads()
+    with torch.no_grad():
+        for p in critics[1].parameters():
+            p.add_(0.1 * torch.randn_like(p))  # step 1's critic changed
+    after = generator_grads()
+    assert torch.equal(before[rows == 0], after[rows == 0]) and not torch.equal(before[rows == 1], after[rows == 1])
+
+    with pytest.raises(ValueError, match="critic_per_step is for multi-step"):
+        DistillConfig(critic_per_step=True)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        _check_step_blocks(trainer.cfg, 3)
+    _check_step_blocks(trainer.cfg, 4)

@@ -219,6 +219,11 @@ class DistillConfig(Strict):
     step_per_sample: bool = Field(False, description="multi-step with backward simulation: every sample of a batch "
                                   "draws its own step, so every batch mixes the steps' outputs for the critic; off = "
                                   "one step for the whole batch each iteration")
+    critic_per_step: bool = Field(False, description="multi-step with backward simulation: one critic (a fake score "
+                                  "from the teacher, and its GAN head) per step, every batch shared equally among the "
+                                  "steps (row i: step i mod N), each row trained on and scored by its step's critic, "
+                                  "so each step's outputs are matched to the data rather than the steps' mixture; N "
+                                  "steps hold N critics' weights. Off = one critic for all steps, the original's")
     dm_noise_below_input: bool = Field(False, description="multi-step: the DM loss of an output made from a noisy "
                                        "input at t (every step after the first) draws its noise at or below t, so a "
                                        "later step is matched only on what its input leaves open; off = the "
@@ -250,6 +255,9 @@ class DistillConfig(Strict):
                              "bounds them from above: below its num_train_timesteps, 1000 for EDM and SD)")
         if sorted(self.denoising_timesteps, reverse=True) != self.denoising_timesteps:
             raise ValueError("denoising_timesteps must be in decreasing order, e.g. [999, 749, 499, 249]")
+        if self.critic_per_step and (len(self.denoising_timesteps) < 2 or not self.backward_simulation):
+            raise ValueError("critic_per_step is for multi-step students trained with backward_simulation: "
+                             "set several denoising_timesteps, e.g. [999, 749, 499, 249], or critic_per_step: false")
         for key in ("critic_logit_normal", "dm_logit_normal"):
             if getattr(self, key)[1] <= 0:
                 raise ValueError(f"{key} is [mean, std] of the logit: its std must be > 0, e.g. [0.0, 1.0]")

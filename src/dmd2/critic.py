@@ -15,6 +15,7 @@ from torch import nn
 
 from dmd2.families import Family
 from dmd2.losses import gan_critic_loss
+from dmd2.training import take_rows
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -81,8 +82,9 @@ class Critic(nn.Module):
         self.times, self.logit = times, tuple(logit)  # the denoising loss's time distribution (distill.critic_times)
 
     def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None = None,
-                real_cond: Any = None) -> dict[str, torch.Tensor]:
-        """The critic turn's losses on detached generator samples (and, with the GAN, a real batch)."""
+                real_cond: Any = None, steps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The critic turn's losses on detached generator samples (and, with the GAN, a real batch). `steps`, each
+        row's student step, is for `StepCritics`; one critic takes every step's rows alike."""
         t = self.family.critic_timesteps(fake.shape[0], self.draw, fake.device, self.times, self.logit)
         out = {"loss_fake": self.family.fake_score_loss(self.score, fake, t, cond, self.draw.randn_like(fake))}
         if self.head is not None and real is not None:
@@ -92,9 +94,43 @@ class Critic(nn.Module):
             out["logit_real"], out["logit_fake"] = logits_real.detach().mean(), logits_fake.detach().mean()
         return out
 
+    def by_step(self, steps: torch.Tensor) -> list[tuple[Critic, slice | torch.Tensor]]:
+        """Which critic judges which rows: this one, all of them."""
+        return [(self, slice(None))]
+
     def logits(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
         """Diffusion-GAN: noise at the family's GAN timesteps (by default t ~ U{0 … gan_max_timestep − 1}), classify
         the critic's features there."""
         t = self.family.gan_timesteps(x.shape[0], self.draw, x.device, self.gan_max_timestep)
         x_t = self.family.add_noise(x, self.draw.randn_like(x), t)
         return self.head(self.family.gan_features(self.score, x_t, t, cond))
+
+
+class StepCritics(nn.Module):
+    """One critic per student step (`distill.critic_per_step`): the rows step j made train, and are scored by,
+    critic j alone, so that each step's outputs are matched to the data. A single critic learns the mixture of
+    the steps' outputs, which can match the data while no step's outputs do."""
+
+    def __init__(self, critics: list[Critic]):
+        super().__init__()
+        self.critics = nn.ModuleList(critics)
+
+    @property
+    def head(self) -> nn.Module | None:
+        return self.critics[0].head
+
+    def by_step(self, steps: torch.Tensor) -> list[tuple[Critic, torch.Tensor]]:
+        """Each critic with the indices of its step's rows, where it has any."""
+        pieces = [(critic, (steps == j).nonzero().flatten()) for j, critic in enumerate(self.critics)]
+        return [(critic, rows) for critic, rows in pieces if len(rows)]
+
+    def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None = None,
+                real_cond: Any = None, steps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each critic's losses on its step's rows (and as many rows of the real batch), weighted by their share of
+        the batch: their sum is the batch mean, as for one critic."""
+        n, totals = len(fake), {}
+        for critic, rows in self.by_step(steps):
+            out = critic(fake[rows], take_rows(cond, n, rows), take_rows(real, n, rows), take_rows(real_cond, n, rows))
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0) + value * (len(rows) / n)
+        return totals

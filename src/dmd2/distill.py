@@ -41,7 +41,7 @@ from dmd2.checkpoint import (
     writing,
 )
 from dmd2.config import ConfigError, DistillConfig, LaunchConfig, batch_shares, to_dict
-from dmd2.critic import Critic, gan_head
+from dmd2.critic import Critic, StepCritics, gan_head
 from dmd2.data import DataError, RandomBatches, open_split, read_meta
 from dmd2.errors import TrainingDiverged
 from dmd2.families import LORA_FILE, Family, Model, load_model, save_model, student_config
@@ -61,6 +61,7 @@ from dmd2.training import (
     gradient_sync,
     over_micro_batches,
     progress_keys,
+    take_rows,
     warmed_up_decay,
     warmup_schedule,
 )
@@ -88,18 +89,9 @@ class Batch:
         if count == 1:
             return [self]
         n = self.size // count
-
-        def rows(value: Any, start: int) -> Any:
-            if torch.is_tensor(value) and value.dim() and value.shape[0] == self.size:
-                return value[start : start + n]
-            if isinstance(value, dict):
-                return {k: rows(v, start) for k, v in value.items()}
-            if isinstance(value, (list, tuple)) and len(value) == self.size:
-                return type(value)(value[start : start + n])
-            return value
-
         fields = (self.cond, self.real, self.real_cond, self.pair_target, self.pair_noise, self.pair_cond)
-        return [Batch(n, *(rows(value, i * n) for value in fields)) for i in range(count)]
+        return [Batch(n, *(take_rows(value, self.size, slice(i * n, (i + 1) * n)) for value in fields))
+                for i in range(count)]
 
 
 def new_generator(family: Family, teacher: nn.Module, cfg: DistillConfig,
@@ -144,8 +136,9 @@ class DMD2Trainer:
         self.family, self.cfg, self.acc, self.accumulation = family, cfg, accelerator, accumulation
         self.shape = family.sample_shape
         self.draw = GlobalBatchRandom(accelerator.process_index, accelerator.num_processes)
-        critic = Critic(family, critic_score, gan_head, cfg.gan.diffusion_max_timestep, self.draw, cfg.critic_times,
-                        cfg.critic_logit_normal)
+        critic = self._new_critic(critic_score, gan_head)
+        critics = list(critic.critics) if isinstance(critic, StepCritics) else [critic]
+        critic_scores = [c.score for c in critics]
         self.sharded = shards(launch, accelerator.num_processes)
         if cfg.mixed_precision == "bf16":  # the frozen teacher is only ever read under bf16 autocast: half its memory
             teacher = teacher.to(torch.bfloat16)
@@ -157,13 +150,13 @@ class DMD2Trainer:
         self._average_views = None  # see _update_average
         # fsdp.activation_checkpointing asks for the same thing as distill.gradient_checkpointing: honour either
         if cfg.gradient_checkpointing or (self.sharded and launch.fsdp.activation_checkpointing):
-            for net in (generator, critic_score):
+            for net in (generator, *critic_scores):
                 family.enable_gradient_checkpointing(net)
         if self.sharded:
             # Shard before building the optimisers, so that they hold (and checkpoint) only this rank's shards.
             mesh = device_mesh(launch, accelerator.num_processes, accelerator.device.type)
-            copies = [net for net in (generator, critic_score, self.teacher, self.generator_ema) if net is not None]
-            for net in [*copies, gan_head]:
+            copies = [net for net in (generator, *critic_scores, self.teacher, self.generator_ema) if net is not None]
+            for net in [*copies, *(c.head for c in critics)]:
                 if net is not None:
                     shard(_to(net, accelerator.device), launch.fsdp, mesh)
             if any(_on_meta(net) for net in copies):
@@ -193,6 +186,25 @@ class DMD2Trainer:
         self.regression_loss = None  # (generator samples, teacher samples) → loss: set with the pairs (run_distill)
 
     # ---------------------------------------------------------------------------------------------- pieces
+
+    def _new_critic(self, score: nn.Module, head: nn.Module | None) -> Critic | StepCritics:
+        """One critic for every step, or (distill.critic_per_step) one per step, each from copies of the first's
+        fake score and GAN head (the teacher's weights, or a meta skeleton filled later, and the head's start)."""
+        cfg = self.cfg
+
+        def critic(score: nn.Module, head: nn.Module | None) -> Critic:
+            return Critic(self.family, score, head, cfg.gan.diffusion_max_timestep, self.draw, cfg.critic_times,
+                          cfg.critic_logit_normal)
+
+        if not cfg.critic_per_step:
+            return critic(score, head)
+        copies = [(copy.deepcopy(score), copy.deepcopy(head)) for _ in cfg.denoising_timesteps[1:]]
+        return StepCritics([critic(score, head), *(critic(*pair) for pair in copies)])
+
+    def step_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Each row's student step (its index in denoising_timesteps) from the timestep of its generator input."""
+        steps = torch.tensor(self.cfg.denoising_timesteps, device=t.device)
+        return (t[:, None] == steps).int().argmax(dim=1)
 
     @property
     def student_module(self) -> nn.Module:
@@ -247,8 +259,10 @@ class DMD2Trainer:
         if self.cfg.backward_simulation:
             # Backward simulation: roll the current student out for k steps from pure noise (no grad) and train at
             # step k, so training inputs come from the student's own distribution, as at inference.
+            if self.cfg.critic_per_step:  # row i of the global batch: step i mod N, equal shares for every critic
+                return self._rolled_out_per_sample(z, cond, self.draw.positions(n, self.acc.device) % len(steps))
             if self.cfg.step_per_sample:
-                return self._rolled_out_per_sample(z, cond)
+                return self._rolled_out_per_sample(z, cond, self.draw.randint(0, len(steps), n, self.acc.device))
             k = self._same_on_all_ranks(int(torch.randint(len(steps), (1,))))
             if k == 0:
                 return family.generator_input(z, self._full(n, steps[0])), self._full(n, steps[0])
@@ -263,12 +277,11 @@ class DMD2Trainer:
         pure = (t == steps[0]).reshape(-1, *[1] * len(self.shape))
         return torch.where(pure, family.generator_input(z, t), x_t), t
 
-    def _rolled_out_per_sample(self, z: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward simulation with a step drawn per sample: the whole batch is rolled out through every step (the
+    def _rolled_out_per_sample(self, z: torch.Tensor, cond: Any, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward simulation with a step per sample (`k`): the whole batch is rolled out through every step (the
         same number of network calls on every rank, as sharded training needs) and each sample keeps its input at
         its own step."""
         steps, family, n = self.cfg.denoising_timesteps, self.family, len(z)
-        k = self.draw.randint(0, len(steps), n, self.acc.device)
         x_t = family.generator_input(z, self._full(n, steps[0]))
         chosen = x_t.clone()
         with torch.no_grad(), self._autocast():
@@ -315,7 +328,7 @@ class DMD2Trainer:
         if compute_generator:
             self._critic_trainable(False)  # the generator turn updates the generator only
         passes = over_micro_batches(self.draw, parts, lambda part: self._generator_pass(step, part, compute_generator))
-        metrics = _mean_of([m for _, _, m in passes])
+        metrics = _mean_of([m for *_, m in passes])
         if compute_generator:
             metrics["grad_norm_generator"] = clip_gradients(self.opt_g, cfg.max_grad_norm)
             self.opt_g.step()
@@ -326,7 +339,7 @@ class DMD2Trainer:
         self.sched_g.step()  # every iteration, generator turn or not: warm-up counts iterations
 
         # Critic turn, on the same (detached) generator samples.
-        samples = [(part, x, cond) for part, (x, cond, _) in zip(parts, passes, strict=True)]
+        samples = [(part, *made) for part, (*made, _) in zip(parts, passes, strict=True)]
         metrics.update(_mean_of(over_micro_batches(self.draw, samples, lambda s: self._critic_pass(step, *s))))
         metrics["grad_norm_critic"] = clip_gradients(self.opt_c, cfg.max_grad_norm)
         self.opt_c.step()
@@ -335,8 +348,10 @@ class DMD2Trainer:
         metrics.update(lr_generator=self.sched_g.get_last_lr()[0], lr_critic=self.sched_c.get_last_lr()[0])
         return metrics
 
-    def _generator_pass(self, step: int, part: Batch, compute_generator: bool) -> tuple[torch.Tensor, Any, dict]:
-        """The generator's output on one micro-batch, and on a generator turn the backward of its loss."""
+    def _generator_pass(self, step: int, part: Batch, compute_generator: bool
+                        ) -> tuple[torch.Tensor, Any, torch.Tensor, dict]:
+        """The generator's output on one micro-batch with its conditions and each row's step, and on a generator turn
+        the backward of its loss."""
         cfg, metrics = self.cfg, {}
         # forward-noised real samples keep their own conditions; otherwise the batch's generated conditions
         cond = part.real_cond if self.forward_noises_real else part.cond
@@ -345,15 +360,10 @@ class DMD2Trainer:
             with torch.set_grad_enabled(compute_generator), self._autocast():
                 x = self.family.predict_x0(self.generator, x_in, t_in, cond).float()
             if compute_generator:
-                critic = self.critic_module
-                t_dm = self.dm_timesteps(t_in)
                 with self._autocast():
-                    loss_dm, dm_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x, cond,
-                                                                   t_dm, self.draw.randn_like(x),
-                                                                   cfg.real_guidance_scale, cfg.fake_score_fp32)
+                    loss_dm, dm_stats, loss_gan_g = self._generator_losses(x, cond, t_in)
                     loss_g = cfg.dm_loss_weight * loss_dm
-                    if critic.head is not None:
-                        loss_gan_g = gan_generator_loss(critic.logits(x, cond))
+                    if loss_gan_g is not None:
                         loss_g = loss_g + cfg.gan.gen_weight * loss_gan_g
                         metrics["loss_gan_generator"] = loss_gan_g.item()
                 if part.pair_target is not None:
@@ -363,7 +373,29 @@ class DMD2Trainer:
                 self._check_finite({"loss_generator": loss_g, **dm_stats}, "generator", step)
                 self.acc.backward(self._share(loss_g))
                 metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
-        return x.detach(), cond, metrics
+        return x.detach(), cond, self.step_of(t_in), metrics
+
+    def _generator_losses(self, x: torch.Tensor, cond: Any, t_in: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+        """The DM loss (with its statistics) and the GAN's generator loss (None without the GAN) on the generator's
+        outputs x, each row judged by its step's critic; every loss is a share-weighted sum, so the batch mean."""
+        cfg, n = self.cfg, len(x)
+        t_dm, noise = self.dm_timesteps(t_in), self.draw.randn_like(x)
+        pieces = self.critic_module.by_step(self.step_of(t_in))
+        loss_dm, stats = 0, {}
+        for critic, rows in pieces:
+            share = len(x[rows]) / n
+            loss, piece_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x[rows],
+                                                           take_rows(cond, n, rows), t_dm[rows], noise[rows],
+                                                           cfg.real_guidance_scale, cfg.fake_score_fp32)
+            loss_dm = loss_dm + share * loss
+            for key, value in piece_stats.items():
+                stats[key] = stats.get(key, 0.0) + share * value
+        if self.critic_module.head is None:
+            return loss_dm, stats, None
+        loss_gan = sum(len(x[rows]) / n * gan_generator_loss(critic.logits(x[rows], take_rows(cond, n, rows)))
+                       for critic, rows in pieces)
+        return loss_dm, stats, loss_gan
 
     def _regression_term(self, part: Batch) -> torch.Tensor:
         """DMD's regression loss on one micro-batch of teacher pairs: the generator's first step from each pair's
@@ -373,11 +405,12 @@ class DMD2Trainer:
             x = self.family.predict_x0(self.generator, self.family.generator_input(part.pair_noise, t), t, part.pair_cond)
         return self.regression_loss(x.float(), part.pair_target)
 
-    def _critic_pass(self, step: int, part: Batch, x: torch.Tensor, cond: Any) -> dict[str, float]:
+    def _critic_pass(self, step: int, part: Batch, x: torch.Tensor, cond: Any, steps: torch.Tensor
+                     ) -> dict[str, float]:
         """The critic's losses on one micro-batch of generated (and real) samples, and their backward."""
         with gradient_sync(self.critic, self._last_micro_batch):
             with self._autocast():
-                out = self.critic(x, cond, part.real, part.real_cond)
+                out = self.critic(x, cond, part.real, part.real_cond, steps)
                 loss_c = out["loss_fake"] + (self.cfg.gan.critic_weight * out["loss_gan_critic"]
                                              if "loss_gan_critic" in out else 0)
             self._check_finite({"loss_critic": loss_c}, "critic", step)
@@ -451,6 +484,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     per_rank, accumulation = batch_shares(cfg.batch_size, acc.num_processes, exp.launch.micro_batch)
     acc.print(f"global batch {cfg.batch_size}: {acc.num_processes} process(es) × {accumulation} micro-batch(es) of "
               f"{per_rank // accumulation}")
+    _check_step_blocks(cfg, per_rank // accumulation)
     # Sharded, no rank builds full copies of the networks: every rank builds meta-device skeletons and only rank 0
     # reads the teacher's weights (one full copy), which fill each network's shards after sharding.
     sharded = shards(exp.launch, acc.num_processes)
@@ -514,7 +548,8 @@ def _pair_settings(ctx: StageContext, pairs: RandomBatches) -> dict[str, Any]:
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
 # fingerprint, so a run started before the key was added still resumes.
 KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0],
-                    "regression_weight": 0.0, "step_per_sample": False}
+                    "regression_weight": 0.0, "step_per_sample": False,
+                    "critic_per_step": False}
 
 
 def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool,
@@ -670,6 +705,17 @@ def _check_guidance(cfg: DistillConfig, family: Family) -> None:
         raise ConfigError(f"distill.real_guidance_scale is {cfg.real_guidance_scale}, but the teacher never learned an "
                           "unconditional branch (trained without label dropout, as EDM's released checkpoints are), so "
                           "guidance would extrapolate from an input it has never seen: set distill.real_guidance_scale: 1")
+
+
+def _check_step_blocks(cfg: DistillConfig, micro_batch: int) -> None:
+    """With a critic per step, every micro-batch must hold each step's rows equally (row i of the global batch is
+    step i mod N): ranks must call every critic alike (sharded training's collectives), and each critic sees its
+    share of every batch."""
+    count = len(cfg.denoising_timesteps)
+    if cfg.critic_per_step and micro_batch % count:
+        raise ConfigError(f"distill.critic_per_step shares every micro-batch equally among its {count} steps, but a "
+                          f"micro-batch here holds {micro_batch} samples: make distill.batch_size a multiple of "
+                          f"{count} × processes × micro-batches (launch.micro_batch)")
 
 
 def _check_timesteps(cfg: DistillConfig, family: Family) -> None:

@@ -152,7 +152,8 @@ def estimate(exp: ExperimentConfig, config: dict[str, Any], processes: int | Non
         critic = copy.deepcopy(teacher).train().requires_grad_(True)
     head = new_gan_head(family, cfg.seed) if cfg.gan.enabled else None
     bf16 = cfg.mixed_precision == "bf16"
-    trained = _count(generator, True) + _count(critic) + _count(head)
+    critics = len(cfg.denoising_timesteps) if cfg.critic_per_step else 1  # copies of the critic and head
+    trained = _count(generator, True) + critics * (_count(critic) + _count(head))
     sharded = shards(launch, processes)
     group = _shard_group(launch, processes) if sharded else 1
     frozen = {name: _count(net) for name, net in family.frozen_networks().items()}
@@ -160,7 +161,7 @@ def estimate(exp: ExperimentConfig, config: dict[str, Any], processes: int | Non
         "teacher": _count(teacher) * (2 if bf16 else 4) / group,
         "generator": _count(generator) * 4 / group,
         "generator average": _count(generator) * 4 / group if cfg.ema_decay > 0 else 0,
-        "critic and GAN head": (_count(critic) + _count(head)) * 4 / group,
+        "critic and GAN head": critics * (_count(critic) + _count(head)) * 4 / group,
         "AdamW moments": 8 * trained / group,
         **{name: count * (2 if bf16 and name.startswith("text") else 4) for name, count in frozen.items()},
     }
@@ -170,8 +171,13 @@ def estimate(exp: ExperimentConfig, config: dict[str, Any], processes: int | Non
     if sharded:
         notes.append(f"FSDP2 shards over {group} GPUs; the blocks it gathers in flight are not counted")
     turns = measure_turns(family, teacher, generator, critic, head, cfg, micro_batch)
+    if critics > 1:  # measured with one critic on the whole micro-batch; the others' gradients live beside it
+        fixed, per_sample = turns["critic turn"]
+        turns["critic turn"] = (fixed + 4 * (critics - 1) * (_count(critic) + _count(head)), per_sample)
+        notes.append(f"{critics} critics (distill.critic_per_step), each on its step's share of the batch")
     if sharded:  # the turn's gradients end up as this rank's shard (the full ones exist a block at a time)
-        for name, grads in (("generator turn", _count(generator, True)), ("critic turn", _count(critic) + _count(head))):
+        critic_grads = critics * (_count(critic) + _count(head))
+        for name, grads in (("generator turn", _count(generator, True)), ("critic turn", critic_grads)):
             fixed, per_sample = turns[name]
             turns[name] = (fixed - 4 * grads * (1 - 1 / group), per_sample)
     return Estimate({k: v for k, v in resident.items() if v}, turns, micro_batch, notes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -120,6 +120,11 @@ class GlobalBatchRandom:
         start = (self.rank * self.micro_count + self.micro) * n
         return full[start : start + n].to(device)
 
+    def positions(self, n: int, device) -> torch.Tensor:
+        """The global batch positions of this rank's current n rows."""
+        start = (self.rank * self.micro_count + self.micro) * n
+        return torch.arange(start, start + n, device=device)
+
     def randn(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
         return self._mine(torch.randn((self._full(n), *shape)), n, device)
 
@@ -131,6 +136,19 @@ class GlobalBatchRandom:
 
     def rand(self, n: int, device) -> torch.Tensor:
         return self._mine(torch.rand(self._full(n)), n, device)
+
+
+def take_rows(value: Any, size: int, rows: slice | torch.Tensor) -> Any:
+    """`rows` (a slice or an index tensor) of every batch-sized tensor, list or tuple in `value`, through dicts;
+    anything else (None, a tensor shared by the batch) as it is."""
+    if torch.is_tensor(value) and value.dim() and value.shape[0] == size:
+        return value[rows]
+    if isinstance(value, dict):
+        return {k: take_rows(v, size, rows) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and len(value) == size:
+        picked = value[rows] if isinstance(rows, slice) else [value[i] for i in rows.tolist()]
+        return type(value)(picked)
+    return value
 
 
 def over_micro_batches(draw: GlobalBatchRandom, items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
