@@ -201,6 +201,18 @@ def test_two_processes_accumulating_micro_batches_match_one_process(one, prepare
 
 
 @pytest.mark.integration
+def test_a_critic_per_step_sharded_over_two_processes_matches_one_process(prepared, tmp_path):
+    """distill.critic_per_step, two steps: every rank calls both critics (FSDP2's collectives, each critic sharded)
+    on its rows of each step, and the run is the one-process run."""
+    steps = {"denoising_timesteps": [999, 499], "critic_per_step": True}
+    single = fresh_copy(prepared, tmp_path / "one", distill=steps)
+    run(single, "distill")
+    sharded = fresh_copy(prepared, tmp_path / "fsdp", distill=steps, **fsdp())
+    distill_subprocess(sharded)
+    assert_matches(single, sharded, "2 processes (FSDP2), a critic per step")
+
+
+@pytest.mark.integration
 def test_the_resume_tolerance_catches_lost_optimiser_state(one, prepared, tmp_path, monkeypatch):
     """The resume checks above are sharp enough: restoring the weights but not the Adam moments misses them."""
 
