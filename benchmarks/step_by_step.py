@@ -1,7 +1,8 @@
 """Where a few-step student gains or loses quality: score the x0 after each of its steps, the steps' outputs mixed
-(sample i from step i mod N: what one critic for all steps learns), and each later step on its own, fed real
-held-out images noised to that step's level. A mixture that scores well above every step alone is the sign of
-one critic matching the mixture rather than each step (`distill.critic_per_step`; docs/tuning.md section 14).
+(each sample's x0 from a step drawn at random, equally often: what one critic for all steps learns), and each later
+step on its own, fed real held-out images noised to that step's level. A mixture that scores clearly better (a
+lower FID) than every step alone is the sign of one critic matching the mixture rather than each step
+(`distill.critic_per_step`; docs/tuning.md section 15).
 
     python benchmarks/step_by_step.py --project . --experiment mnist \\
         --checkpoint work/mnist/distill/run-<fingerprint>/checkpoints/ckpt-0002400
@@ -76,7 +77,8 @@ def main() -> None:
         if i + 1 < len(steps):
             x_t = family.add_noise(x0, torch.randn(x0.shape, generator=renoise), at(steps[i + 1], n))
     if len(steps) > 1:
-        mixed = torch.stack(outputs)[torch.arange(n) % len(steps), torch.arange(n)]
+        which = torch.randperm(n, generator=torch.Generator().manual_seed(2)) % len(steps)  # not tied to the classes
+        mixed = torch.stack(outputs)[which, torch.arange(n)]
         print(json.dumps({"steps_mixed": True, **scores(ref, family, mixed, labels)}))
 
     real, real_labels = real_images(paths, exp.data.resolution, n)

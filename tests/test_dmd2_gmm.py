@@ -170,8 +170,9 @@ def test_dmd2_learns_the_mixture(family, timesteps, gan, iters):
 
 @pytest.mark.slow
 def test_a_critic_per_step_matches_each_steps_outputs_to_the_mixture():
-    """distill.critic_per_step, 4 steps with backward simulation: the x0 after every step, not only the last,
-    within the tolerances (the x0 of one critic's first step is its worst: SW 0.21–0.35 over the same seeds)."""
+    """distill.critic_per_step learns: with 4 steps and backward simulation, the x0 after every step, not only the
+    last, within the tolerances. (In two dimensions one critic gets there too, its first step's x0 at SW 0.21–0.35
+    over the same seeds; which critic judges which rows is tests/test_faults.py's test.)"""
     steps = [999, 749, 499, 249]
     trainer = make_trainer("edm", steps, gan=False, iters=2500, critic_per_step=True)
     train(trainer, 2500, gan=False)

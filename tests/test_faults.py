@@ -692,7 +692,6 @@ def test_a_slurm_jobs_time_left_is_read_in_seconds(text, seconds):
     assert parse_time_left(text + "\n") == seconds
 
 
-
 def test_a_critic_per_step_trains_on_and_judges_only_its_steps_rows():
     """distill.critic_per_step: row i of the global batch is step i mod N (every micro-batch holds each step alike);
     the rows of step j train critic j alone, and only critic j scores them in the generator's losses."""
@@ -726,7 +725,7 @@ def test_a_critic_per_step_trains_on_and_judges_only_its_steps_rows():
     def generator_grads() -> torch.Tensor:
         sample = x.clone().requires_grad_(True)
         torch.manual_seed(0)
-        loss_dm, _, loss_gan = trainer._generator_losses(sample, cond, t)
+        loss_dm, _, loss_gan = trainer._generator_losses(sample, cond, t, rows)
         (loss_dm + loss_gan).backward()
         return sample.grad
 
@@ -739,6 +738,10 @@ def test_a_critic_per_step_trains_on_and_judges_only_its_steps_rows():
 
     with pytest.raises(ValueError, match="critic_per_step is for multi-step"):
         DistillConfig(critic_per_step=True)
+    with pytest.raises(ValueError, match="repeats one"):
+        DistillConfig(critic_per_step=True, denoising_timesteps=[999, 999, 499])
+    with pytest.raises(ValueError, match="set step_per_sample: false"):
+        DistillConfig(critic_per_step=True, denoising_timesteps=steps, step_per_sample=True)
     with pytest.raises(ConfigError, match="multiple of 2"):
         _check_step_blocks(trainer.cfg, 3)
     _check_step_blocks(trainer.cfg, 4)

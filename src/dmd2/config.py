@@ -223,7 +223,8 @@ class DistillConfig(Strict):
                                   "from the teacher, and its GAN head) per step, every batch shared equally among the "
                                   "steps (row i: step i mod N), each row trained on and scored by its step's critic, "
                                   "so each step's outputs are matched to the data rather than the steps' mixture; N "
-                                  "steps hold N critics' weights. Off = one critic for all steps, the original's")
+                                  "steps hold N critics (weights, gradients, optimiser moments; each runs on its "
+                                  "share of the batch). Off = one critic for all steps, the original's")
     dm_noise_below_input: bool = Field(False, description="multi-step: the DM loss of an output made from a noisy "
                                        "input at t (every step after the first) draws its noise at or below t, so a "
                                        "later step is matched only on what its input leaves open; off = the "
@@ -255,13 +256,25 @@ class DistillConfig(Strict):
                              "bounds them from above: below its num_train_timesteps, 1000 for EDM and SD)")
         if sorted(self.denoising_timesteps, reverse=True) != self.denoising_timesteps:
             raise ValueError("denoising_timesteps must be in decreasing order, e.g. [999, 749, 499, 249]")
-        if self.critic_per_step and (len(self.denoising_timesteps) < 2 or not self.backward_simulation):
-            raise ValueError("critic_per_step is for multi-step students trained with backward_simulation: "
-                             "set several denoising_timesteps, e.g. [999, 749, 499, 249], or critic_per_step: false")
+        if self.critic_per_step:
+            self._check_critic_per_step()
         for key in ("critic_logit_normal", "dm_logit_normal"):
             if getattr(self, key)[1] <= 0:
                 raise ValueError(f"{key} is [mean, std] of the logit: its std must be > 0, e.g. [0.0, 1.0]")
         return self
+
+    def _check_critic_per_step(self) -> None:
+        steps = self.denoising_timesteps
+        if len(steps) < 2 or not self.backward_simulation:
+            raise ValueError("critic_per_step is for multi-step students trained with backward_simulation: set "
+                             "several denoising_timesteps, e.g. [999, 749, 499, 249], and backward_simulation: true, "
+                             "or critic_per_step: false")
+        if len(set(steps)) < len(steps):
+            raise ValueError(f"critic_per_step tells each row's critic by its step's timestep: denoising_timesteps "
+                             f"{steps} repeats one; make them strictly decreasing")
+        if self.step_per_sample:
+            raise ValueError("critic_per_step gives every row its step (row i of the batch: step i mod N), in place of "
+                             "step_per_sample's random draw: set step_per_sample: false")
 
 
 # ----------------------------------------------------------------------------------------------------- eval

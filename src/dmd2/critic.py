@@ -94,9 +94,13 @@ class Critic(nn.Module):
             out["logit_real"], out["logit_fake"] = logits_real.detach().mean(), logits_fake.detach().mean()
         return out
 
-    def by_step(self, steps: torch.Tensor) -> list[tuple[Critic, slice | torch.Tensor]]:
-        """Which critic judges which rows: this one, all of them."""
-        return [(self, slice(None))]
+    @property
+    def has_gan(self) -> bool:
+        return self.head is not None
+
+    def by_step(self, steps: torch.Tensor | None, n: int) -> list[tuple[Critic, slice, float]]:
+        """Which critic judges which of n rows, and their share of them: this one, all of them."""
+        return [(self, slice(None), 1.0)]
 
     def logits(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
         """Diffusion-GAN: noise at the family's GAN timesteps (by default t ~ U{0 … gan_max_timestep − 1}), classify
@@ -116,21 +120,22 @@ class StepCritics(nn.Module):
         self.critics = nn.ModuleList(critics)
 
     @property
-    def head(self) -> nn.Module | None:
-        return self.critics[0].head
+    def has_gan(self) -> bool:
+        return self.critics[0].head is not None
 
-    def by_step(self, steps: torch.Tensor) -> list[tuple[Critic, torch.Tensor]]:
-        """Each critic with the indices of its step's rows, where it has any."""
+    def by_step(self, steps: torch.Tensor, n: int) -> list[tuple[Critic, torch.Tensor, float]]:
+        """Each critic with the indices of its step's rows among the n, where it has any, and their share."""
         pieces = [(critic, (steps == j).nonzero().flatten()) for j, critic in enumerate(self.critics)]
-        return [(critic, rows) for critic, rows in pieces if len(rows)]
+        return [(critic, rows, len(rows) / n) for critic, rows in pieces if len(rows)]
 
-    def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None = None,
-                real_cond: Any = None, steps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, fake: torch.Tensor, cond: Any, real: torch.Tensor | None, real_cond: Any,
+                steps: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each critic's losses on its step's rows (and as many rows of the real batch), weighted by their share of
-        the batch: their sum is the batch mean, as for one critic."""
+        the batch: their sum is the batch mean, as for one critic. The critics' gradients are clipped, and logged,
+        as one norm."""
         n, totals = len(fake), {}
-        for critic, rows in self.by_step(steps):
+        for critic, rows, share in self.by_step(steps, n):
             out = critic(fake[rows], take_rows(cond, n, rows), take_rows(real, n, rows), take_rows(real_cond, n, rows))
             for key, value in out.items():
-                totals[key] = totals.get(key, 0) + value * (len(rows) / n)
+                totals[key] = totals.get(key, 0) + share * value
         return totals

@@ -212,7 +212,7 @@ class DMD2Trainer:
         return self.generator_ema if self.generator_ema is not None else self.generator_module
 
     @property
-    def critic_module(self) -> Critic:
+    def critic_module(self) -> Critic | StepCritics:
         return self._critic_module
 
     @property
@@ -356,12 +356,13 @@ class DMD2Trainer:
         # forward-noised real samples keep their own conditions; otherwise the batch's generated conditions
         cond = part.real_cond if self.forward_noises_real else part.cond
         x_in, t_in = self.generator_input(part.size, cond, part.real)
+        steps = self.step_of(t_in) if self.cfg.critic_per_step else None  # which critic judges each row
         with gradient_sync(self.generator, self._last_micro_batch):  # around the forward: DDP decides there
             with torch.set_grad_enabled(compute_generator), self._autocast():
                 x = self.family.predict_x0(self.generator, x_in, t_in, cond).float()
             if compute_generator:
                 with self._autocast():
-                    loss_dm, dm_stats, loss_gan_g = self._generator_losses(x, cond, t_in)
+                    loss_dm, dm_stats, loss_gan_g = self._generator_losses(x, cond, t_in, steps)
                     loss_g = cfg.dm_loss_weight * loss_dm
                     if loss_gan_g is not None:
                         loss_g = loss_g + cfg.gan.gen_weight * loss_gan_g
@@ -373,28 +374,29 @@ class DMD2Trainer:
                 self._check_finite({"loss_generator": loss_g, **dm_stats}, "generator", step)
                 self.acc.backward(self._share(loss_g))
                 metrics.update(loss_dm=loss_dm.item(), loss_generator=loss_g.item(), **dm_stats)
-        return x.detach(), cond, self.step_of(t_in), metrics
+        return x.detach(), cond, steps, metrics
 
-    def _generator_losses(self, x: torch.Tensor, cond: Any, t_in: torch.Tensor
+    def _generator_losses(self, x: torch.Tensor, cond: Any, t_in: torch.Tensor, steps: torch.Tensor | None
                           ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
         """The DM loss (with its statistics) and the GAN's generator loss (None without the GAN) on the generator's
-        outputs x, each row judged by its step's critic; every loss is a share-weighted sum, so the batch mean."""
+        outputs x, each row judged by its step's critic (`steps`: with a critic per step); each loss is the sum of
+        the critics' losses weighted by their shares of the rows, so the batch mean."""
         cfg, n = self.cfg, len(x)
         t_dm, noise = self.dm_timesteps(t_in), self.draw.randn_like(x)
-        pieces = self.critic_module.by_step(self.step_of(t_in))
-        loss_dm, stats = 0, {}
-        for critic, rows in pieces:
-            share = len(x[rows]) / n
+        pieces = self.critic_module.by_step(steps, n)
+        loss_dm, stats = torch.zeros((), device=x.device), {}
+        for critic, rows, share in pieces:
             loss, piece_stats = distribution_matching_loss(self.family, self.teacher, critic.score, x[rows],
                                                            take_rows(cond, n, rows), t_dm[rows], noise[rows],
                                                            cfg.real_guidance_scale, cfg.fake_score_fp32)
             loss_dm = loss_dm + share * loss
             for key, value in piece_stats.items():
                 stats[key] = stats.get(key, 0.0) + share * value
-        if self.critic_module.head is None:
+        if not self.critic_module.has_gan:
             return loss_dm, stats, None
-        loss_gan = sum(len(x[rows]) / n * gan_generator_loss(critic.logits(x[rows], take_rows(cond, n, rows)))
-                       for critic, rows in pieces)
+        loss_gan = torch.zeros((), device=x.device)
+        for critic, rows, share in pieces:
+            loss_gan = loss_gan + share * gan_generator_loss(critic.logits(x[rows], take_rows(cond, n, rows)))
         return loss_dm, stats, loss_gan
 
     def _regression_term(self, part: Batch) -> torch.Tensor:
@@ -405,7 +407,7 @@ class DMD2Trainer:
             x = self.family.predict_x0(self.generator, self.family.generator_input(part.pair_noise, t), t, part.pair_cond)
         return self.regression_loss(x.float(), part.pair_target)
 
-    def _critic_pass(self, step: int, part: Batch, x: torch.Tensor, cond: Any, steps: torch.Tensor
+    def _critic_pass(self, step: int, part: Batch, x: torch.Tensor, cond: Any, steps: torch.Tensor | None
                      ) -> dict[str, float]:
         """The critic's losses on one micro-batch of generated (and real) samples, and their backward."""
         with gradient_sync(self.critic, self._last_micro_batch):
@@ -548,8 +550,7 @@ def _pair_settings(ctx: StageContext, pairs: RandomBatches) -> dict[str, Any]:
 # Settings added after runs existed, at the value that trains as before they existed: left out of the run's
 # fingerprint, so a run started before the key was added still resumes.
 KEYS_ADDED_LATER = {"dm_noise_below_input": False, "dm_times": "uniform", "dm_logit_normal": [0.0, 1.0],
-                    "regression_weight": 0.0, "step_per_sample": False,
-                    "critic_per_step": False}
+                    "regression_weight": 0.0, "step_per_sample": False, "critic_per_step": False}
 
 
 def distill_run_directory(paths: ExperimentPaths, cfg: DistillConfig, regressed: bool,
@@ -714,8 +715,8 @@ def _check_step_blocks(cfg: DistillConfig, micro_batch: int) -> None:
     count = len(cfg.denoising_timesteps)
     if cfg.critic_per_step and micro_batch % count:
         raise ConfigError(f"distill.critic_per_step shares every micro-batch equally among its {count} steps, but a "
-                          f"micro-batch here holds {micro_batch} samples: make distill.batch_size a multiple of "
-                          f"{count} × processes × micro-batches (launch.micro_batch)")
+                          f"micro-batch here holds {micro_batch} samples: make it a multiple of {count} "
+                          "(launch.micro_batch, or without it distill.batch_size / processes)")
 
 
 def _check_timesteps(cfg: DistillConfig, family: Family) -> None:

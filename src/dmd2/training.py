@@ -1,4 +1,5 @@
-"""What the training stages share: the learning-rate warm-up, the EMA of weights, rank-invariant randomness."""
+"""What the training stages share: the learning-rate warm-up, the EMA of weights, rank-invariant randomness, and
+cutting a batch's rows."""
 
 from __future__ import annotations
 
