@@ -32,6 +32,14 @@ def test_no_recipe_uses_the_regression_term():
         {name: 0.0 for name in params.experiments}
 
 
+def test_every_recipe_has_one_critic_and_one_step_per_batch():
+    """docs/differences.md says `distill.step_per_sample` and `distill.critic_per_step` are off in every recipe."""
+    params = load_params(REPO / "params.yaml")
+    settings = {name: (params.current(name).distill.step_per_sample, params.current(name).distill.critic_per_step)
+                for name in params.experiments}
+    assert settings == {name: (False, False) for name in params.experiments}
+
+
 def raw_params():
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
