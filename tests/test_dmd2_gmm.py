@@ -20,7 +20,7 @@ with two threads: bit-identical on the machine measured), at the iteration count
     edm        1 step + GAN             3000         0.155 – 0.287   0.052
     edm        4 steps, backsim         2500         0.114 – 0.221   0.077                0.58
     edm        2 steps, backsim + GAN   4000         0.189 – 0.255   0.049                0.68
-    edm        4 steps, critic per step 2500         0.128 – 0.295   0.056 (each step's x0)
+    edm        4 steps, critic per step 2500         0.128 – 0.304   0.056 (each step's x0; 0.304: the test's own draw)
     diffusers  1 step (ε)               3000         0.142 – 0.228   0.046                1.10 (weights 0.40 off)
     diffusers  2 steps, backsim (ε)     2500         0.150 – 0.221   0.050                0.54
     diffusers  1 step, ε on ε̂ itself    3000         0.219 – 0.255   0.049                1.10
