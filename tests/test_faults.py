@@ -696,7 +696,7 @@ def test_a_critic_per_step_trains_on_and_judges_only_its_steps_rows():
     """distill.critic_per_step: row i of the global batch is step i mod N (every micro-batch holds each step alike);
     the rows of step j train critic j alone, and only critic j scores them in the generator's losses."""
     from dmd2.config import ConfigError, DistillConfig
-    from dmd2.distill import _check_step_blocks
+    from dmd2.distill import _check_micro_batch_holds_every_step
 
     steps = [999, 499]
     trainer, _ = _tiny_trainer(denoising_timesteps=steps, critic_per_step=True)
@@ -743,5 +743,5 @@ def test_a_critic_per_step_trains_on_and_judges_only_its_steps_rows():
     with pytest.raises(ValueError, match="set step_per_sample: false"):
         DistillConfig(critic_per_step=True, denoising_timesteps=steps, step_per_sample=True)
     with pytest.raises(ConfigError, match="multiple of 2"):
-        _check_step_blocks(trainer.cfg, 3)
-    _check_step_blocks(trainer.cfg, 4)
+        _check_micro_batch_holds_every_step(trainer.cfg, 3)
+    _check_micro_batch_holds_every_step(trainer.cfg, 4)

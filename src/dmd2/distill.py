@@ -486,7 +486,7 @@ def run_distill(ctx: StageContext, accelerator: Accelerator | None = None,
     per_rank, accumulation = batch_shares(cfg.batch_size, acc.num_processes, exp.launch.micro_batch)
     acc.print(f"global batch {cfg.batch_size}: {acc.num_processes} process(es) × {accumulation} micro-batch(es) of "
               f"{per_rank // accumulation}")
-    _check_step_blocks(cfg, per_rank // accumulation)
+    _check_micro_batch_holds_every_step(cfg, per_rank // accumulation)
     # Sharded, no rank builds full copies of the networks: every rank builds meta-device skeletons and only rank 0
     # reads the teacher's weights (one full copy), which fill each network's shards after sharding.
     sharded = shards(exp.launch, acc.num_processes)
@@ -708,7 +708,7 @@ def _check_guidance(cfg: DistillConfig, family: Family) -> None:
                           "guidance would extrapolate from an input it has never seen: set distill.real_guidance_scale: 1")
 
 
-def _check_step_blocks(cfg: DistillConfig, micro_batch: int) -> None:
+def _check_micro_batch_holds_every_step(cfg: DistillConfig, micro_batch: int) -> None:
     """With a critic per step, every micro-batch must hold each step's rows equally (row i of the global batch is
     step i mod N): ranks must call every critic alike (sharded training's collectives), and each critic sees its
     share of every batch."""

@@ -117,14 +117,16 @@ class GlobalBatchRandom:
     def _full(self, n: int) -> int:
         return n * self.world * self.micro_count
 
+    def _start(self, n: int) -> int:
+        """Where this rank's current n rows begin in the global batch."""
+        return (self.rank * self.micro_count + self.micro) * n
+
     def _mine(self, full: torch.Tensor, n: int, device) -> torch.Tensor:
-        start = (self.rank * self.micro_count + self.micro) * n
-        return full[start : start + n].to(device)
+        return full[self._start(n) : self._start(n) + n].to(device)
 
     def positions(self, n: int, device) -> torch.Tensor:
         """The global batch positions of this rank's current n rows."""
-        start = (self.rank * self.micro_count + self.micro) * n
-        return torch.arange(start, start + n, device=device)
+        return torch.arange(self._start(n), self._start(n) + n, device=device)
 
     def randn(self, n: int, shape: tuple[int, ...], device) -> torch.Tensor:
         return self._mine(torch.randn((self._full(n), *shape)), n, device)
